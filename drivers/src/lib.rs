@@ -1,0 +1,3 @@
+//! Device drivers over virtio-drivers.
+#![no_std]
+extern crate alloc;

@@ -1,0 +1,4 @@
+//! Strata's block stack, after FreeBSD's GEOM.
+#![no_std]
+#![forbid(unsafe_code)]
+extern crate alloc;
