@@ -1,0 +1,3 @@
+//! The classes: one file each, readable in one sitting.
+
+pub mod md;

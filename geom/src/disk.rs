@@ -1,0 +1,171 @@
+//! The disk class: one provider per block device (vtbd0, vtbd1, …).
+//!
+//! A [`BlockDevice`] is what platform code implements: the virtio-blk
+//! driver in the appliance, a file in the hosted build, a fake in tests.
+//! The disk geom passes bios to it untouched (it never maps data), parks
+//! them when the device queue is full, and turns a write with FUA into a
+//! write followed by a flush, since virtio-blk has no FUA bit.
+
+use crate::bio::{Bio, BioCmd, BioError, BioResult, ProviderId};
+use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use hashbrown::HashMap;
+
+/// What a block device reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Capacity in bytes.
+    pub size_bytes: u64,
+    /// Logical sector size in bytes.
+    pub sector_size: u32,
+    /// The device has a volatile cache that FLUSH makes stable.
+    pub can_flush: bool,
+    /// The device accepts DISCARD.
+    pub can_discard: bool,
+    /// The device accepts WRITE_ZEROES.
+    pub can_write_zeroes: bool,
+    /// The device refuses writes.
+    pub read_only: bool,
+}
+
+/// A device that executes bios asynchronously.
+///
+/// `submit` never completes a bio itself: every accepted bio, even one that
+/// fails at once, comes back through a later [`BlockDevice::poll`].
+pub trait BlockDevice {
+    /// The device's geometry and abilities.
+    fn info(&self) -> DiskInfo;
+
+    /// Queues a bio. When the device queue is full the bio is handed back
+    /// in `Err` and the caller retries after the next completion.
+    fn submit(&mut self, bio: Bio) -> Result<(), Bio>;
+
+    /// Hands every completed bio to `done`; returns how many there were.
+    fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize;
+}
+
+/// Marks a flush the disk geom issued itself to make a FUA write stable;
+/// the low bits hold the key of the parked write.
+const FUA_FLUSH: u64 = 1 << 63;
+/// Marks a write whose completion must be followed by a flush.
+const FUA_WRITE: u64 = 1 << 62;
+
+/// The geom of one block device.
+pub struct DiskGeom {
+    dev: Box<dyn BlockDevice>,
+    info: DiskInfo,
+    waiting: VecDeque<Bio>,
+    fua_parked: HashMap<u64, Bio>,
+    next_key: u64,
+}
+
+impl DiskGeom {
+    /// Creates the disk geom and its provider `name` in `stack`.
+    pub fn create(
+        stack: &mut Stack,
+        name: &str,
+        dev: Box<dyn BlockDevice>,
+    ) -> Result<ProviderId, StackError> {
+        let info = dev.info();
+        let g = stack.reserve_geom(name);
+        let mut spec = ProviderSpec::new(name, info.size_bytes, info.sector_size);
+        // A device without a volatile cache needs no flush: it is accepted
+        // and completed at once.
+        spec.can_flush = true;
+        spec.can_discard = info.can_discard;
+        spec.can_write_zeroes = info.can_write_zeroes;
+        let p = stack.add_provider(g, spec)?;
+        stack.install(
+            g,
+            Box::new(DiskGeom {
+                dev,
+                info,
+                waiting: VecDeque::new(),
+                fua_parked: HashMap::new(),
+                next_key: 0,
+            }),
+        );
+        Ok(p)
+    }
+
+    fn send(&mut self, bio: Bio) {
+        if !self.waiting.is_empty() {
+            self.waiting.push_back(bio);
+            return;
+        }
+        if let Err(bio) = self.dev.submit(bio) {
+            self.waiting.push_back(bio);
+        }
+    }
+
+    fn retry_waiting(&mut self) {
+        while let Some(bio) = self.waiting.pop_front() {
+            if let Err(bio) = self.dev.submit(bio) {
+                self.waiting.push_front(bio);
+                break;
+            }
+        }
+    }
+}
+
+impl Geom for DiskGeom {
+    fn class_name(&self) -> &'static str {
+        "disk"
+    }
+
+    fn start(&mut self, io: &mut Io<'_>, _provider: ProviderId, mut bio: Bio) {
+        if bio.cmd.is_write() && self.info.read_only {
+            io.deliver(bio, Err(BioError::Access));
+            return;
+        }
+        if bio.cmd == BioCmd::Flush && !self.info.can_flush {
+            io.deliver(bio, Ok(()));
+            return;
+        }
+        bio.tag = if bio.fua && bio.cmd.is_write() && self.info.can_flush {
+            FUA_WRITE
+        } else {
+            0
+        };
+        self.send(bio);
+    }
+
+    fn wants_poll(&self) -> bool {
+        true
+    }
+
+    fn poll(&mut self, io: &mut Io<'_>) -> bool {
+        let mut finished = alloc::vec::Vec::new();
+        let n = self
+            .dev
+            .poll(&mut |bio, result| finished.push((bio, result)));
+        for (mut bio, result) in finished {
+            if bio.tag & FUA_FLUSH != 0 {
+                let key = bio.tag & !FUA_FLUSH;
+                if let Some(mut write) = self.fua_parked.remove(&key) {
+                    write.tag = 0;
+                    io.deliver(write, result);
+                }
+            } else if bio.tag == FUA_WRITE && result.is_ok() {
+                let key = self.next_key;
+                self.next_key += 1;
+                self.fua_parked.insert(key, bio);
+                let mut flush = Bio::flush();
+                flush.tag = FUA_FLUSH | key;
+                self.send(flush);
+            } else {
+                bio.tag = 0;
+                io.deliver(bio, result);
+            }
+        }
+        self.retry_waiting();
+        n > 0
+    }
+}
+
+/// A device name for the n-th virtio disk, as FreeBSD names them.
+pub fn vtbd_name(n: usize) -> String {
+    alloc::format!("vtbd{n}")
+}
