@@ -1,1 +1,354 @@
-//! Integration-test helpers.
+//! Helpers for the integration tests: build and start Strata (in QEMU or
+//! hosted), wait for its ready lines, and run real clients against it.
+//!
+//! Every test that needs QEMU says so; they boot the real kernel image
+//! under TCG, because only a booted appliance exercises its drivers,
+//! network stack and event loop.
+
+use std::io::{BufRead, BufReader, Read as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The `strata` host tool, built once per test process.
+pub fn strata_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target"));
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", "image", "--bin", "strata"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(root())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "building strata failed");
+        target.join("release/strata")
+    })
+    .clone()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests
+/// that start their server right away).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "strata-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ (free_port() as u128)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Which platform a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// The unikernel in QEMU (TCG).
+    Qemu,
+    /// The same stack as a Linux process.
+    Hosted,
+}
+
+/// A running Strata and what it said when it became ready.
+pub struct Appliance {
+    child: Option<Child>,
+    /// NBD port on 127.0.0.1.
+    pub nbd_port: u16,
+    /// Management port on 127.0.0.1.
+    pub http_port: u16,
+    /// The `nbd://` URIs from its ready lines.
+    pub ready: Vec<String>,
+    /// Where the console/log goes.
+    pub log: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+/// How to start Strata.
+pub struct Start<'a> {
+    /// Platform.
+    pub platform: Platform,
+    /// Disk specs (`PATH[,size=SIZE]`).
+    pub disks: Vec<String>,
+    /// Config file contents, if any.
+    pub config: Option<&'a str>,
+    /// Extra arguments for `strata`.
+    pub extra: Vec<String>,
+}
+
+impl<'a> Start<'a> {
+    /// Starts on `platform` with no disks and the default config.
+    pub fn new(platform: Platform) -> Start<'a> {
+        Start {
+            platform,
+            disks: Vec::new(),
+            config: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Adds a disk.
+    pub fn disk(mut self, spec: impl Into<String>) -> Self {
+        self.disks.push(spec.into());
+        self
+    }
+
+    /// Uses a config text.
+    pub fn config(mut self, text: &'a str) -> Self {
+        self.config = Some(text);
+        self
+    }
+
+    fn command(&self, dir: &TempDir, nbd: u16, http: u16, log: &Path) -> Command {
+        let mut c = Command::new(strata_bin());
+        c.arg(match self.platform {
+            Platform::Qemu => "run",
+            Platform::Hosted => "hosted",
+        });
+        if let Some(text) = self.config {
+            let p = dir.path("strata.conf");
+            std::fs::write(&p, text).unwrap();
+            c.arg("--config").arg(p);
+        }
+        for d in &self.disks {
+            c.arg("--disk").arg(d);
+        }
+        c.args([
+            "--nbd-port",
+            &nbd.to_string(),
+            "--http-port",
+            &http.to_string(),
+        ]);
+        if self.platform == Platform::Qemu {
+            c.args(["--accel", "tcg", "--log"]).arg(log);
+        }
+        c.args(&self.extra);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Starts it and waits for its ready lines (or its failure).
+    pub fn spawn(self) -> Result<Appliance, String> {
+        let dir = TempDir::new("run");
+        let (nbd, http) = (free_port(), free_port());
+        let log = dir.path("console.log");
+        let mut child = self
+            .command(&dir, nbd, http, &log)
+            .spawn()
+            .map_err(|e| format!("start strata: {e}"))?;
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let errlog = log.with_extension("stderr");
+        let errlog2 = errlog.clone();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut r = BufReader::new(stderr);
+            let _ = r.read_to_end(&mut buf);
+            let _ = std::fs::write(errlog2, buf);
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let want = if self.platform == Platform::Qemu {
+            120
+        } else {
+            30
+        };
+        let deadline = Instant::now() + Duration::from_secs(want);
+        let mut ready = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(300)) {
+                Ok(line) => {
+                    if let Some(uri) = line.strip_prefix("ready ") {
+                        ready.push(uri.to_string());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = child.wait().ok();
+                    std::thread::sleep(Duration::from_millis(200));
+                    return Err(format!(
+                        "strata exited ({st:?}) before ready: {}",
+                        std::fs::read_to_string(&errlog).unwrap_or_default()
+                    ));
+                }
+            }
+            if !ready.is_empty() {
+                // Ready lines come together; take any that follow at once.
+                while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                    if let Some(uri) = line.strip_prefix("ready ") {
+                        ready.push(uri.to_string());
+                    }
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("strata did not become ready in time".into());
+            }
+        }
+        Ok(Appliance {
+            child: Some(child),
+            nbd_port: nbd,
+            http_port: http,
+            ready,
+            log,
+            _dir: Some(dir),
+        })
+    }
+}
+
+impl Appliance {
+    /// The URI of export `name`.
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, name)
+    }
+
+    /// `GET path` on the management endpoint; returns the body.
+    pub fn http_get(&self, path: &str) -> String {
+        http(self.http_port, "GET", path)
+    }
+
+    /// Stops it with SIGTERM (a clean, flushing shutdown) and waits.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; returns the body.
+pub fn http(port: u16, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    use std::io::Write;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: strata\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    match out.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => out,
+    }
+}
+
+/// The output of a client command.
+pub struct Output {
+    /// Exit status was success.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs a client program with a time limit.
+pub fn client(program: &str, args: &[&str]) -> Output {
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e} (is it installed? see tests/strata.sh)"));
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `qemu-io -f raw URI -c CMD…` and asserts it succeeded and reported
+/// no pattern mismatch.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let o = client("qemu-io", &args);
+    assert!(o.ok, "qemu-io {cmds:?} failed: {}{}", o.stdout, o.stderr);
+    assert!(
+        !o.stdout.contains("Pattern verification failed")
+            && !o.stderr.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {}{}",
+        o.stdout,
+        o.stderr
+    );
+    assert!(
+        !o.stdout.contains("failed:"),
+        "qemu-io {cmds:?}: {}",
+        o.stdout
+    );
+    o.stdout
+}
+/// Scenarios shared by the QEMU and hosted tests.
+pub mod scenarios;

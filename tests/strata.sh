@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Set-up and entry point for a fresh Debian machine (root, Rust stable):
+#   tests/strata.sh run [strata run options]   boot the appliance, serve NBD on 127.0.0.1:10809
+#   tests/strata.sh test                       run the whole test suite
+#   tests/strata.sh bench                      run the benchmark (prints figures)
+# Installs what is missing (QEMU, NBD clients and peers, the Rust target), or
+# stops with a message naming what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+want() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
+
+install_deps() {
+    want qemu-system-x86_64 qemu-system-x86
+    if [ "${1:-}" != run ]; then
+        want qemu-io qemu-utils
+        want qemu-nbd qemu-utils
+        want nbdinfo libnbd-bin
+        want nbdkit nbdkit
+        want fio fio
+        /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
+    fi
+    if [ ${#need_pkgs[@]} -gt 0 ]; then
+        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+            echo "strata: missing: ${need_pkgs[*]} (install them with: apt-get install -y ${need_pkgs[*]})" >&2
+            exit 1
+        fi
+        echo "strata: installing ${need_pkgs[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq "${need_pkgs[@]}" >&2 || {
+            echo "strata: apt-get install ${need_pkgs[*]} failed" >&2
+            exit 1
+        }
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "strata: cargo not found: install Rust stable (rustup) first" >&2
+        exit 1
+    fi
+    if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none; then
+        echo "strata: adding the Rust target x86_64-unknown-none" >&2
+        rustup target add x86_64-unknown-none >&2 || {
+            echo "strata: 'rustup target add x86_64-unknown-none' failed" >&2
+            exit 1
+        }
+    fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+run)
+    install_deps run
+    cargo build --release -q -p image --bin strata
+    exec target/release/strata run "$@"
+    ;;
+test)
+    install_deps test
+    cargo build --release -q -p image --bin strata
+    target/release/strata build >/dev/null
+    cargo test --workspace --release -- --test-threads="${STRATA_TEST_THREADS:-2}"
+    ;;
+bench)
+    install_deps bench
+    cargo build --release -q -p image --bin strata
+    exec cargo run --release -q -p strata-tests --bin bench -- "$@"
+    ;;
+*)
+    echo "usage: tests/strata.sh run|test|bench [options]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,28 @@
+//! Real NBD clients against hosted Strata (the same stack as a process).
+
+use strata_tests::{scenarios, Platform::Hosted};
+
+#[test]
+fn two_disks_round_trip_and_restart() {
+    scenarios::two_disks_round_trip_and_restart(Hosted);
+}
+
+#[test]
+fn default_md() {
+    scenarios::default_md(Hosted);
+}
+
+#[test]
+fn config_exports() {
+    scenarios::config_exports(Hosted);
+}
+
+#[test]
+fn config_error_refused() {
+    scenarios::config_error_refused(Hosted);
+}
+
+#[test]
+fn malformed_input() {
+    scenarios::malformed_input(Hosted);
+}

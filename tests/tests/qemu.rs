@@ -1,0 +1,29 @@
+//! Real NBD clients against the appliance booted in QEMU (TCG). These need QEMU because
+//! only a booted appliance runs its drivers, smoltcp and event loop.
+
+use strata_tests::{scenarios, Platform::Qemu};
+
+#[test]
+fn two_disks_round_trip_and_restart() {
+    scenarios::two_disks_round_trip_and_restart(Qemu);
+}
+
+#[test]
+fn default_md() {
+    scenarios::default_md(Qemu);
+}
+
+#[test]
+fn config_exports() {
+    scenarios::config_exports(Qemu);
+}
+
+#[test]
+fn config_error_refused() {
+    scenarios::config_error_refused(Qemu);
+}
+
+#[test]
+fn malformed_input() {
+    scenarios::malformed_input(Qemu);
+}
