@@ -281,7 +281,7 @@ impl Core {
             return Ok(c.provider);
         }
         let sector = u64::from(p.spec.sector_size);
-        if bio.offset % sector != 0 || bio.length % sector != 0 {
+        if !bio.offset.is_multiple_of(sector) || !bio.length.is_multiple_of(sector) {
             return Err(BioError::Invalid);
         }
         if bio.cmd.has_data() && bio.sg.len_bytes() != bio.length {

@@ -98,7 +98,8 @@ impl Default for Connection {
 }
 
 fn parse_head(head: &[u8]) -> Result<(Request, usize), Response> {
-    let text = core::str::from_utf8(head).map_err(|_| Response::error(400, "request head is not UTF-8"))?;
+    let text = core::str::from_utf8(head)
+        .map_err(|_| Response::error(400, "request head is not UTF-8"))?;
     let mut lines = text.split("\r\n");
     let first = lines.next().unwrap_or("");
     let mut parts = first.split(' ');
@@ -145,52 +146,45 @@ impl Connection {
 
     /// Feeds received bytes; returns how many were consumed.
     pub fn on_recv(&mut self, data: &[u8]) -> usize {
-        let mut used = 0;
-        loop {
-            match &mut self.state {
-                State::Head => {
-                    let room = MAX_HEAD - self.buf.len();
-                    let take = room.min(data.len() - used);
-                    self.buf.extend_from_slice(&data[used..used + take]);
-                    used += take;
-                    if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let rest = self.buf.split_off(end + 4);
-                        match parse_head(&self.buf[..end]) {
-                            Ok((req, 0)) => self.state = State::Ready(req),
-                            Ok((req, want)) => {
-                                self.state = State::Body { req, want };
-                                let r = rest;
-                                self.buf.clear();
-                                let n = self.on_recv(&r);
-                                let _ = n;
-                            }
-                            Err(resp) => self.respond(resp),
-                        }
-                        self.buf.clear();
-                        return used;
-                    }
+        match &mut self.state {
+            State::Head => {
+                let take = (MAX_HEAD - self.buf.len()).min(data.len());
+                self.buf.extend_from_slice(&data[..take]);
+                let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                     if self.buf.len() >= MAX_HEAD {
                         self.respond(Response::error(413, "request head too large"));
                     }
-                    return used;
-                }
-                State::Body { req, want } => {
-                    let take = (*want - req.body.len()).min(data.len() - used);
-                    req.body.extend_from_slice(&data[used..used + take]);
-                    used += take;
-                    if req.body.len() == *want {
-                        let req = core::mem::replace(req, Request {
-                            method: String::new(),
-                            path: String::new(),
-                            body: Vec::new(),
-                        });
-                        self.state = State::Ready(req);
+                    return take;
+                };
+                let rest = self.buf.split_off(end + 4);
+                let head = core::mem::take(&mut self.buf);
+                match parse_head(&head[..end]) {
+                    Ok((req, 0)) => self.state = State::Ready(req),
+                    Ok((req, want)) => {
+                        self.state = State::Body { req, want };
+                        // Body bytes that came with the head.
+                        self.on_recv(&rest);
                     }
-                    return used;
+                    Err(resp) => self.respond(resp),
                 }
-                // Bytes after the request are ignored: one request per connection.
-                _ => return data.len(),
+                take
             }
+            State::Body { req, want } => {
+                let take = (*want - req.body.len()).min(data.len());
+                req.body.extend_from_slice(&data[..take]);
+                if req.body.len() == *want {
+                    let body = core::mem::take(&mut req.body);
+                    let req = Request {
+                        method: core::mem::take(&mut req.method),
+                        path: core::mem::take(&mut req.path),
+                        body,
+                    };
+                    self.state = State::Ready(req);
+                }
+                take
+            }
+            // Bytes after the request are ignored: one request per connection.
+            _ => data.len(),
         }
     }
 
