@@ -1,2 +1,268 @@
-//! The host tool.
-fn main() {}
+//! `strata`: builds the appliance kernel, creates disks, and runs the
+//! appliance in QEMU or as a hosted Linux process.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use image::disk::{ensure_disk, DiskSpec, DEFAULT_DISK_SIZE_BYTES};
+use image::kernel::{build_kernel, ensure_kernel};
+use image::qemu::{Accel, Machine, QemuConfig, QEMU_BINARY};
+use image::runner::{self, AccelChoice, Failure, RunPlan};
+use image::tempdir::TempDir;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Environment:
+  STRATA_ROOT            workspace to build the kernel in (default: where strata was built)
+  STRATA_KERNEL          boot this kernel file instead of building one
+  STRATA_READY_TIMEOUT   seconds the appliance may take to become ready (default 60)
+  STRATA_KVM_PROBE_MS    --accel auto: how long KVM may take to print its boot line (default 3000)
+
+Exit status:
+  0  the appliance stopped cleanly (its success code, or after SIGINT/SIGTERM a flushed shutdown)
+  1  the appliance or QEMU failed, or it was not ready in time
+  2  bad command line or configuration (checked here, or refused by the appliance)
+  3  something is missing on the host (QEMU, the kernel build, a disk file)";
+
+/// Build and run the Strata storage appliance.
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot the appliance in QEMU and serve its exports until it stops.
+    ///
+    /// Prints `ready nbd://127.0.0.1:PORT/NAME` on stdout for each export once
+    /// an NBD handshake succeeds; stops cleanly on SIGINT/SIGTERM.
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// Run the same appliance as a Linux process, with files as disks.
+    Hosted(CommonArgs),
+    /// Build the appliance kernel and print its path.
+    Build,
+}
+
+/// Options shared by `run` and `hosted`.
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// Configuration file, checked here before starting (default: the
+    /// appliance's built-in configuration).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A disk: vtbd0, vtbd1, … in order (repeatable). A missing file is
+    /// created sparse with SIZE (512, 64K, 256M, 1G; default 256M); an
+    /// existing file keeps its size. The path may not contain a comma.
+    #[arg(long = "disk", value_name = "PATH[,size=SIZE]", value_parser = parse_disk)]
+    disks: Vec<DiskSpec>,
+    /// Host port on 127.0.0.1 for NBD.
+    #[arg(long, value_name = "PORT", default_value_t = 10809)]
+    nbd_port: u16,
+    /// Host port on 127.0.0.1 for the HTTP management endpoint.
+    #[arg(long, value_name = "PORT", default_value_t = 8080)]
+    http_port: u16,
+}
+
+/// Options of `run`.
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(32..=1 << 20))]
+    memory: u32,
+    /// Accelerator: auto uses TCG when /dev/kvm is missing or is the slow
+    /// nested kvm-pvm flavour, else tries KVM and falls back to TCG when the
+    /// kernel's boot line does not come within STRATA_KVM_PROBE_MS.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+    /// Machine type: q35 (virtio-pci) or microvm (virtio-mmio).
+    #[arg(long, value_enum, default_value_t = MachineArg::Q35)]
+    machine: MachineArg,
+    /// Append the guest console to FILE instead of writing it on stderr.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MachineArg {
+    Q35,
+    Microvm,
+}
+
+fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    DiskSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// Reads the config file and checks it with the appliance's own parser.
+fn load_config(path: Option<&Path>) -> Result<Option<String>, Failure> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    validate_config(&text).map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    Ok(Some(text))
+}
+
+/// Checks a configuration text; the error reads `line L, column C: message`.
+fn validate_config(text: &str) -> Result<(), String> {
+    geom::config::parse(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Creates missing disk files and says what was done.
+fn prepare_disks(disks: &[DiskSpec]) -> Result<Vec<PathBuf>, Failure> {
+    let mut out = Vec::new();
+    for d in disks {
+        let st =
+            ensure_disk(d, DEFAULT_DISK_SIZE_BYTES).map_err(|e| Failure::host(e.to_string()))?;
+        if let Some(note) = st.note(d) {
+            eprintln!("strata: {note}");
+        }
+        out.push(d.path.clone());
+    }
+    Ok(out)
+}
+
+/// True when `prog` is an executable file in some `PATH` directory.
+fn in_path(prog: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join(prog))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+fn env_duration(name: &str, default: Duration, unit_ms: bool) -> Result<Duration, Failure> {
+    let Some(v) = std::env::var_os(name) else {
+        return Ok(default);
+    };
+    let v = v.to_string_lossy();
+    let bad = || {
+        let unit = if unit_ms { "milliseconds" } else { "seconds" };
+        Failure::config(format!("{name}={v}: not a number of {unit}"))
+    };
+    let n: f64 = v.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(if unit_ms {
+        n / 1000.0
+    } else {
+        n
+    }))
+}
+
+fn cmd_run(a: RunArgs) -> Result<(), Failure> {
+    let config = load_config(a.common.config.as_deref())?;
+    let ready_timeout = env_duration("STRATA_READY_TIMEOUT", Duration::from_secs(60), false)?;
+    let kvm_probe = env_duration("STRATA_KVM_PROBE_MS", Duration::from_millis(3000), true)?;
+    if !in_path(QEMU_BINARY) {
+        return Err(Failure::host(format!(
+            "{QEMU_BINARY} not found in PATH; install it with:\n    apt-get install -y qemu-system-x86"
+        )));
+    }
+    let disks = prepare_disks(&a.common.disks)?;
+    let kernel = ensure_kernel().map_err(|e| Failure::host(e.to_string()))?;
+    let tmp = TempDir::new().map_err(|e| Failure::host(format!("scratch directory: {e}")))?;
+    let initrd = match &config {
+        Some(text) => {
+            let p = tmp.join("strata.conf");
+            std::fs::write(&p, text).map_err(|e| Failure::host(format!("{}: {e}", p.display())))?;
+            Some(p)
+        }
+        None => None,
+    };
+    let plan = RunPlan {
+        qemu: QemuConfig {
+            kernel,
+            initrd,
+            machine: match a.machine {
+                MachineArg::Q35 => Machine::Q35,
+                MachineArg::Microvm => Machine::Microvm,
+            },
+            accel: Accel::Tcg,
+            memory_mib: a.memory,
+            disks,
+            nbd_port: a.common.nbd_port,
+            http_port: a.common.http_port,
+            qmp_socket: Some(tmp.join("qmp.sock")),
+        },
+        accel: match a.accel {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        },
+        log: a.log,
+        config_label: a.common.config.as_ref().map_or_else(
+            || "built-in config".to_string(),
+            |p| p.display().to_string(),
+        ),
+        ready_timeout,
+        kvm_probe,
+        kvm_device: PathBuf::from("/dev/kvm"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| Failure::host(format!("signal handler: {e}")))?;
+    }
+    let r = runner::run(&plan, &stop);
+    drop(tmp);
+    r
+}
+
+fn cmd_hosted(a: CommonArgs) -> Result<(), Failure> {
+    let config_text = load_config(a.config.as_deref())?;
+    let disks = prepare_disks(&a.disks)?;
+    let opts = appliance::hosted::HostedOptions {
+        config_text,
+        disks,
+        nbd_port: a.nbd_port,
+        http_port: a.http_port,
+    };
+    appliance::hosted::run(&opts).map_err(Failure::runtime)
+}
+
+fn cmd_build() -> Result<(), Failure> {
+    let k = build_kernel().map_err(|e| Failure::host(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", k.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Hosted(a) => cmd_hosted(a),
+        Cmd::Build => cmd_build(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("strata: {}", f.message);
+            ExitCode::from(u8::try_from(f.code).unwrap_or(1))
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The appliance's machine-readable console lines.
+//!
+//! ```text
+//! strata: boot
+//! strata: export NAME size BYTES
+//! strata: listening nbd PORT http PORT
+//! strata: config error: line L, column C: MESSAGE
+//! strata: fatal: MESSAGE
+//! ```
+//!
+//! Every other line is ordinary console output.
+
+use std::collections::VecDeque;
+
+/// One console line, classified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// The kernel is running (its first line).
+    Boot,
+    /// An export the appliance serves.
+    Export {
+        /// Export name.
+        name: String,
+        /// Size in bytes.
+        size_bytes: u64,
+    },
+    /// The servers accept connections on these guest ports.
+    Listening {
+        /// Guest NBD port.
+        nbd_port: u16,
+        /// Guest HTTP port.
+        http_port: u16,
+    },
+    /// The configuration was refused; the text after `config error: `.
+    ConfigError(String),
+    /// The appliance failed; the text after `fatal: `.
+    Fatal(String),
+    /// Any other line.
+    Other,
+}
+
+/// Classifies one console line (without its line ending).
+pub fn parse_line(line: &str) -> ConsoleEvent {
+    let Some(rest) = line.trim_end().strip_prefix("strata: ") else {
+        return ConsoleEvent::Other;
+    };
+    if rest == "boot" || rest.starts_with("boot ") {
+        return ConsoleEvent::Boot;
+    }
+    if let Some(msg) = rest.strip_prefix("config error: ") {
+        return ConsoleEvent::ConfigError(msg.to_string());
+    }
+    if let Some(msg) = rest.strip_prefix("fatal: ") {
+        return ConsoleEvent::Fatal(msg.to_string());
+    }
+    let w: Vec<&str> = rest.split_ascii_whitespace().collect();
+    match w.as_slice() {
+        ["export", name, "size", bytes] => match bytes.parse() {
+            Ok(size_bytes) => ConsoleEvent::Export {
+                name: name.to_string(),
+                size_bytes,
+            },
+            Err(_) => ConsoleEvent::Other,
+        },
+        ["listening", "nbd", n, "http", h] => match (n.parse(), h.parse()) {
+            (Ok(nbd_port), Ok(http_port)) => ConsoleEvent::Listening {
+                nbd_port,
+                http_port,
+            },
+            _ => ConsoleEvent::Other,
+        },
+        _ => ConsoleEvent::Other,
+    }
+}
+
+/// The last lines of the console, kept to explain a failure.
+#[derive(Clone, Debug)]
+pub struct Tail {
+    lines: VecDeque<String>,
+    keep: usize,
+}
+
+impl Tail {
+    /// A tail that keeps the last `keep` lines.
+    pub fn new(keep: usize) -> Tail {
+        Tail {
+            lines: VecDeque::with_capacity(keep),
+            keep,
+        }
+    }
+
+    /// Adds a line, dropping the oldest when full.
+    pub fn push(&mut self, line: &str) {
+        if self.lines.len() == self.keep {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line.to_string());
+    }
+
+    /// The kept lines, oldest first.
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.lines.iter().map(String::as_str)
+    }
+
+    /// True when no line was kept.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+}
+
+/// Splits raw console bytes into lines: `\n` ends a line, a `\r` before it
+/// is dropped, and bytes that are not UTF-8 are replaced.
+pub fn clean_line(raw: &[u8]) -> String {
+    let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_machine_lines() {
+        assert_eq!(parse_line("strata: boot"), ConsoleEvent::Boot);
+        assert_eq!(parse_line("strata: boot 0.1.0\r"), ConsoleEvent::Boot);
+        assert_eq!(
+            parse_line("strata: export vol size 268435456"),
+            ConsoleEvent::Export {
+                name: "vol".into(),
+                size_bytes: 268435456
+            }
+        );
+        assert_eq!(
+            parse_line("strata: listening nbd 10809 http 8080"),
+            ConsoleEvent::Listening {
+                nbd_port: 10809,
+                http_port: 8080
+            }
+        );
+        assert_eq!(
+            parse_line("strata: config error: line 3, column 5: unknown word 'mdd'"),
+            ConsoleEvent::ConfigError("line 3, column 5: unknown word 'mdd'".into())
+        );
+        assert_eq!(
+            parse_line("strata: fatal: panicked at src/x.rs:1:1: oops"),
+            ConsoleEvent::Fatal("panicked at src/x.rs:1:1: oops".into())
+        );
+    }
+
+    #[test]
+    fn other_lines() {
+        for l in [
+            "",
+            "hello",
+            "strata: booting",
+            "strata: export vol size many",
+            "strata: listening nbd x http 8080",
+            "strata: export vol",
+            "xstrata: boot",
+        ] {
+            assert_eq!(parse_line(l), ConsoleEvent::Other, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn tail_keeps_last() {
+        let mut t = Tail::new(2);
+        assert!(t.is_empty());
+        for l in ["a", "b", "c"] {
+            t.push(l);
+        }
+        assert_eq!(t.lines().collect::<Vec<_>>(), ["b", "c"]);
+    }
+
+    #[test]
+    fn cleans_line_endings() {
+        assert_eq!(clean_line(b"abc\r\n"), "abc");
+        assert_eq!(clean_line(b"abc\n"), "abc");
+        assert_eq!(clean_line(b"abc"), "abc");
+        assert_eq!(clean_line(b"a\xffb\n"), "a\u{fffd}b");
+    }
+}

@@ -1,0 +1,152 @@
+//! Stopping a running appliance: its own `POST /shutdown` (which flushes
+//! every disk), and QEMU's QMP `quit` when the appliance does not answer.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Sends `POST /shutdown` to the appliance's HTTP endpoint and returns the
+/// HTTP status code. Every step is bounded by `timeout`.
+pub fn http_shutdown(addr: SocketAddr, timeout: Duration) -> io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let _ = s.set_nodelay(true);
+    write!(
+        s,
+        "POST /shutdown HTTP/1.1\r\nHost: strata\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut status_line = String::new();
+    BufReader::new(&mut s)
+        .take(1024)
+        .read_line(&mut status_line)?;
+    parse_status_line(&status_line).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP reply: {:?}", status_line.trim_end()),
+        )
+    })
+}
+
+/// The status code of an HTTP/1.x status line (RFC 9112 §4).
+pub fn parse_status_line(line: &str) -> Option<u16> {
+    let mut w = line.split_ascii_whitespace();
+    let version = w.next()?;
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let code = w.next()?;
+    (code.len() == 3).then(|| code.parse().ok()).flatten()
+}
+
+/// Tells QEMU to quit through its QMP socket: reads the greeting, leaves
+/// capabilities negotiation, sends `quit`.
+pub fn qmp_quit(socket: &Path, timeout: Duration) -> io::Result<()> {
+    let s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line)?; // {"QMP": {...}}
+    if !line.contains("\"QMP\"") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no QMP greeting",
+        ));
+    }
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    wait_return(&mut r)?;
+    w.write_all(b"{\"execute\":\"quit\"}\n")?;
+    // QEMU may close the socket before or after answering.
+    let _ = wait_return(&mut r);
+    Ok(())
+}
+
+/// Reads QMP messages until a `return` (skipping asynchronous events).
+fn wait_return(r: &mut impl BufRead) -> io::Result<()> {
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if line.contains("\"return\"") {
+            return Ok(());
+        }
+        if line.contains("\"error\"") {
+            return Err(io::Error::other(line.trim_end().to_string()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::os::unix::net::UnixListener;
+    use std::thread;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status_line("HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(parse_status_line("HTTP/1.0 503 Busy"), Some(503));
+        assert_eq!(parse_status_line("SSH-2.0-x"), None);
+        assert_eq!(parse_status_line("HTTP/1.1 2000 x"), None);
+        assert_eq!(parse_status_line(""), None);
+    }
+
+    #[test]
+    fn posts_shutdown() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 256];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0);
+                req.extend_from_slice(&buf[..n]);
+            }
+            c.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            String::from_utf8(req).unwrap()
+        });
+        assert_eq!(http_shutdown(addr, Duration::from_secs(2)).unwrap(), 202);
+        let req = server.join().unwrap();
+        assert!(req.starts_with("POST /shutdown HTTP/1.1\r\n"), "{req}");
+    }
+
+    #[test]
+    fn qmp_conversation() {
+        let dir = crate::tempdir::TempDir::new().unwrap();
+        let path = dir.join("qmp.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut w = c;
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                got.push(line.trim_end().to_string());
+                w.write_all(b"{\"return\": {}}\r\n").unwrap();
+            }
+            got
+        });
+        qmp_quit(&path, Duration::from_secs(2)).unwrap();
+        let got = server.join().unwrap();
+        assert_eq!(
+            got,
+            [
+                "{\"execute\":\"qmp_capabilities\"}",
+                "{\"execute\":\"quit\"}"
+            ]
+        );
+    }
+}

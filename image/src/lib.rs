@@ -1,0 +1,22 @@
+//! The host tool's library: sizes, disk specs, QEMU command lines, the
+//! NBD readiness probe, console lines, and the supervised QEMU run.
+//!
+//! - [`size`]: `64M`, `1G`, … as bytes;
+//! - [`disk`]: `PATH[,size=SIZE]` and sparse disk files;
+//! - [`qemu`]: the QEMU command line as a typed value; exit statuses;
+//! - [`probe`]: the NBD handshake that proves the appliance listens;
+//! - [`console`]: the appliance's machine-readable console lines;
+//! - [`control`]: `POST /shutdown` and QMP `quit`;
+//! - [`kernel`]: building the appliance kernel;
+//! - [`runner`]: starting, following and stopping QEMU;
+//! - [`tempdir`]: a scratch directory per run.
+
+pub mod console;
+pub mod control;
+pub mod disk;
+pub mod kernel;
+pub mod probe;
+pub mod qemu;
+pub mod runner;
+pub mod size;
+pub mod tempdir;
