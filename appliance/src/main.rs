@@ -57,7 +57,7 @@ mod entry {
         paging::init(page0_used);
         log_memory(&info, &memory);
 
-        let source = time::init();
+        let source = time::init(info.cmdline);
         apic::init();
         interrupts::enable();
         let hz = time::tsc_hz();

@@ -88,12 +88,59 @@ impl core::fmt::Display for Location {
     }
 }
 
+/// Acknowledges a virtio device's interrupt without going through its
+/// driver, so the event loop can deassert INTx after a wake-up even when
+/// the driver is owned elsewhere (a disk driver lives inside its geom).
+///
+/// Reading the ISR status clears it (virtio 1.2 §4.1.4.5.1); on
+/// virtio-mmio the bits read from InterruptStatus are written back to
+/// InterruptACK (§4.2.2). Acknowledging loses nothing: the loop polls the
+/// devices after acknowledging, and anything the device adds later raises
+/// a new interrupt. Call it for every device on each wake-up, then poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqAck(AckKind);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AckKind {
+    /// Address of the ISR status byte in a PCI BAR.
+    PciIsr(usize),
+    /// Base of a virtio-mmio register block.
+    Mmio(usize),
+}
+
+impl IrqAck {
+    /// Reads and clears the device's interrupt status. Bit 0: the device
+    /// used buffers; bit 1: its configuration changed.
+    pub fn ack(&self) -> u32 {
+        match self.0 {
+            // SAFETY: built by `probe_all` from the device's ISR capability
+            // inside an identity-mapped BAR; reading it only clears the
+            // device's interrupt status.
+            AckKind::PciIsr(a) => u32::from(unsafe { core::ptr::read_volatile(a as *const u8) }),
+            AckKind::Mmio(base) => {
+                // SAFETY: built by `probe_all` for a virtio-mmio block that
+                // is identity-mapped; InterruptStatus (0x60) is read-only
+                // and InterruptACK (0x64) only clears the given bits.
+                unsafe {
+                    let st = core::ptr::read_volatile((base + 0x60) as *const u32);
+                    if st != 0 {
+                        core::ptr::write_volatile((base + 0x64) as *mut u32, st);
+                    }
+                    st
+                }
+            }
+        }
+    }
+}
+
 /// A started device with its name and location.
 pub struct Probed<D> {
     /// Stable name: vtbd0, vtbd1, … for disks, vtnet0, … for NICs.
     pub name: String,
     /// Where it was found.
     pub location: Location,
+    /// Acknowledges its interrupt (see [`IrqAck`]).
+    pub irq_ack: Option<IrqAck>,
     /// The driver.
     pub device: D,
 }
@@ -162,6 +209,7 @@ impl Default for ProbeConfig {
 fn start(
     out: &mut Devices,
     location: Location,
+    irq_ack: Option<IrqAck>,
     transport: SomeTransport<'static>,
     cfg: &ProbeConfig,
 ) {
@@ -173,6 +221,7 @@ fn start(
             out.blks.push(Probed {
                 name,
                 location,
+                irq_ack,
                 device,
             });
         }),
@@ -181,6 +230,7 @@ fn start(
             out.nets.push(Probed {
                 name,
                 location,
+                irq_ack,
                 device,
             });
         }),
@@ -237,8 +287,14 @@ pub unsafe fn probe_all(map_mmio: &mut dyn FnMut(u64, u64), cfg: &ProbeConfig) -
             if !matches!(f.virtio, Some(DeviceType::Block | DeviceType::Network)) {
                 continue;
             }
-            match pci::virtio_transport::<IdentityHal, _>(&mut root, f.bdf, map_mmio) {
-                Ok(t) => start(&mut out, location, SomeTransport::Pci(t), cfg),
+            match pci::virtio_transport::<IdentityHal, _>(&pci::PortCam, &mut root, f.bdf, map_mmio)
+            {
+                Ok(t) => {
+                    log::debug!("virtio transport at {location}");
+                    let ack = pci::isr_address(&pci::PortCam, f.bdf)
+                        .map(|a| IrqAck(AckKind::PciIsr(a as usize)));
+                    start(&mut out, location, ack, SomeTransport::Pci(t), cfg)
+                }
                 Err(e) => {
                     log::warn!("virtio at {location}: {e}");
                     out.failures.push(ProbeFailure {
@@ -263,7 +319,14 @@ pub unsafe fn probe_all(map_mmio: &mut dyn FnMut(u64, u64), cfg: &ProbeConfig) -
                 base: d.base,
                 irq: d.irq,
             };
-            start(&mut out, location, SomeTransport::Mmio(d.transport), cfg);
+            let ack = Some(IrqAck(AckKind::Mmio(d.base)));
+            start(
+                &mut out,
+                location,
+                ack,
+                SomeTransport::Mmio(d.transport),
+                cfg,
+            );
         }
     }
     out

@@ -168,27 +168,84 @@ pub fn scan<C: ConfigurationAccess>(cam: &C) -> Vec<PciFunction> {
     out
 }
 
+/// Indices of the 64-bit memory BARs of `bdf` that the firmware placed
+/// above 4 GiB, read without sizing (sizing toggles decoding, which QEMU
+/// answers with a costly memory-map rebuild).
+pub fn high_bars<C: ConfigurationAccess>(cam: &C, bdf: DeviceFunction) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0u8;
+    while i < 6 {
+        let lo = cam.read_word(bdf, 0x10 + 4 * i);
+        // Memory BAR (bit 0 clear) of type 64-bit (bits 2:1 = 10b).
+        if lo & 1 == 0 && (lo >> 1) & 3 == 2 && i < 5 {
+            if cam.read_word(bdf, 0x14 + 4 * i) != 0 {
+                out.push(i);
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Physical address of the ISR status byte of a virtio PCI function
+/// (the VIRTIO_PCI_CAP_ISR_CFG structure, virtio 1.2 §4.1.4.5), found by
+/// walking its capability list and reading the BAR without sizing it.
+pub fn isr_address<C: ConfigurationAccess>(cam: &C, bdf: DeviceFunction) -> Option<u64> {
+    // Capabilities List bit in the status register (PCI 3.0 §6.2.3).
+    if cam.read_word(bdf, 0x04) & (1 << 20) == 0 {
+        return None;
+    }
+    let mut at = (cam.read_word(bdf, 0x34) & 0xfc) as u8;
+    let mut hops = 0;
+    while at >= 0x40 && hops < 48 {
+        let head = cam.read_word(bdf, at);
+        let (id, next, cfg_type) = (head as u8, (head >> 8) as u8, (head >> 24) as u8);
+        // Vendor-specific capability of type ISR (virtio 1.2 §4.1.4).
+        if id == 0x09 && cfg_type == 3 {
+            let bar = (cam.read_word(bdf, at + 4) & 0xff) as u8;
+            let offset = u64::from(cam.read_word(bdf, at + 8));
+            if bar > 5 {
+                return None;
+            }
+            let lo = cam.read_word(bdf, 0x10 + 4 * bar);
+            if lo & 1 != 0 {
+                return None;
+            }
+            let mut base = u64::from(lo & !0xf);
+            if (lo >> 1) & 3 == 2 && bar < 5 {
+                base |= u64::from(cam.read_word(bdf, 0x14 + 4 * bar)) << 32;
+            }
+            return (base != 0).then_some(base + offset);
+        }
+        at = next & 0xfc;
+        hops += 1;
+    }
+    None
+}
+
 /// Makes a virtio PCI function usable: maps memory BARs that lie above
 /// 4 GiB through `map_mmio(phys, len)` (lower MMIO is identity-mapped by
 /// the platform), enables memory decoding and bus mastering, and builds
 /// the transport from its virtio capabilities (virtio 1.2 §4.1.4).
+/// `cam` reads the same configuration space as `root`.
 pub fn virtio_transport<H: Hal, C: ConfigurationAccess>(
+    cam: &C,
     root: &mut PciRoot<C>,
     bdf: DeviceFunction,
     map_mmio: &mut dyn FnMut(u64, u64),
 ) -> Result<PciTransport, VirtioPciError> {
-    for bar in root.bars(bdf)?.into_iter().flatten() {
-        if let BarInfo::Memory { address, size, .. } = bar {
-            if address != 0 && address.saturating_add(size) > 1 << 32 {
-                map_mmio(address, size);
-            }
+    for i in high_bars(cam, bdf) {
+        if let Some(BarInfo::Memory { address, size, .. }) = root.bar_info(bdf, i)? {
+            map_mmio(address, size);
         }
     }
     let (_, cmd) = root.get_status_command(bdf);
-    root.set_command(
-        bdf,
-        (cmd | Command::MEMORY_SPACE | Command::BUS_MASTER) & !Command::INTERRUPT_DISABLE,
-    );
+    let want = (cmd | Command::MEMORY_SPACE | Command::BUS_MASTER) & !Command::INTERRUPT_DISABLE;
+    if want != cmd {
+        root.set_command(bdf, want);
+    }
     PciTransport::new::<H, C>(root, bdf)
 }
 
@@ -220,6 +277,50 @@ mod tests {
         s[3] = u32::from(header) << 16;
         s[15] = u32::from(irq.0) | (u32::from(irq.1) << 8);
         s
+    }
+
+    #[test]
+    fn high_bars_are_found_without_sizing() {
+        let mut f = func(0x1af4, 0x1042, 0, (11, 1));
+        f[4] = 0xfebd_1000; // BAR0: 32-bit memory
+        f[5] = 0xc041; // BAR1: I/O
+        f[8] = 0x0000_000c; // BAR4: 64-bit prefetchable ...
+        f[9] = 0x0000_0080; // ... at 0x80_0000_0000
+        let mut m = BTreeMap::new();
+        m.insert((0, 1, 0), f);
+        let bdf = DeviceFunction {
+            bus: 0,
+            device: 1,
+            function: 0,
+        };
+        assert_eq!(high_bars(&FakeCam(m.clone()), bdf), [4]);
+        m.get_mut(&(0, 1, 0)).unwrap()[9] = 0;
+        assert!(high_bars(&FakeCam(m), bdf).is_empty());
+    }
+
+    #[test]
+    fn isr_is_found_through_the_capability_list() {
+        let mut f = func(0x1af4, 0x1042, 0, (11, 1));
+        f[1] = 1 << 20; // capability list present
+        f[13] = 0x40; // first capability
+        f[8] = 0xfe00_000c; // BAR4: 64-bit memory at 0x1_fe00_0000
+        f[9] = 0x1;
+        // 0x40: MSI-X (id 0x11) -> 0x50
+        f[0x40 / 4] = 0x11 | (0x50 << 8);
+        // 0x50: vendor, common cfg (type 1) -> 0x60
+        f[0x50 / 4] = 0x09 | (0x60 << 8) | (16 << 16) | (1 << 24);
+        // 0x60: vendor, ISR cfg (type 3) in BAR4 at 0x1000
+        f[0x60 / 4] = 0x09 | (16 << 16) | (3 << 24);
+        f[0x64 / 4] = 4;
+        f[0x68 / 4] = 0x1000;
+        let mut m = BTreeMap::new();
+        m.insert((0, 1, 0), f);
+        let bdf = DeviceFunction {
+            bus: 0,
+            device: 1,
+            function: 0,
+        };
+        assert_eq!(isr_address(&FakeCam(m), bdf), Some(0x1_fe00_1000));
     }
 
     #[test]

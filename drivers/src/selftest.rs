@@ -9,7 +9,6 @@
 //! can check the image afterwards: every 8-byte word at offset `o` holds
 //! `o ^ PATTERN_KEY` in little endian ([`pattern_word`]).
 
-use crate::virtio_net;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -189,39 +188,73 @@ pub fn blk_check(
     Ok(report)
 }
 
-/// Sequential throughput in bytes per second: (write, read).
+/// Runs `n` sequential `cmd` bios of `bio_bytes` from offset 0 with up to
+/// `depth` in flight, recycling their pages. Returns the elapsed time.
+fn stream(
+    dev: &mut dyn BlockDevice,
+    cmd: BioCmd,
+    n: usize,
+    bio_bytes: usize,
+    depth: usize,
+    env: &mut dyn Env,
+) -> Result<u64, String> {
+    let mut free: Vec<SgList> = (0..depth).map(|_| SgList::alloc(bio_bytes)).collect();
+    let mut parked: Option<Bio> = None;
+    let (mut next, mut done) = (0usize, 0usize);
+    let mut failed = None;
+    let t0 = env.now_ns();
+    while done < n {
+        loop {
+            let bio = match parked.take() {
+                Some(b) => b,
+                None if next < n => match free.pop() {
+                    Some(sg) => {
+                        next += 1;
+                        Bio::with_data(cmd, ((next - 1) * bio_bytes) as u64, sg)
+                    }
+                    None => break,
+                },
+                None => break,
+            };
+            if let Err(b) = dev.submit(bio) {
+                parked = Some(b);
+                break;
+            }
+        }
+        let k = dev.poll(&mut |b, r| {
+            if let Err(e) = r {
+                failed.get_or_insert(format!("{} at {}: {e:?}", cmd.name(), b.offset));
+            }
+            free.push(b.sg);
+        });
+        done += k;
+        if k == 0 {
+            let now = env.now_ns();
+            env.idle(Some(now + 1_000_000));
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(env.now_ns() - t0),
+    }
+}
+
+/// Sequential throughput in bytes per second, (write, read), over the
+/// first `bytes` of the disk with bios of `bio_bytes` and `depth` in
+/// flight.
 pub fn blk_bench(
     dev: &mut dyn BlockDevice,
     bytes: u64,
     bio_bytes: usize,
+    depth: usize,
     env: &mut dyn Env,
 ) -> Result<(u64, u64), String> {
     let n = (bytes / bio_bytes as u64) as usize;
-    let bios: Vec<Bio> = (0..n)
-        .map(|i| {
-            Bio::with_data(
-                BioCmd::Write,
-                (i * bio_bytes) as u64,
-                SgList::alloc(bio_bytes),
-            )
-        })
-        .collect();
-    let t0 = env.now_ns();
-    let (done, _) = run_bios(dev, bios, env);
-    let t1 = env.now_ns();
-    if done.iter().any(|(_, r)| r.is_err()) {
-        return Err(String::from("write failed"));
-    }
-    let bios: Vec<Bio> = (0..n)
-        .map(|i| Bio::read((i * bio_bytes) as u64, bio_bytes as u64))
-        .collect();
-    let (done, _) = run_bios(dev, bios, env);
-    let t2 = env.now_ns();
-    if done.iter().any(|(_, r)| r.is_err()) {
-        return Err(String::from("read failed"));
-    }
+    let w = stream(dev, BioCmd::Write, n, bio_bytes, depth, env)?;
+    let r = stream(dev, BioCmd::Read, n, bio_bytes, depth, env)?;
+    let bytes = (n * bio_bytes) as u64;
     let rate = |ns: u64| bytes * 1_000_000_000 / ns.max(1);
-    Ok((rate(t1 - t0), rate(t2 - t1)))
+    Ok((rate(w), rate(r)))
 }
 
 /// How the TCP service gets its address.
@@ -294,8 +327,8 @@ fn tcp_socket(bytes: usize) -> tcp::Socket<'static> {
 /// Serves the sink, source and echo ports over `dev` with smoltcp until
 /// `cfg.connections` connections have closed. `log` gets progress lines
 /// (address acquired, listening, each connection's figures). `after_wake`
-/// runs each time the loop wakes from [`Env::idle`]: acknowledge the NIC's
-/// interrupt there.
+/// runs each time the loop wakes from [`Env::idle`] (the NIC's interrupt
+/// is acknowledged by the `Env`, e.g. through [`crate::IrqAck`]).
 pub fn tcp_service<D: Device>(
     dev: &mut D,
     mac: [u8; 6],
@@ -479,14 +512,6 @@ pub fn default_tcp_config() -> TcpServiceConfig {
         buffer_bytes: 512 << 10,
         connections: 2,
     }
-}
-
-/// The `after_wake` hook of [`tcp_service`] for a virtio NIC.
-pub fn virtio_net_wake<T: virtio_drivers::transport::Transport>(
-    dev: &mut virtio_net::VirtioNet<T>,
-) {
-    dev.ack_interrupt();
-    dev.service();
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@
 //! FLUSH on a device that did not offer VIRTIO_BLK_F_FLUSH completes at
 //! once: such a device has no volatile cache to flush.
 //!
+//! VIRTIO_F_EVENT_IDX is not negotiated: virtio-drivers 0.13 compares the
+//! avail event index without wrap-around (`VirtQueue::should_notify`), which
+//! would lose notifications after 65536 requests; the used-ring flag is
+//! enough for a polled driver.
+//!
 //! Completion is polled: `peek_used` gives the head token of the next used
 //! chain, which maps to a request slot and its bio. A non-OK status becomes
 //! `BioError::Io` (or `NotSupported` for UNSUPP); a device that returns a
@@ -765,10 +770,17 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         let token = match token {
             Ok(t) => t,
             Err(e) => {
-                // Our descriptor accounting said it would fit; treat as a
-                // momentary shortage and retry after the next completion.
+                // Our descriptor accounting said it would fit. With
+                // requests in flight, retry after the next completion;
+                // with none, nothing will change: fail the bio.
                 log::warn!("virtio-blk: queue add failed: {e:?}");
-                return Step::Blocked;
+                if self.in_flight > 0 {
+                    return Step::Blocked;
+                }
+                if let Some(b) = self.bios[slot as usize].as_mut() {
+                    b.error = Some(BioError::Io);
+                }
+                return Step::Done;
             }
         };
         self.free_reqs.pop();

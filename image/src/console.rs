@@ -8,7 +8,9 @@
 //! strata: fatal: MESSAGE
 //! ```
 //!
-//! Every other line is ordinary console output.
+//! Every other line is ordinary console output. A line may carry the
+//! kernel logger's prefix, `[   0.012345] INFO strata: boot`; a panic line
+//! `strata: PANIC at FILE:LINE:COL: MESSAGE` counts as fatal.
 
 use std::collections::VecDeque;
 
@@ -39,9 +41,27 @@ pub enum ConsoleEvent {
     Other,
 }
 
+/// Log levels the kernel logger writes after its time stamp.
+const LEVELS: [&str; 5] = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+
+/// The line without a logger prefix (`[ time] LEVEL `), if it has one.
+fn strip_log_prefix(line: &str) -> &str {
+    let Some(after) = line
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .map(|(_, r)| r.trim_start())
+    else {
+        return line;
+    };
+    LEVELS
+        .iter()
+        .find_map(|l| after.strip_prefix(l)?.strip_prefix(' '))
+        .unwrap_or(after)
+}
+
 /// Classifies one console line (without its line ending).
 pub fn parse_line(line: &str) -> ConsoleEvent {
-    let Some(rest) = line.trim_end().strip_prefix("strata: ") else {
+    let Some(rest) = strip_log_prefix(line.trim_end()).strip_prefix("strata: ") else {
         return ConsoleEvent::Other;
     };
     if rest == "boot" || rest.starts_with("boot ") {
@@ -52,6 +72,9 @@ pub fn parse_line(line: &str) -> ConsoleEvent {
     }
     if let Some(msg) = rest.strip_prefix("fatal: ") {
         return ConsoleEvent::Fatal(msg.to_string());
+    }
+    if rest.starts_with("PANIC") {
+        return ConsoleEvent::Fatal(rest.to_string());
     }
     let w: Vec<&str> = rest.split_ascii_whitespace().collect();
     match w.as_slice() {
@@ -145,6 +168,38 @@ mod tests {
         assert_eq!(
             parse_line("strata: fatal: panicked at src/x.rs:1:1: oops"),
             ConsoleEvent::Fatal("panicked at src/x.rs:1:1: oops".into())
+        );
+    }
+
+    #[test]
+    fn accepts_logger_prefix() {
+        assert_eq!(
+            parse_line("[   0.000000] INFO strata: boot"),
+            ConsoleEvent::Boot
+        );
+        assert_eq!(
+            parse_line("[  12.345678] WARN strata: listening nbd 10809 http 8080"),
+            ConsoleEvent::Listening {
+                nbd_port: 10809,
+                http_port: 8080
+            }
+        );
+        assert_eq!(
+            parse_line("[   0.5] ERROR strata: config error: line 1, column 1: x"),
+            ConsoleEvent::ConfigError("line 1, column 1: x".into())
+        );
+        assert_eq!(
+            parse_line("[   0.000000] INFO memory: 511 MiB"),
+            ConsoleEvent::Other
+        );
+        assert_eq!(parse_line("[ 0.1] strata: boot"), ConsoleEvent::Boot);
+    }
+
+    #[test]
+    fn panic_is_fatal() {
+        assert_eq!(
+            parse_line("strata: PANIC at src/main.rs:3:5: oops"),
+            ConsoleEvent::Fatal("PANIC at src/main.rs:3:5: oops".into())
         );
     }
 

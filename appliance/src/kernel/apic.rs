@@ -209,12 +209,18 @@ fn init_ioapics() {
     IOAPICS.call_once(|| {
         let (mut found, mut n) = acpi::madt_ioapics();
         if n == 0 {
-            // No MADT: the standard single I/O APIC of PC machines.
+            // No MADT: the standard I/O APIC of PC machines, and microvm's
+            // second one (GSI 24..48, where its virtio-mmio devices are)
+            // if something answers there.
             found[0] = Some(acpi::IoApicEntry {
                 address: 0xFEC0_0000,
                 gsi_base: 0,
             });
-            n = 1;
+            found[1] = Some(acpi::IoApicEntry {
+                address: 0xFEC1_0000,
+                gsi_base: 24,
+            });
+            n = 2;
         }
         let mut list = [None; 8];
         let mut count = 0;
@@ -224,8 +230,10 @@ fn init_ioapics() {
             if super::paging::try_map_mmio(e.address, 0x1000).is_err() {
                 continue;
             }
+            // Version register: bits 0-7 version (0x11 or 0x20 on real and
+            // emulated parts), 16-23 highest redirection entry.
             let version = ioapic_read(e.address, 1);
-            if version == u32::MAX {
+            if version == u32::MAX || version & 0xFF == 0 {
                 continue;
             }
             let gsi_count = ((version >> 16) & 0xFF) + 1;

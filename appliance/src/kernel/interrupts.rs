@@ -320,7 +320,10 @@ extern "C" fn strata_trap_dispatch(frame: &mut TrapFrame) {
 /// Level-triggered lines are masked by their handler until the next
 /// [`idle_wait`] (see the module doc).
 pub fn enable_irq(gsi: u32, trigger: Trigger, polarity: Polarity) -> Result<(), IrqError> {
-    let bit = 1u64 << gsi.min(63);
+    if gsi >= MAX_GSI {
+        return Err(IrqError::GsiTooLarge);
+    }
+    let bit = 1u64 << gsi;
     cpu::without_interrupts(|| {
         match trigger {
             Trigger::Level => LEVEL_LINES.fetch_or(bit, Ordering::Relaxed),
@@ -333,9 +336,12 @@ pub fn enable_irq(gsi: u32, trigger: Trigger, polarity: Polarity) -> Result<(), 
 
 /// Masks a GSI again.
 pub fn disable_irq(gsi: u32) {
+    if gsi >= MAX_GSI {
+        return;
+    }
     cpu::without_interrupts(|| {
         apic::set_masked(gsi, true);
-        let bit = 1u64 << gsi.min(63);
+        let bit = 1u64 << gsi;
         LEVEL_LINES.fetch_and(!bit, Ordering::Relaxed);
         MASKED_BY_HANDLER.fetch_and(!bit, Ordering::Relaxed);
     });

@@ -2,21 +2,29 @@
 //! block stack and the servers, then runs the event loop. Called by the
 //! kernel entry once the platform is up; never returns.
 //!
-//! Temporary body: driver bring-up (`drv=blk`, `drv=net`, `drv=bench`).
+//! Temporary body: probes and logs the devices; driver bring-up checks on
+//! request (`drv=blk`, `drv=bench`, `drv=net` with `drv.dhcp`,
+//! `drv.conns=N`, `drv.buf=KiB`, `drv.burst=N`).
 
 use super::BootInfo;
-use alloc::format;
 use drivers::selftest::{self, Env};
 use geom::disk::BlockDevice;
 
-struct KernelEnv;
+struct KernelEnv {
+    acks: alloc::vec::Vec<drivers::IrqAck>,
+    wakes: u64,
+}
 
 impl Env for KernelEnv {
     fn now_ns(&self) -> u64 {
         super::now_ns()
     }
     fn idle(&mut self, deadline_ns: Option<u64>) {
-        super::idle_wait(deadline_ns)
+        super::idle_wait(deadline_ns);
+        self.wakes += 1;
+        for a in &self.acks {
+            a.ack();
+        }
     }
 }
 
@@ -36,12 +44,25 @@ pub fn main(boot: BootInfo) -> ! {
     for f in &devs.pci {
         log::info!(
             "pci {} {:04x}:{:04x} class {:02x}.{:02x} irq {} pin {} {:?}",
-            f.bdf, f.vendor_id, f.device_id, f.class, f.subclass, f.irq_line, f.irq_pin, f.virtio
+            f.bdf,
+            f.vendor_id,
+            f.device_id,
+            f.class,
+            f.subclass,
+            f.irq_line,
+            f.irq_pin,
+            f.virtio
         );
     }
     let mut irqs = alloc::vec::Vec::new();
     for b in &devs.blks {
-        log::info!("{}: {} {:?} limits {:?}", b.name, b.location, b.device.info(), b.device.limits());
+        log::info!(
+            "{}: {} {:?} limits {:?}",
+            b.name,
+            b.location,
+            b.device.info(),
+            b.device.limits()
+        );
         irqs.extend(b.location.irq());
     }
     for n in &devs.nets {
@@ -58,7 +79,13 @@ pub fn main(boot: BootInfo) -> ! {
     } else {
         super::enable_pci_intx();
     }
-    let mut env = KernelEnv;
+    let acks = devs
+        .blks
+        .iter()
+        .filter_map(|b| b.irq_ack)
+        .chain(devs.nets.iter().filter_map(|n| n.irq_ack))
+        .collect();
+    let mut env = KernelEnv { acks, wakes: 0 };
     let mut ok = true;
     if has("drv=blk") {
         if let Some(b) = devs.blks.first_mut() {
@@ -73,13 +100,15 @@ pub fn main(boot: BootInfo) -> ! {
     }
     if has("drv=bench") {
         if let Some(b) = devs.blks.last_mut() {
-            for (bio, depth) in [(65536usize, 32usize), (131072, 32), (4096, 32)] {
-                let _ = depth;
+            for bio in [65536usize, 131072, 4096] {
                 let bytes = if bio == 4096 { 16u64 << 20 } else { 64 << 20 };
-                match selftest::blk_bench(&mut b.device, bytes, bio, &mut env) {
+                match selftest::blk_bench(&mut b.device, bytes, bio, 32, &mut env) {
                     Ok((w, r)) => log::info!(
                         "blk bench {} KiB bios: write {} KB/s read {} KB/s, stats {:?}",
-                        bio / 1024, w / 1000, r / 1000, b.device.stats()
+                        bio / 1024,
+                        w / 1000,
+                        r / 1000,
+                        b.device.stats()
                     ),
                     Err(e) => log::error!("blk bench: {e}"),
                 }
@@ -105,11 +134,15 @@ pub fn main(boot: BootInfo) -> ! {
                 &tcfg,
                 &mut env,
                 &mut |s| log::info!("{s}"),
-                |d| selftest::virtio_net_wake(d),
+                |d| d.service(),
             );
-            log::info!("net done: {reports:?} stats {:?} irqs {:?}", n.device.stats(), super::irq_stats());
+            log::info!(
+                "net done: {reports:?} stats {:?} irqs {:?}",
+                n.device.stats(),
+                super::irq_stats()
+            );
         }
     }
-    let _ = format!("");
+    log::info!("wakes {} irqs {:?}", env.wakes, super::irq_stats());
     super::exit::exit_qemu(ok)
 }
