@@ -223,6 +223,15 @@ impl Service {
         self.nbd.get(&id).is_none_or(|c| c.is_finished())
     }
 
+    /// True when connection `id` owes its peer nothing: no request in
+    /// flight and no reply waiting. A peer that closed its side while idle
+    /// can then be let go without a DISC.
+    pub fn nbd_idle(&self, id: u32) -> bool {
+        self.nbd
+            .get(&id)
+            .is_none_or(|c| c.in_flight() == 0 && !c.has_tx())
+    }
+
     /// Forgets connection `id` (the peer went away or it finished). Bios it
     /// still has in flight complete into the void.
     pub fn nbd_close(&mut self, id: u32) {

@@ -26,6 +26,11 @@
 //! FLUSH on a device that did not offer VIRTIO_BLK_F_FLUSH completes at
 //! once: such a device has no volatile cache to flush.
 //!
+//! Interrupts: the driver never reads the ISR by itself (that is an exit
+//! per poll). After each wake-up the event loop acknowledges the device,
+//! with [`VirtioBlk::ack_interrupt`] or the `IrqAck` handle `probe_all`
+//! returns (usable once the driver is boxed inside its geom), then polls.
+//!
 //! VIRTIO_F_EVENT_IDX is not negotiated: virtio-drivers 0.13 compares the
 //! avail event index without wrap-around (`VirtQueue::should_notify`), which
 //! would lose notifications after 65536 requests; the used-ring flag is

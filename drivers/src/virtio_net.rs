@@ -12,7 +12,9 @@
 //!
 //! The device is polled. Transmit completions do not raise interrupts
 //! (VIRTQ_AVAIL_F_NO_INTERRUPT on the transmit queue); receive ones do, so
-//! an idle loop halted in `hlt` wakes when a frame arrives.
+//! an idle loop halted in `hlt` wakes when a frame arrives. As with the
+//! disks, the loop acknowledges the interrupt after waking
+//! ([`VirtioNet::ack_interrupt`] or the `IrqAck` from `probe_all`).
 
 use crate::hal::IdentityHal;
 use crate::virtio::{self, InitError, F_ANY_LAYOUT, F_VERSION_1};

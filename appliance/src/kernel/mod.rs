@@ -24,6 +24,7 @@ pub mod mem;
 pub mod paging;
 pub mod run;
 pub mod selftest;
+pub mod serve;
 pub mod serial;
 pub mod start_info;
 pub mod time;

@@ -30,10 +30,15 @@ impl Env for KernelEnv {
 
 /// Runs the appliance.
 pub fn main(boot: BootInfo) -> ! {
+    if !boot.cmdline.contains("drv=") {
+        super::serve::serve(boot)
+    }
     let words: alloc::vec::Vec<&str> = boot.cmdline.split_ascii_whitespace().collect();
     let has = |w: &str| words.contains(&w);
-    let mut cfg = drivers::ProbeConfig::default();
-    cfg.acpi = boot.rsdp != 0;
+    let mut cfg = drivers::ProbeConfig {
+        acpi: boot.rsdp != 0,
+        ..Default::default()
+    };
     if let Some(b) = words.iter().find_map(|w| w.strip_prefix("drv.burst=")) {
         cfg.net.max_burst_size = b.parse().ok();
     }
