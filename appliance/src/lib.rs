@@ -13,4 +13,5 @@ pub mod service;
 #[cfg(not(target_os = "none"))]
 pub mod hosted;
 
-#[cfg(target_os = "none")] pub mod kernel;
+#[cfg(target_os = "none")]
+pub mod kernel;

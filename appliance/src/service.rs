@@ -126,7 +126,8 @@ impl Service {
             if svc.disks.is_empty() {
                 MdGeom::create(&mut svc.stack, "md0", DEFAULT_MD_BYTES)
                     .map_err(|e| config_error(0, e.to_string()))?;
-                svc.export("md0", "md0", false).map_err(|m| config_error(0, m))?;
+                svc.export("md0", "md0", false)
+                    .map_err(|m| config_error(0, m))?;
             } else {
                 let names: Vec<String> = svc.disks.iter().map(|d| d.0.clone()).collect();
                 for n in names {
@@ -151,7 +152,11 @@ impl Service {
         };
         self.infos.push(nbd::ExportInfo {
             name: String::from(name),
-            description: format!("{} ({})", provider, self.stack.geom_class(self.stack.provider(pid).geom)),
+            description: format!(
+                "{} ({})",
+                provider,
+                self.stack.geom_class(self.stack.provider(pid).geom)
+            ),
             size_bytes: spec.media_size,
             read_only,
             can_flush: spec.can_flush,
@@ -286,8 +291,11 @@ impl Service {
             while let Some(req) = conn.next_request() {
                 progress = true;
                 let consumer = self.exports[req.export].consumer;
-                self.stack
-                    .submit(consumer, req.bio, (u64::from(id) << 32) | (req.handle & 0xffff_ffff));
+                self.stack.submit(
+                    consumer,
+                    req.bio,
+                    (u64::from(id) << 32) | (req.handle & 0xffff_ffff),
+                );
             }
         }
         progress |= self.stack.run();
@@ -320,7 +328,8 @@ impl Service {
         let mut n = 0;
         for (e, info) in self.exports.iter().zip(&self.infos) {
             if !info.read_only {
-                self.stack.submit(e.consumer, Bio::flush(), SERVICE_CONN << 32);
+                self.stack
+                    .submit(e.consumer, Bio::flush(), SERVICE_CONN << 32);
                 n += 1;
             }
         }
@@ -344,13 +353,19 @@ impl Service {
 
     fn handle_http(&mut self, req: &http::Request, status: &PlatformStatus) -> http::Response {
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/status") => http::Response::new(200, "application/json", self.status_json(status)),
-            ("GET", "/metrics") => http::Response::new(200, "text/plain; version=0.0.4", self.metrics()),
+            ("GET", "/status") => {
+                http::Response::new(200, "application/json", self.status_json(status))
+            }
+            ("GET", "/metrics") => {
+                http::Response::new(200, "text/plain; version=0.0.4", self.metrics())
+            }
             ("POST", "/shutdown") => {
                 self.begin_shutdown();
                 http::Response::new(200, "application/json", "{\"shutdown\":true}\n")
             }
-            (_, "/status" | "/metrics" | "/shutdown") => http::Response::error(405, "method not allowed"),
+            (_, "/status" | "/metrics" | "/shutdown") => {
+                http::Response::error(405, "method not allowed")
+            }
             _ => http::Response::error(404, "not found"),
         }
     }
@@ -365,7 +380,11 @@ impl Service {
         );
         for (i, (name, size)) in self.disks.iter().enumerate() {
             let sep = if i > 0 { "," } else { "" };
-            let _ = write!(s, "{sep}{{\"name\":\"{}\",\"size_bytes\":{size}}}", json_escape(name));
+            let _ = write!(
+                s,
+                "{sep}{{\"name\":\"{}\",\"size_bytes\":{size}}}",
+                json_escape(name)
+            );
         }
         s.push_str("],\"providers\":[");
         for (i, (_, p)) in self.stack.providers().enumerate() {
@@ -409,15 +428,37 @@ impl Service {
         let mut s = String::new();
         type Get = fn(&ProviderStats) -> u64;
         let counters: [(&str, &str, Get); 10] = [
-            ("reads", "Read requests started.", |p| ProviderStats::get(&p.reads)),
-            ("writes", "Write requests started.", |p| ProviderStats::get(&p.writes)),
-            ("flushes", "Flush requests started.", |p| ProviderStats::get(&p.flushes)),
-            ("frees", "Discard and write-zeroes requests started.", |p| ProviderStats::get(&p.frees)),
-            ("read_bytes", "Bytes requested by reads.", |p| ProviderStats::get(&p.bytes_read)),
-            ("written_bytes", "Bytes carried by writes.", |p| ProviderStats::get(&p.bytes_written)),
-            ("errors", "Requests completed with an error.", |p| ProviderStats::get(&p.errors)),
-            ("mapped_bytes", "Bytes mapped by the provider's geom.", |p| p.data.bytes_mapped()),
-            ("copied_bytes", "Bytes copied by the provider's geom.", |p| p.data.bytes_copied()),
+            ("reads", "Read requests started.", |p| {
+                ProviderStats::get(&p.reads)
+            }),
+            ("writes", "Write requests started.", |p| {
+                ProviderStats::get(&p.writes)
+            }),
+            ("flushes", "Flush requests started.", |p| {
+                ProviderStats::get(&p.flushes)
+            }),
+            ("frees", "Discard and write-zeroes requests started.", |p| {
+                ProviderStats::get(&p.frees)
+            }),
+            ("read_bytes", "Bytes requested by reads.", |p| {
+                ProviderStats::get(&p.bytes_read)
+            }),
+            ("written_bytes", "Bytes carried by writes.", |p| {
+                ProviderStats::get(&p.bytes_written)
+            }),
+            ("errors", "Requests completed with an error.", |p| {
+                ProviderStats::get(&p.errors)
+            }),
+            (
+                "mapped_bytes",
+                "Bytes mapped by the provider's geom.",
+                |p| p.data.bytes_mapped(),
+            ),
+            (
+                "copied_bytes",
+                "Bytes copied by the provider's geom.",
+                |p| p.data.bytes_copied(),
+            ),
             ("ios", "Requests of any kind started.", |p| {
                 ProviderStats::get(&p.reads)
                     + ProviderStats::get(&p.writes)
@@ -438,13 +479,27 @@ impl Service {
             }
         }
         let copied: u64 = self.nbd_closed.bytes_copied()
-            + self.nbd.values().map(|c| c.counters().bytes_copied()).sum::<u64>();
+            + self
+                .nbd
+                .values()
+                .map(|c| c.counters().bytes_copied())
+                .sum::<u64>();
         let mapped: u64 = self.nbd_closed.bytes_mapped()
-            + self.nbd.values().map(|c| c.counters().bytes_mapped()).sum::<u64>();
-        let _ = writeln!(s, "# HELP strata_nbd_copied_bytes_total Bytes copied between TCP buffers and bio pages.");
+            + self
+                .nbd
+                .values()
+                .map(|c| c.counters().bytes_mapped())
+                .sum::<u64>();
+        let _ = writeln!(
+            s,
+            "# HELP strata_nbd_copied_bytes_total Bytes copied between TCP buffers and bio pages."
+        );
         let _ = writeln!(s, "# TYPE strata_nbd_copied_bytes_total counter");
         let _ = writeln!(s, "strata_nbd_copied_bytes_total {copied}");
-        let _ = writeln!(s, "# HELP strata_nbd_mapped_bytes_total Bytes of bio pages mapped by the NBD engine.");
+        let _ = writeln!(
+            s,
+            "# HELP strata_nbd_mapped_bytes_total Bytes of bio pages mapped by the NBD engine."
+        );
         let _ = writeln!(s, "# TYPE strata_nbd_mapped_bytes_total counter");
         let _ = writeln!(s, "strata_nbd_mapped_bytes_total {mapped}");
         let _ = writeln!(s, "# HELP strata_nbd_connections Open NBD connections.");
@@ -542,16 +597,28 @@ mod tests {
         let data = &out[out.len() - 8192..];
         assert!(data.iter().all(|&b| b == 0x5a));
         let metrics = svc.metrics();
-        assert!(metrics.contains("strata_provider_copied_bytes_total{provider=\"md0\"} 16384"), "{metrics}");
-        assert!(metrics.contains("strata_nbd_copied_bytes_total 16384"), "{metrics}");
+        assert!(
+            metrics.contains("strata_provider_copied_bytes_total{provider=\"md0\"} 16384"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("strata_nbd_copied_bytes_total 16384"),
+            "{metrics}"
+        );
         let st = svc.status_json(&PlatformStatus::default());
-        assert!(st.contains("\"exports\":[{\"name\":\"vol\",\"provider\":\"md0\""), "{st}");
+        assert!(
+            st.contains("\"exports\":[{\"name\":\"vol\",\"provider\":\"md0\""),
+            "{st}"
+        );
         assert!(st.contains("\"access\":\"r1w1e0\""), "{st}");
     }
 
     #[test]
     fn shutdown_flushes_writable_exports() {
-        let cfg = parse("md create -s 1m md0\nmd create -s 1m md1\nexport nbd a md0\nexport nbd b md1 ro\n").unwrap();
+        let cfg = parse(
+            "md create -s 1m md0\nmd create -s 1m md1\nexport nbd a md0\nexport nbd b md1 ro\n",
+        )
+        .unwrap();
         let mut svc = Service::new(&cfg, Vec::new()).unwrap();
         svc.begin_shutdown();
         assert!(!svc.shutdown_done());

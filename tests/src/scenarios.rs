@@ -41,6 +41,11 @@ pub fn two_disks_round_trip_and_restart(p: Platform) {
         assert!(o.stdout.contains(&want), "nbdinfo --json: {}", o.stdout);
     }
     let status = a.http_get("/status");
+    let platform = match p {
+        Platform::Qemu => "\"platform\":\"unikernel\"",
+        Platform::Hosted => "\"platform\":\"hosted\"",
+    };
+    assert!(status.contains(platform), "{status}");
     assert!(
         status.contains("\"name\":\"vtbd0\",\"size_bytes\":67108864"),
         "{status}"

@@ -62,7 +62,9 @@ impl FileDisk {
             // those bytes exists while the bio is at this device.
             let n = unsafe {
                 match bio.cmd {
-                    BioCmd::Read => libc::preadv(fd, iov[at..].as_ptr(), cnt, offset as libc::off_t),
+                    BioCmd::Read => {
+                        libc::preadv(fd, iov[at..].as_ptr(), cnt, offset as libc::off_t)
+                    }
                     _ => libc::pwritev(fd, iov[at..].as_ptr(), cnt, offset as libc::off_t),
                 }
             };
@@ -123,7 +125,11 @@ impl FileDisk {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             ),
             BioCmd::WriteZeroes => self
-                .punch(bio.offset, bio.length, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                .punch(
+                    bio.offset,
+                    bio.length,
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                )
                 .or_else(|_| {
                     self.punch(
                         bio.offset,
@@ -133,7 +139,11 @@ impl FileDisk {
                 }),
         };
         r.map_err(|e| {
-            log::warn!("hosted disk: {} at {} failed: {e}", bio.cmd.name(), bio.offset);
+            log::warn!(
+                "hosted disk: {} at {} failed: {e}",
+                bio.cmd.name(),
+                bio.offset
+            );
             match e.raw_os_error() {
                 Some(libc::EOPNOTSUPP) => BioError::NotSupported,
                 Some(libc::ENOSPC) => BioError::OutOfRange,

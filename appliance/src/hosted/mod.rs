@@ -191,7 +191,8 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
     };
     let mut disks: Vec<Box<dyn BlockDevice>> = Vec::new();
     for p in &opts.disks {
-        let d = disk::FileDisk::open(p).map_err(|e| format!("cannot open disk {}: {e}", p.display()))?;
+        let d = disk::FileDisk::open(p)
+            .map_err(|e| format!("cannot open disk {}: {e}", p.display()))?;
         disks.push(Box::new(d));
     }
     let mut svc = Service::new(&config, disks).map_err(|e| format!("config error: {e}"))?;
@@ -202,7 +203,10 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
     for e in svc.exports() {
         eprintln!("strata: export {} size {}", e.name, e.size_bytes);
     }
-    eprintln!("strata: listening nbd {} http {}", opts.nbd_port, opts.http_port);
+    eprintln!(
+        "strata: listening nbd {} http {}",
+        opts.nbd_port, opts.http_port
+    );
     {
         let mut out = io::stdout().lock();
         for e in svc.exports() {
@@ -220,7 +224,13 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
             eprintln!("strata: shutdown: disks flushed");
             return Ok(());
         }
-        wait(&nbd_listener, &http_listener, &conns, &svc, if idle { 200 } else { 0 });
+        wait(
+            &nbd_listener,
+            &http_listener,
+            &conns,
+            &svc,
+            if idle { 200 } else { 0 },
+        );
         let (total, used) = memory_status();
         let st = PlatformStatus {
             platform: "hosted",

@@ -24,8 +24,8 @@ pub mod mem;
 pub mod paging;
 pub mod run;
 pub mod selftest;
-pub mod serve;
 pub mod serial;
+pub mod serve;
 pub mod start_info;
 pub mod time;
 

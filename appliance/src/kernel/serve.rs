@@ -58,7 +58,11 @@ fn config_from_boot(boot: &BootInfo) -> Config {
     let text = match core::str::from_utf8(&bytes[..end]) {
         Ok(t) => t,
         Err(e) => {
-            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             super::console_write(&alloc::format!(
                 "strata: config error: line {line}, column 1: the file is not UTF-8 text\n"
             ));
@@ -124,7 +128,12 @@ pub fn serve(boot: BootInfo) -> ! {
     // request; probing runs once, before anything else touches devices.
     let devs = unsafe { drivers::probe_all(&mut |p, l| super::map_mmio(p, l), &probe) };
     for f in &devs.failures {
-        log::warn!("device {} ({:?}) not started: {}", f.location, f.device_type, f.reason);
+        log::warn!(
+            "device {} ({:?}) not started: {}",
+            f.location,
+            f.device_type,
+            f.reason
+        );
     }
     let mut irqs = Vec::new();
     let mut acks = Vec::new();
@@ -156,7 +165,11 @@ pub fn serve(boot: BootInfo) -> ! {
         }
     };
     for e in svc.exports() {
-        super::console_write(&alloc::format!("strata: export {} size {}\n", e.name, e.size_bytes));
+        super::console_write(&alloc::format!(
+            "strata: export {} size {}\n",
+            e.name,
+            e.size_bytes
+        ));
     }
 
     let mac = nic.device.mac();
@@ -168,23 +181,34 @@ pub fn serve(boot: BootInfo) -> ! {
     let mut configured = false;
     match config.net() {
         Some(NetConfig::Dhcp) => dhcp = Some(sockets.add(dhcpv4::Socket::new())),
-        Some(NetConfig::Static { addr, prefix, gateway }) => {
+        Some(NetConfig::Static {
+            addr,
+            prefix,
+            gateway,
+        }) => {
             let [a, b, c, d] = *addr;
             let cidr = Ipv4Cidr::new(Ipv4Address::new(a, b, c, d), *prefix);
             iface.update_ip_addrs(|ips| {
                 let _ = ips.push(IpCidr::Ipv4(cidr));
             });
             if let Some([a, b, c, d]) = *gateway {
-                let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+                let _ = iface
+                    .routes_mut()
+                    .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
             }
             configured = true;
         }
         // QEMU user networking's guest address and gateway.
         None => {
             iface.update_ip_addrs(|ips| {
-                let _ = ips.push(IpCidr::Ipv4(Ipv4Cidr::new(Ipv4Address::new(10, 0, 2, 15), 24)));
+                let _ = ips.push(IpCidr::Ipv4(Ipv4Cidr::new(
+                    Ipv4Address::new(10, 0, 2, 15),
+                    24,
+                )));
             });
-            let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(10, 0, 2, 2));
+            let _ = iface
+                .routes_mut()
+                .add_default_ipv4_route(Ipv4Address::new(10, 0, 2, 2));
             configured = true;
         }
     }
@@ -293,7 +317,10 @@ fn top_up_listeners(sockets: &mut SocketSet<'static>, slots: &mut Vec<Slot>, svc
         (Kind::Nbd, NBD_PORT, NBD_LISTENERS, NBD_SOCKET_BYTES),
         (Kind::Http, HTTP_PORT, HTTP_LISTENERS, HTTP_SOCKET_BYTES),
     ] {
-        let listening = slots.iter().filter(|s| s.kind == kind && s.conn.is_none()).count();
+        let listening = slots
+            .iter()
+            .filter(|s| s.kind == kind && s.conn.is_none())
+            .count();
         let room = if kind == Kind::Nbd {
             NBD_MAX_CONNS.saturating_sub(svc.nbd_connections() + listening)
         } else {
@@ -313,10 +340,18 @@ fn top_up_listeners(sockets: &mut SocketSet<'static>, slots: &mut Vec<Slot>, svc
     }
 }
 
-fn pump_rx(s: &mut Slot, sockets: &mut SocketSet<'static>, svc: &mut Service, st: &PlatformStatus) -> bool {
+fn pump_rx(
+    s: &mut Slot,
+    sockets: &mut SocketSet<'static>,
+    svc: &mut Service,
+    st: &PlatformStatus,
+) -> bool {
     let sock = sockets.get_mut::<tcp::Socket<'_>>(s.handle);
     if s.conn.is_none() {
-        if !sock.is_active() || sock.state() == tcp::State::Listen || sock.state() == tcp::State::SynReceived {
+        if !sock.is_active()
+            || sock.state() == tcp::State::Listen
+            || sock.state() == tcp::State::SynReceived
+        {
             return false;
         }
         s.conn = Some(match s.kind {
