@@ -59,6 +59,10 @@ test)
     install_deps test
     cargo build --release -q -p image --bin strata
     target/release/strata build >/dev/null
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -q -- -D warnings
+    cargo clippy -q -p appliance --bin strata-kernel --target x86_64-unknown-none \
+        --target-dir target/kernel -- -D warnings
     cargo test --workspace --release -- --test-threads="${STRATA_TEST_THREADS:-2}"
     ;;
 bench)
