@@ -97,6 +97,7 @@ fn qemu_nbd(file: &str, port: u16) -> Child {
             "127.0.0.1",
             "-e",
             "4",
+            "--persistent",
             "--cache=writeback",
             file,
         ])
