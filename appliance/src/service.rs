@@ -8,8 +8,12 @@
 //!     ▼
 //!  Service ── nbd::Connection ──requests──▶ Stack ──▶ disk / md geoms
 //!     │     ◀─────────────── completions ───┘
-//!     └──── http::Connection ──▶ /status, /metrics, /shutdown
+//!     └──── http::Connection ──▶ /status, /metrics, /shutdown, /geom
 //! ```
+//!
+//! `POST /geom` takes the same lines as the config file and applies them to
+//! the running stack (geom(8)'s verbs, and `export nbd` for new exports);
+//! `GET /geom` returns the topology as JSON.
 //!
 //! The platform owns sockets and devices; the service owns everything
 //! else and never blocks.
@@ -23,6 +27,7 @@ use core::fmt::Write as _;
 use geom::bio::{Bio, BioResult, ConsumerId};
 use geom::class::md::MdGeom;
 use geom::config::{Config, ConfigError, Statement};
+use geom::ctl;
 use geom::disk::{vtbd_name, BlockDevice, DiskGeom};
 use geom::page::DataCounters;
 use geom::stack::{ProviderStats, Stack};
@@ -57,6 +62,31 @@ pub struct PlatformStatus {
 struct Export {
     provider_name: String,
     consumer: ConsumerId,
+}
+
+/// Why a live change (`POST /geom`) stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveError {
+    /// The line and column at fault, and what is wrong.
+    pub error: ConfigError,
+    /// How many statements before it were applied.
+    pub applied: usize,
+}
+
+/// The 1-based column of the first word on line `line` of `text`.
+fn first_column(text: &str, line: usize) -> usize {
+    text.lines()
+        .nth(line.saturating_sub(1))
+        .and_then(|l| l.chars().position(|c| !c.is_whitespace()))
+        .map_or(1, |c| c + 1)
+}
+
+/// Appends `names` to `out` as JSON strings separated by commas.
+fn json_names<'a>(out: &mut String, names: impl Iterator<Item = &'a str>) {
+    for (i, n) in names.enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        let _ = write!(out, "{sep}\"{}\"", json_escape(n));
+    }
 }
 
 /// Everything above the platform.
@@ -106,12 +136,12 @@ impl Service {
             nbd_closed: DataCounters::new(),
             shutdown: None,
         };
+        // Labelled geoms assemble from the disks' metadata (tasting) before
+        // the first line runs, whatever order the disks came in.
+        ctl::register_classes(&mut svc.stack);
+        svc.stack.settle(ctl::SETTLE_ROUNDS);
         for l in &config.lines {
             match &l.stmt {
-                Statement::MdCreate { name, size_bytes } => {
-                    MdGeom::create(&mut svc.stack, name, *size_bytes)
-                        .map_err(|e| config_error(l.line, e.to_string()))?;
-                }
                 Statement::ExportNbd {
                     name,
                     provider,
@@ -120,6 +150,7 @@ impl Service {
                     .export(name, provider, *read_only)
                     .map_err(|m| config_error(l.line, m))?,
                 Statement::Net(_) => {}
+                _ => ctl::apply_line(&mut svc.stack, l)?,
             }
         }
         if !config.has_exports() {
@@ -139,6 +170,9 @@ impl Service {
     }
 
     fn export(&mut self, name: &str, provider: &str, read_only: bool) -> Result<(), String> {
+        if self.infos.iter().any(|i| i.name == name) {
+            return Err(format!("export '{name}' exists already"));
+        }
         let consumer = self
             .stack
             .open(provider, true, !read_only, false)
@@ -283,6 +317,19 @@ impl Service {
         self.http.remove(&id);
     }
 
+    /// Sets the stack's clock (nanoseconds since boot); the platform calls
+    /// it on every turn of its loop, before [`Service::poll`].
+    pub fn set_now_ns(&mut self, now_ns: u64) {
+        self.stack.set_now_ns(now_ns);
+    }
+
+    /// The earliest time (on the clock given to [`Service::set_now_ns`]) at
+    /// which the stack wants to be polled again even if no device or socket
+    /// wakes the loop (a delayed request in a nop, a resync step).
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        self.stack.next_deadline_ns()
+    }
+
     /// Moves requests from connections into the stack, runs the stack, and
     /// hands completions back. Returns true if anything happened.
     pub fn poll(&mut self) -> bool {
@@ -351,6 +398,113 @@ impl Service {
         self.nbd.len()
     }
 
+    /// Applies configuration lines to the running stack, as `POST /geom`
+    /// does: the whole text is parsed first (a syntax error applies
+    /// nothing), then each statement is applied in order until one fails.
+    /// Returns the JSON result: per line, the providers it created, and
+    /// those it orphaned or removed.
+    pub fn apply_live(&mut self, text: &str) -> Result<String, LiveError> {
+        let config = geom::config::parse(text).map_err(|error| LiveError { error, applied: 0 })?;
+        if config.lines.is_empty() {
+            return Err(LiveError {
+                error: config_error(1, String::from("no statement given")),
+                applied: 0,
+            });
+        }
+        let mut out = String::from("{\"applied\":");
+        let _ = write!(out, "{},\"results\":[", config.lines.len());
+        for (i, l) in config.lines.iter().enumerate() {
+            let before = self.provider_states();
+            let column = first_column(text, l.line);
+            let r = match &l.stmt {
+                Statement::ExportNbd {
+                    name,
+                    provider,
+                    read_only,
+                } => self.export(name, provider, *read_only),
+                Statement::Net(_) => Err(String::from(
+                    "network settings apply at boot only (put them in the config file)",
+                )),
+                stmt => ctl::apply(&mut self.stack, stmt)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(message) = r {
+                return Err(LiveError {
+                    error: ConfigError {
+                        line: l.line,
+                        column,
+                        message,
+                    },
+                    applied: i,
+                });
+            }
+            let after = self.provider_states();
+            let sep = if i > 0 { "," } else { "" };
+            let _ = write!(out, "{sep}{{\"line\":{},\"created\":[", l.line);
+            let created = after
+                .iter()
+                .filter(|(n, ok)| *ok && !before.iter().any(|(m, was)| m == n && *was));
+            json_names(&mut out, created.map(|(n, _)| n.as_str()));
+            out.push_str("],\"orphaned\":[");
+            let orphaned = after
+                .iter()
+                .filter(|(n, ok)| !*ok && before.iter().any(|(m, was)| m == n && *was));
+            json_names(&mut out, orphaned.map(|(n, _)| n.as_str()));
+            out.push_str("],\"removed\":[");
+            let removed = before
+                .iter()
+                .filter(|(n, _)| !after.iter().any(|(m, _)| m == n));
+            json_names(&mut out, removed.map(|(n, _)| n.as_str()));
+            out.push(']');
+            if let Statement::ExportNbd { name, .. } = &l.stmt {
+                let _ = write!(out, ",\"exported\":\"{}\"", json_escape(name));
+            }
+            out.push('}');
+        }
+        out.push_str("]}\n");
+        Ok(out)
+    }
+
+    /// Every provider's name and whether it is alive (not orphaned).
+    fn provider_states(&self) -> Vec<(String, bool)> {
+        self.stack
+            .providers()
+            .map(|(_, p)| (p.spec.name.clone(), !p.orphaned))
+            .collect()
+    }
+
+    fn http_geom(&mut self, body: &[u8]) -> http::Response {
+        let result = match core::str::from_utf8(body) {
+            Ok(text) => self.apply_live(text),
+            Err(e) => Err(LiveError {
+                error: config_error(
+                    body[..e.valid_up_to()]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        + 1,
+                    String::from("the request body is not UTF-8 text"),
+                ),
+                applied: 0,
+            }),
+        };
+        match result {
+            Ok(json) => http::Response::new(200, "application/json", json),
+            Err(e) => http::Response::new(
+                400,
+                "application/json",
+                format!(
+                    "{{\"error\":\"{}\",\"line\":{},\"column\":{},\"applied\":{}}}\n",
+                    json_escape(&e.error.to_string()),
+                    e.error.line,
+                    e.error.column,
+                    e.applied
+                ),
+            ),
+        }
+    }
+
     fn handle_http(&mut self, req: &http::Request, status: &PlatformStatus) -> http::Response {
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/status") => {
@@ -363,7 +517,13 @@ impl Service {
                 self.begin_shutdown();
                 http::Response::new(200, "application/json", "{\"shutdown\":true}\n")
             }
-            (_, "/status" | "/metrics" | "/shutdown") => {
+            ("GET", "/geom") => {
+                let mut body = ctl::topology_json(&self.stack);
+                body.push('\n');
+                http::Response::new(200, "application/json", body)
+            }
+            ("POST", "/geom") => self.http_geom(&req.body),
+            (_, "/status" | "/metrics" | "/shutdown" | "/geom") => {
                 http::Response::error(405, "method not allowed")
             }
             _ => http::Response::error(404, "not found"),
@@ -407,11 +567,51 @@ impl Service {
             let sep = if i > 0 { "," } else { "" };
             let _ = write!(
                 s,
-                "{sep}{{\"name\":\"{}\",\"provider\":\"{}\",\"size_bytes\":{},\"read_only\":{}}}",
+                "{sep}{{\"name\":\"{}\",\"provider\":\"{}\",\"size_bytes\":{},\"read_only\":{},\"state\":\"{}\"}}",
                 json_escape(&info.name),
                 json_escape(&e.provider_name),
                 info.size_bytes,
-                info.read_only
+                info.read_only,
+                if self.export_orphaned(e) { "orphaned" } else { "ok" }
+            );
+        }
+        s.push_str("],\"orphaned\":{\"providers\":[");
+        let dead = self.stack.providers().filter(|(_, p)| p.orphaned);
+        json_names(&mut s, dead.map(|(_, p)| p.spec.name.as_str()));
+        s.push_str("],\"exports\":[");
+        let dead = self
+            .exports
+            .iter()
+            .zip(&self.infos)
+            .filter(|(e, _)| self.export_orphaned(e));
+        json_names(&mut s, dead.map(|(_, i)| i.name.as_str()));
+        // Mirrors with their health and resync progress (the class's own
+        // status document, as in `GET /geom`).
+        s.push_str("]},\"mirrors\":[");
+        let mirrors = self
+            .stack
+            .geoms()
+            .filter(|&g| self.stack.geom_class(g) == "mirror");
+        for (i, g) in mirrors.enumerate() {
+            let sep = if i > 0 { "," } else { "" };
+            let _ = write!(
+                s,
+                "{sep}{{\"name\":\"{}\",",
+                json_escape(self.stack.geom_name(g))
+            );
+            self.stack.dumpconf(g, &mut s);
+            s.push('}');
+        }
+        // Labelled geoms still waiting for members to appear.
+        s.push_str("],\"waiting\":[");
+        for (i, (class, name, have, want)) in self.stack.incomplete_geoms().into_iter().enumerate()
+        {
+            let sep = if i > 0 { "," } else { "" };
+            let _ = write!(
+                s,
+                "{sep}{{\"class\":\"{}\",\"name\":\"{}\",\"members\":{have},\"of\":{want}}}",
+                json_escape(&class),
+                json_escape(&name)
             );
         }
         let _ = writeln!(
@@ -423,11 +623,17 @@ impl Service {
         s
     }
 
+    /// True when the provider under an export has gone away.
+    fn export_orphaned(&self, e: &Export) -> bool {
+        let pid = self.stack.consumer_provider(e.consumer);
+        self.stack.get_provider(pid).is_none_or(|p| p.orphaned)
+    }
+
     /// The `/metrics` document (Prometheus text exposition format).
     pub fn metrics(&self) -> String {
         let mut s = String::new();
         type Get = fn(&ProviderStats) -> u64;
-        let counters: [(&str, &str, Get); 10] = [
+        let counters: [(&str, &str, Get); 12] = [
             ("reads", "Read requests started.", |p| {
                 ProviderStats::get(&p.reads)
             }),
@@ -449,6 +655,16 @@ impl Service {
             ("errors", "Requests completed with an error.", |p| {
                 ProviderStats::get(&p.errors)
             }),
+            (
+                "read_ns",
+                "Nanoseconds reads spent below the provider, summed.",
+                |p| ProviderStats::get(&p.read_ns),
+            ),
+            (
+                "write_ns",
+                "Nanoseconds writes spent below the provider, summed.",
+                |p| ProviderStats::get(&p.write_ns),
+            ),
             (
                 "mapped_bytes",
                 "Bytes mapped by the provider's geom.",
@@ -477,6 +693,19 @@ impl Service {
                     get(&p.stats)
                 );
             }
+        }
+        let _ = writeln!(
+            s,
+            "# HELP strata_provider_in_flight Requests started on the provider and not yet done."
+        );
+        let _ = writeln!(s, "# TYPE strata_provider_in_flight gauge");
+        for (_, p) in self.stack.providers() {
+            let _ = writeln!(
+                s,
+                "strata_provider_in_flight{{provider=\"{}\"}} {}",
+                json_escape(&p.spec.name),
+                p.in_flight
+            );
         }
         let copied: u64 = self.nbd_closed.bytes_copied()
             + self
@@ -630,5 +859,151 @@ mod tests {
             .map(|(_, p)| ProviderStats::get(&p.stats.flushes))
             .collect::<Vec<_>>();
         assert_eq!(flushes, [1, 0]);
+    }
+
+    fn http_call(svc: &mut Service, method: &str, path: &str, body: &str) -> (u16, String) {
+        let id = svc.http_open();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        svc.http_recv(id, req.as_bytes(), &PlatformStatus::default());
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = svc.http_fill_tx(id, &mut buf);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        svc.http_close(id);
+        let text = String::from_utf8(out).unwrap();
+        let status = text[9..12].parse().unwrap();
+        let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    #[test]
+    fn live_geom_creates_and_exports() {
+        let cfg = parse("md create -s 1m md0\nexport nbd vol md0\n").unwrap();
+        let mut svc = Service::new(&cfg, Vec::new()).unwrap();
+        let (code, body) = http_call(
+            &mut svc,
+            "POST",
+            "/geom",
+            "md create -s 2m md1\n# comment\nexport nbd extra md1 ro\n",
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            body,
+            "{\"applied\":2,\"results\":[{\"line\":1,\"created\":[\"md1\"],\"orphaned\":[],\"removed\":[]},{\"line\":3,\"created\":[],\"orphaned\":[],\"removed\":[],\"exported\":\"extra\"}]}\n"
+        );
+        assert_eq!(svc.exports().len(), 2);
+        assert_eq!(svc.exports()[1].name, "extra");
+        assert!(svc.exports()[1].read_only);
+        // A new client reaches the new export.
+        let id = svc.nbd_open();
+        let mut input = export_name_opt("extra");
+        input.extend_from_slice(&request(0, 1, 0, 4096));
+        let out = pump(&mut svc, id, &input);
+        assert_eq!(out.len(), 18 + 10 + 16 + 4096, "{out:?}");
+        let (code, body) = http_call(&mut svc, "GET", "/geom", "");
+        assert_eq!(code, 200);
+        assert!(body.contains("\"md1\""), "{body}");
+        let st = svc.status_json(&PlatformStatus::default());
+        assert!(
+            st.contains("\"name\":\"extra\",\"provider\":\"md1\",\"size_bytes\":2097152,\"read_only\":true,\"state\":\"ok\""),
+            "{st}"
+        );
+        assert!(
+            st.contains("\"orphaned\":{\"providers\":[],\"exports\":[]}"),
+            "{st}"
+        );
+    }
+
+    #[test]
+    fn live_geom_errors_name_line_and_column() {
+        let mut svc = Service::new(&Config::default(), Vec::new()).unwrap();
+        // A syntax error applies nothing.
+        let (code, body) = http_call(
+            &mut svc,
+            "POST",
+            "/geom",
+            "md create -s 1m md1\n  bogus x\n",
+        );
+        assert_eq!(code, 400);
+        assert!(
+            body.contains("\"error\":\"line 2, column 3: unknown statement 'bogus'"),
+            "{body}"
+        );
+        assert!(
+            body.contains("\"line\":2,\"column\":3,\"applied\":0"),
+            "{body}"
+        );
+        assert!(svc.stack().find_provider("md1").is_none());
+        // A statement the stack refuses stops there; earlier ones stay.
+        let (code, body) = http_call(
+            &mut svc,
+            "POST",
+            "/geom",
+            "md create -s 1m md1\n export nbd x nothere\nmd create -s 1m md2\n",
+        );
+        assert_eq!(code, 400);
+        assert!(
+            body.contains("line 2, column 2: cannot export 'x'"),
+            "{body}"
+        );
+        assert!(body.contains("\"applied\":1"), "{body}");
+        assert!(svc.stack().find_provider("md1").is_some());
+        assert!(svc.stack().find_provider("md2").is_none());
+        // Export names stay unique.
+        let (code, body) = http_call(&mut svc, "POST", "/geom", "export nbd md0 md1");
+        assert_eq!(code, 400);
+        assert!(body.contains("exists already"), "{body}");
+        let (code, body) = http_call(&mut svc, "POST", "/geom", "net dhcp");
+        assert_eq!(code, 400);
+        assert!(body.contains("boot only"), "{body}");
+        let (code, _) = http_call(&mut svc, "POST", "/geom", "\n# nothing\n");
+        assert_eq!(code, 400);
+        let (code, _) = http_call(&mut svc, "PUT", "/geom", "");
+        assert_eq!(code, 405);
+    }
+
+    #[test]
+    fn forced_destroy_orphans_one_export_only() {
+        let cfg = parse("md create -s 1m md0\nmd create -s 1m md1\nexport nbd b md1\n").unwrap();
+        let mut svc = Service::new(&cfg, Vec::new()).unwrap();
+        let (code, body) = http_call(
+            &mut svc,
+            "POST",
+            "/geom",
+            "nop create md0\nexport nbd a md0.nop\n",
+        );
+        assert_eq!(code, 200, "{body}");
+        // Busy without -f: the export holds it open.
+        let (code, body) = http_call(&mut svc, "POST", "/geom", "nop destroy md0.nop");
+        assert_eq!(code, 400, "{body}");
+        let (code, body) = http_call(&mut svc, "POST", "/geom", "nop destroy -f md0.nop");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"orphaned\":[\"md0.nop\"]"), "{body}");
+        let st = svc.status_json(&PlatformStatus::default());
+        assert!(
+            st.contains("\"orphaned\":{\"providers\":[\"md0.nop\"],\"exports\":[\"a\"]}"),
+            "{st}"
+        );
+        // A read through the orphaned export gets EIO; the other export serves.
+        for (export, errno) in [("a", 5u32), ("b", 0)] {
+            let id = svc.nbd_open();
+            let mut input = export_name_opt(export);
+            input.extend_from_slice(&request(0, 1, 0, 512));
+            let out = pump(&mut svc, id, &input);
+            let reply = &out[18 + 10..];
+            assert_eq!(
+                u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+                errno,
+                "{export}"
+            );
+        }
     }
 }

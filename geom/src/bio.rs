@@ -99,14 +99,30 @@ pub struct ProviderId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(pub u32);
 
+/// Who gets a bio back when it completes on one hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// The stack's external user ([`crate::stack::Stack::take_completed`]).
+    User,
+    /// A geom's `done`.
+    Geom(GeomId),
+    /// The stack itself (tasting and metadata writes).
+    Stack,
+}
+
 /// A completion frame: who gets the bio back, and their cookie.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Frame {
-    /// The geom to call back, or `None` for the stack's external user.
-    pub(crate) geom: Option<GeomId>,
+    pub(crate) owner: Owner,
     /// The provider the bio was sent to on this hop (for statistics).
     pub(crate) provider: ProviderId,
+    /// The consumer it was sent through (for in-flight counts).
+    pub(crate) consumer: ConsumerId,
     pub(crate) cookie: u64,
+    /// When the provider's geom got it, on the stack's clock.
+    pub(crate) start_ns: u64,
+    /// It passed the central check and counts as in flight on `provider`.
+    pub(crate) started: bool,
 }
 
 /// One block I/O request.
@@ -178,6 +194,21 @@ impl Bio {
             cmd: self.cmd,
             offset,
             length: len,
+            fua: self.fua,
+            sg,
+            tag: 0,
+            frames: Vec::new(),
+        }
+    }
+
+    /// A child of the same command and FUA bit sent to `offset` below
+    /// with the given pages (for reads and writes, `sg` is built from
+    /// slices of this bio's list; for other commands it is empty).
+    pub fn child(&self, offset: u64, length: u64, sg: SgList) -> Bio {
+        Bio {
+            cmd: self.cmd,
+            offset,
+            length,
             fua: self.fua,
             sg,
             tag: 0,

@@ -5,12 +5,17 @@
 //! The disk geom passes bios to it untouched (it never maps data), parks
 //! them when the device queue is full, and turns a write with FUA into a
 //! write followed by a flush, since virtio-blk has no FUA bit.
+//!
+//! A device that fails [`DEFAULT_ERROR_LIMIT`] requests in a row is taken
+//! for dead: the disk geom orphans its provider, and the failure travels
+//! up the stack as orphan events (bios in flight still complete).
 
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ProviderId};
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
+use core::fmt::Write as _;
 use hashbrown::HashMap;
 
 /// What a block device reports about itself.
@@ -52,13 +57,20 @@ const FUA_FLUSH: u64 = 1 << 63;
 /// Marks a write whose completion must be followed by a flush.
 const FUA_WRITE: u64 = 1 << 62;
 
+/// Consecutive I/O errors after which a disk's provider is orphaned.
+pub const DEFAULT_ERROR_LIMIT: u32 = 8;
+
 /// The geom of one block device.
 pub struct DiskGeom {
     dev: Box<dyn BlockDevice>,
     info: DiskInfo,
+    provider: ProviderId,
     waiting: VecDeque<Bio>,
     fua_parked: HashMap<u64, Bio>,
     next_key: u64,
+    error_limit: u32,
+    errors_in_a_row: u32,
+    errors_total: u64,
 }
 
 impl DiskGeom {
@@ -68,23 +80,44 @@ impl DiskGeom {
         name: &str,
         dev: Box<dyn BlockDevice>,
     ) -> Result<ProviderId, StackError> {
+        DiskGeom::create_with_limit(stack, name, dev, DEFAULT_ERROR_LIMIT)
+    }
+
+    /// [`DiskGeom::create`] with the number of consecutive I/O errors after
+    /// which the provider is orphaned (0: never).
+    pub fn create_with_limit(
+        stack: &mut Stack,
+        name: &str,
+        dev: Box<dyn BlockDevice>,
+        error_limit: u32,
+    ) -> Result<ProviderId, StackError> {
         let info = dev.info();
-        let g = stack.reserve_geom(name);
+        let g = stack.reserve_geom("disk", name);
         let mut spec = ProviderSpec::new(name, info.size_bytes, info.sector_size);
         // A device without a volatile cache needs no flush: it is accepted
         // and completed at once.
         spec.can_flush = true;
         spec.can_discard = info.can_discard;
         spec.can_write_zeroes = info.can_write_zeroes;
-        let p = stack.add_provider(g, spec)?;
+        let p = match stack.add_provider(g, spec) {
+            Ok(p) => p,
+            Err(e) => {
+                stack.abandon(g);
+                return Err(e);
+            }
+        };
         stack.install(
             g,
             Box::new(DiskGeom {
                 dev,
                 info,
+                provider: p,
                 waiting: VecDeque::new(),
                 fua_parked: HashMap::new(),
                 next_key: 0,
+                error_limit,
+                errors_in_a_row: 0,
+                errors_total: 0,
             }),
         );
         Ok(p)
@@ -97,6 +130,21 @@ impl DiskGeom {
         }
         if let Err(bio) = self.dev.submit(bio) {
             self.waiting.push_back(bio);
+        }
+    }
+
+    /// Counts device errors; too many in a row orphan the provider.
+    fn note(&mut self, io: &mut Io<'_>, result: BioResult) {
+        match result {
+            Ok(()) => self.errors_in_a_row = 0,
+            Err(BioError::Io) => {
+                self.errors_in_a_row += 1;
+                self.errors_total += 1;
+                if self.error_limit > 0 && self.errors_in_a_row >= self.error_limit {
+                    io.orphan_provider(self.provider);
+                }
+            }
+            Err(_) => {}
         }
     }
 
@@ -142,6 +190,7 @@ impl Geom for DiskGeom {
             .dev
             .poll(&mut |bio, result| finished.push((bio, result)));
         for (mut bio, result) in finished {
+            self.note(io, result);
             if bio.tag & FUA_FLUSH != 0 {
                 let key = bio.tag & !FUA_FLUSH;
                 if let Some(mut write) = self.fua_parked.remove(&key) {
@@ -162,6 +211,18 @@ impl Geom for DiskGeom {
         }
         self.retry_waiting();
         n > 0
+    }
+
+    fn dumpconf(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "\"read_only\":{},\"errors\":{},\"errors_in_a_row\":{},\"error_limit\":{},\"queued\":{}",
+            self.info.read_only,
+            self.errors_total,
+            self.errors_in_a_row,
+            self.error_limit,
+            self.waiting.len()
+        );
     }
 }
 

@@ -2,20 +2,32 @@
 //!
 //! - [`page`]: pages, scatter-gather lists and the counted map step;
 //! - [`bio`]: the request that travels down the stack and back;
-//! - [`stack`]: geoms, providers, consumers, access counts and the
-//!   dispatcher with its central check;
+//! - [`stack`]: geoms, providers, consumers, access counts, orphaning and
+//!   the dispatcher with its central check;
+//! - [`fanout`]: splitting a bio over several consumers and gathering the
+//!   children back (first error wins);
+//! - [`meta`]: the on-disk metadata of labelled geoms;
+//! - [`taste`]: classes, tasting and assembly from metadata;
 //! - [`disk`]: the class over platform block devices;
-//! - [`class`]: the other classes (md, …);
-//! - [`config`]: the configuration language.
+//! - [`class`]: the other classes (md, nop, concat, stripe, …);
+//! - [`config`]: the configuration language;
+//! - [`ctl`]: statements carried out on a live stack, topology as JSON;
+//! - `testing` (tests and the `testing` feature): fake disks and helpers.
 #![no_std]
 #![forbid(unsafe_code)]
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 extern crate std;
 
 pub mod bio;
 pub mod class;
 pub mod config;
+pub mod ctl;
 pub mod disk;
+pub mod fanout;
+pub mod meta;
 pub mod page;
 pub mod stack;
+pub mod taste;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -156,6 +156,13 @@ impl SgList {
         self.segs.push(r);
     }
 
+    /// Appends all ranges of `other` (pages are shared, not copied).
+    pub fn append(&mut self, other: &SgList) {
+        for r in &other.segs {
+            self.push(r.clone());
+        }
+    }
+
     /// Total bytes described.
     pub fn len_bytes(&self) -> u64 {
         self.len_bytes

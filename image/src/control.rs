@@ -41,28 +41,57 @@ pub fn parse_status_line(line: &str) -> Option<u16> {
     (code.len() == 3).then(|| code.parse().ok()).flatten()
 }
 
-/// Tells QEMU to quit through its QMP socket: reads the greeting, leaves
-/// capabilities negotiation, sends `quit`.
-pub fn qmp_quit(socket: &Path, timeout: Duration) -> io::Result<()> {
-    let s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let mut r = BufReader::new(s.try_clone()?);
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line)?; // {"QMP": {...}}
-    if !line.contains("\"QMP\"") {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "no QMP greeting",
-        ));
+/// A QMP connection past capabilities negotiation (QEMU's
+/// docs/interop/qmp-spec: greeting, `qmp_capabilities`, then commands).
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects to QEMU's QMP socket, reads the greeting and leaves
+    /// negotiation mode; each step is bounded by `timeout`.
+    pub fn connect(socket: &Path, timeout: Duration) -> io::Result<Qmp> {
+        let s = UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        let mut q = Qmp {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        };
+        let mut line = String::new();
+        q.reader.read_line(&mut line)?; // {"QMP": {...}}
+        if !line.contains("\"QMP\"") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no QMP greeting",
+            ));
+        }
+        q.execute("qmp_capabilities")?;
+        Ok(q)
     }
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
-    wait_return(&mut r)?;
-    w.write_all(b"{\"execute\":\"quit\"}\n")?;
-    // QEMU may close the socket before or after answering.
-    let _ = wait_return(&mut r);
-    Ok(())
+
+    /// Runs a command without arguments and waits for its `return`.
+    pub fn execute(&mut self, command: &str) -> io::Result<()> {
+        writeln!(self.writer, "{{\"execute\":\"{command}\"}}")?;
+        wait_return(&mut self.reader)
+    }
+
+    /// Tells QEMU to quit; QEMU may close the connection before or after
+    /// it answers, so only the write has to succeed.
+    pub fn quit(&mut self, timeout: Duration) -> io::Result<()> {
+        self.writer.set_write_timeout(Some(timeout))?;
+        self.reader.get_ref().set_read_timeout(Some(timeout))?;
+        writeln!(self.writer, "{{\"execute\":\"quit\"}}")?;
+        let _ = wait_return(&mut self.reader);
+        Ok(())
+    }
+}
+
+/// Tells QEMU to quit through its QMP socket.
+pub fn qmp_quit(socket: &Path, timeout: Duration) -> io::Result<()> {
+    Qmp::connect(socket, timeout)?.quit(timeout)
 }
 
 /// Reads QMP messages until a `return` (skipping asynchronous events).

@@ -7,7 +7,9 @@
 //! - [`probe`]: the NBD handshake that proves the appliance listens;
 //! - [`console`]: the appliance's machine-readable console lines;
 //! - [`control`]: `POST /shutdown` and QMP `quit`;
+//! - [`mgmt`]: `strata geom`, `geom list` and `gstat` over the management endpoint;
 //! - [`kernel`]: building the appliance kernel;
+//! - [`memfile`]: the configuration as a sealed in-memory file;
 //! - [`runner`]: starting, following and stopping QEMU;
 //! - [`tempdir`]: a scratch directory per run.
 
@@ -15,6 +17,8 @@ pub mod console;
 pub mod control;
 pub mod disk;
 pub mod kernel;
+pub mod memfile;
+pub mod mgmt;
 pub mod probe;
 pub mod qemu;
 pub mod runner;

@@ -4,9 +4,10 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::disk::{ensure_disk, DiskSpec, DEFAULT_DISK_SIZE_BYTES};
 use image::kernel::{build_kernel, ensure_kernel};
+use image::memfile::MemFile;
+use image::mgmt;
 use image::qemu::{Accel, Machine, QemuConfig, QEMU_BINARY};
 use image::runner::{self, AccelChoice, Failure, RunPlan};
-use image::tempdir::TempDir;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -47,6 +48,59 @@ enum Cmd {
     Hosted(CommonArgs),
     /// Build the appliance kernel and print its path.
     Build,
+    /// Change the running appliance's stack with config lines, or list it.
+    ///
+    /// Each LINE is one config line (`'nop configure -w 100 vtbd0.nop'`);
+    /// unquoted single words make up one line together
+    /// (`strata geom mirror insert gm0 vtbd4`). The lines go to
+    /// `POST /geom` on 127.0.0.1:PORT; `strata geom list` prints
+    /// `GET /geom` like FreeBSD's `geom list`.
+    Geom(GeomArgs),
+    /// Print per-provider I/O rates of the running appliance, like gstat(8).
+    Gstat(GstatArgs),
+}
+
+/// Options of `geom`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct GeomArgs {
+    /// Host port on 127.0.0.1 of the HTTP management endpoint.
+    #[arg(long, value_name = "PORT", default_value_t = 8080, global = true)]
+    http_port: u16,
+    #[command(subcommand)]
+    sub: Option<GeomSub>,
+    /// Config lines to apply, in order.
+    #[arg(
+        value_name = "LINE",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    lines: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum GeomSub {
+    /// Print every geom with its providers and consumers.
+    List {
+        /// Print the topology JSON as the appliance sent it.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options of `gstat`.
+#[derive(Args, Debug)]
+struct GstatArgs {
+    /// Host port on 127.0.0.1 of the HTTP management endpoint.
+    #[arg(long, value_name = "PORT", default_value_t = 8080)]
+    http_port: u16,
+    /// Time between screens: seconds, or with a suffix (500ms, 2s).
+    #[arg(short = 'I', value_name = "INTERVAL", default_value = "1", value_parser = image::mgmt::parse_interval)]
+    interval: Duration,
+    /// Number of screens to print (default: until interrupted).
+    #[arg(short = 'n', value_name = "COUNT")]
+    count: Option<u64>,
 }
 
 /// Options shared by `run` and `hosted`.
@@ -180,19 +234,19 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
     }
     let disks = prepare_disks(&a.common.disks)?;
     let kernel = ensure_kernel().map_err(|e| Failure::host(e.to_string()))?;
-    let tmp = TempDir::new().map_err(|e| Failure::host(format!("scratch directory: {e}")))?;
-    let initrd = match &config {
-        Some(text) => {
-            let p = tmp.join("strata.conf");
-            std::fs::write(&p, text).map_err(|e| Failure::host(format!("{}: {e}", p.display())))?;
-            Some(p)
-        }
+    // The config reaches QEMU as a sealed in-memory file: nothing on disk
+    // to clean up, whatever ends this process.
+    let config_file = match &config {
+        Some(text) => Some(
+            MemFile::new(c"strata.conf", text.as_bytes())
+                .map_err(|e| Failure::host(format!("config image: {e}")))?,
+        ),
         None => None,
     };
     let plan = RunPlan {
         qemu: QemuConfig {
             kernel,
-            initrd,
+            initrd: config_file.as_ref().map(MemFile::path),
             machine: match a.machine {
                 MachineArg::Q35 => Machine::Q35,
                 MachineArg::Microvm => Machine::Microvm,
@@ -202,7 +256,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
             disks,
             nbd_port: a.common.nbd_port,
             http_port: a.common.http_port,
-            qmp_socket: Some(tmp.join("qmp.sock")),
+            qmp_socket: None,
         },
         accel: match a.accel {
             AccelArg::Auto => AccelChoice::Auto,
@@ -228,7 +282,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::host(format!("signal handler: {e}")))?;
     }
     let r = runner::run(&plan, &stop);
-    drop(tmp);
+    drop(config_file);
     r
 }
 
@@ -251,12 +305,98 @@ fn cmd_build() -> Result<(), Failure> {
     Ok(())
 }
 
+/// How long one management request may take.
+const MGMT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn mgmt_addr(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
+}
+
+fn mgmt_request(port: u16, method: &str, path: &str, body: &str) -> Result<mgmt::Reply, Failure> {
+    mgmt::request(mgmt_addr(port), method, path, body, MGMT_TIMEOUT).map_err(|e| {
+        Failure::runtime(format!(
+            "cannot reach the appliance at 127.0.0.1:{port} ({method} {path}): {e}"
+        ))
+    })
+}
+
+fn cmd_geom(a: GeomArgs) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    // `strata geom --http-port P list`: after an option clap takes `list`
+    // for a LINE; it is the subcommand all the same.
+    let sub = match (a.sub, a.lines.as_slice()) {
+        (Some(s), _) => Some(s),
+        (None, [l]) if l == "list" => Some(GeomSub::List { json: false }),
+        (None, [l, j]) if l == "list" && j == "--json" => Some(GeomSub::List { json: true }),
+        (None, _) => None,
+    };
+    match sub {
+        Some(GeomSub::List { json }) => {
+            let r = mgmt_request(a.http_port, "GET", "/geom", "")?;
+            if r.status != 200 {
+                return Err(Failure::runtime(format!(
+                    "GET /geom: HTTP {}: {}",
+                    r.status,
+                    r.body.trim()
+                )));
+            }
+            if json {
+                let _ = write!(out, "{}", r.body);
+                return Ok(());
+            }
+            let v: serde_json::Value = serde_json::from_str(&r.body)
+                .map_err(|e| Failure::runtime(format!("GET /geom: not JSON: {e}")))?;
+            let text = mgmt::format_geom_list(&v)
+                .map_err(|e| Failure::runtime(format!("GET /geom: {e}")))?;
+            let _ = write!(out, "{text}");
+            Ok(())
+        }
+        None => {
+            let body = mgmt::lines_from_args(&a.lines);
+            let r = mgmt_request(a.http_port, "POST", "/geom", &body)?;
+            match mgmt::geom_result(&r) {
+                Ok(text) => {
+                    let _ = write!(out, "{text}");
+                    Ok(())
+                }
+                Err(msg) if r.status == 400 => Err(Failure::config(msg)),
+                Err(msg) => Err(Failure::runtime(msg)),
+            }
+        }
+    }
+}
+
+fn cmd_gstat(a: GstatArgs) -> Result<(), Failure> {
+    let sample = || -> Result<(std::time::Instant, Vec<(String, mgmt::Counters)>), Failure> {
+        let r = mgmt_request(a.http_port, "GET", "/metrics", "")?;
+        if r.status != 200 {
+            return Err(Failure::runtime(format!("GET /metrics: HTTP {}", r.status)));
+        }
+        Ok((std::time::Instant::now(), mgmt::parse_metrics(&r.body)))
+    };
+    let mut prev = sample()?;
+    let mut shown = 0u64;
+    while a.count.is_none_or(|n| shown < n) {
+        std::thread::sleep(a.interval);
+        let cur = sample()?;
+        let text = mgmt::format_gstat(&prev.1, &cur.1, cur.0 - prev.0, a.interval);
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        prev = cur;
+        shown += 1;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Hosted(a) => cmd_hosted(a),
         Cmd::Build => cmd_build(),
+        Cmd::Geom(a) => cmd_geom(a),
+        Cmd::Gstat(a) => cmd_gstat(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

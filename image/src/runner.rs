@@ -11,9 +11,10 @@
 //! ```
 
 use crate::console::{clean_line, parse_line, ConsoleEvent, Tail};
-use crate::control::{http_shutdown, qmp_quit};
+use crate::control::{http_shutdown, Qmp};
 use crate::probe::nbd_handshake;
 use crate::qemu::{Accel, QemuConfig, QemuExit, QEMU_BINARY};
+use crate::tempdir::TempDir;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -41,8 +42,10 @@ const HTTP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the appliance may take to flush and exit after accepting
 /// `POST /shutdown`.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on the QMP conversation and on QEMU's exit after `quit`.
+/// Bound on each QMP exchange and on QEMU's exit after `quit`.
 const QMP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a starting QEMU may take to open its QMP socket.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Console lines kept to explain a failure.
 const TAIL_LINES: usize = 12;
 
@@ -95,7 +98,8 @@ pub enum AccelChoice {
 /// Everything `strata run` decided before starting QEMU.
 #[derive(Clone, Debug)]
 pub struct RunPlan {
-    /// The QEMU command line (its `accel` is set per attempt).
+    /// The QEMU command line (its `accel` and `qmp_socket` are set per
+    /// attempt).
     pub qemu: QemuConfig,
     /// How to pick the accelerator.
     pub accel: AccelChoice,
@@ -140,6 +144,8 @@ enum Msg {
     StderrClosed,
     /// The readiness probe's verdict.
     Probe(Result<(), String>),
+    /// The QMP connection, once QEMU listens on its socket.
+    Qmp(Qmp),
 }
 
 /// One QEMU process and its reports.
@@ -149,6 +155,11 @@ struct Vm {
     tx: Sender<Msg>,
     accel: Accel,
     started: Instant,
+    /// The QMP connection, held from the start so that its socket can be
+    /// unlinked at once.
+    qmp: Option<Qmp>,
+    /// The socket's directory, kept only until the connection is made.
+    qmp_dir: Option<TempDir>,
 }
 
 impl Vm {
@@ -157,7 +168,17 @@ impl Vm {
     /// QEMU gets its own process group, so a terminal's Ctrl-C reaches only
     /// this tool, which then stops the appliance in order; and it gets
     /// SIGTERM if this tool dies, so no QEMU is left behind.
+    ///
+    /// QMP goes through a socket in a private directory; once a thread has
+    /// connected, the directory is removed, so a tool killed later leaves
+    /// no files.
     fn spawn(cfg: &QemuConfig) -> Result<Vm, Failure> {
+        let dir = TempDir::new().map_err(|e| Failure::host(format!("scratch directory: {e}")))?;
+        let sock = dir.join("qmp.sock");
+        let cfg = QemuConfig {
+            qmp_socket: Some(sock.clone()),
+            ..cfg.clone()
+        };
         let mut cmd = Command::new(QEMU_BINARY);
         cmd.args(cfg.args())
             .stdin(Stdio::null())
@@ -228,13 +249,34 @@ impl Vm {
             }
             let _ = t.send(Msg::StderrClosed);
         });
+        // Connect to QMP as soon as QEMU listens (QEMU opens the socket
+        // before the machine starts).
+        let t = tx.clone();
+        thread::spawn(move || {
+            let until = Instant::now() + QMP_CONNECT_TIMEOUT;
+            while Instant::now() < until {
+                if let Ok(q) = Qmp::connect(&sock, QMP_TIMEOUT) {
+                    let _ = t.send(Msg::Qmp(q));
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
         Ok(Vm {
             child,
             rx,
             tx,
             accel: cfg.accel,
             started: Instant::now(),
+            qmp: None,
+            qmp_dir: Some(dir),
         })
+    }
+
+    /// Keeps the QMP connection and removes its socket and directory.
+    fn take_qmp(&mut self, q: Qmp) {
+        self.qmp = Some(q);
+        self.qmp_dir = None;
     }
 
     /// Kills QEMU and reaps it (so its disk locks and ports are free).
@@ -335,6 +377,7 @@ fn kvm_handshake(
                     qemu_said.unwrap_or_else(|| "no message".into())
                 );
             }
+            Ok(Msg::Qmp(q)) => vm.take_qmp(q),
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => unreachable!("the VM holds a sender"),
         }
@@ -391,6 +434,7 @@ impl Session<'_> {
             Msg::Probe(Err(e)) => {
                 self.probe_error = Some(e);
             }
+            Msg::Qmp(q) => self.vm.take_qmp(q),
         }
     }
 
@@ -494,8 +538,8 @@ impl Session<'_> {
             "the appliance was not ready".into()
         };
         let why = Some(why);
-        if let Some(q) = self.plan.qemu.qmp_socket.clone().filter(|_| !self.hurry) {
-            if qmp_quit(&q, QMP_TIMEOUT).is_ok() {
+        if let Some(q) = self.vm.qmp.as_mut().filter(|_| !self.hurry) {
+            if q.quit(QMP_TIMEOUT).is_ok() {
                 if let Some(st) = self.wait_exit(QMP_TIMEOUT) {
                     return (st, why);
                 }

@@ -2,7 +2,9 @@
 //!
 //! One request per connection: the engine collects the request head (and a
 //! body when Content-Length says so), hands the caller a [`Request`], and
-//! sends the caller's [`Response`] with `Connection: close`. Heads over
+//! sends the caller's [`Response`] with `Connection: close`. A client that
+//! sends `Expect: 100-continue` gets the interim `100 Continue` before its
+//! body (RFC 9110 §10.1.1). Heads over
 //! [`MAX_HEAD`] bytes and bodies over [`MAX_BODY`] are refused with 413.
 
 use alloc::format;
@@ -57,7 +59,10 @@ impl Response {
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            409 => "Conflict",
             413 => "Payload Too Large",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
             _ => "Error",
         }
     }
@@ -89,6 +94,8 @@ enum State {
 pub struct Connection {
     buf: Vec<u8>,
     state: State,
+    /// An interim response still to send (`100 Continue`).
+    interim: &'static [u8],
 }
 
 impl Default for Connection {
@@ -97,7 +104,15 @@ impl Default for Connection {
     }
 }
 
-fn parse_head(head: &[u8]) -> Result<(Request, usize), Response> {
+/// A parsed head: the request without its body, the body length, and
+/// whether the client waits for `100 Continue`.
+struct Head {
+    req: Request,
+    length: usize,
+    expect_continue: bool,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, Response> {
     let text = core::str::from_utf8(head)
         .map_err(|_| Response::error(400, "request head is not UTF-8"))?;
     let mut lines = text.split("\r\n");
@@ -111,6 +126,7 @@ fn parse_head(head: &[u8]) -> Result<(Request, usize), Response> {
         return Err(Response::error(400, "unsupported HTTP version"));
     }
     let mut length = 0usize;
+    let mut expect_continue = false;
     for line in lines {
         if let Some((k, v)) = line.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
@@ -118,6 +134,10 @@ fn parse_head(head: &[u8]) -> Result<(Request, usize), Response> {
                     .trim()
                     .parse()
                     .map_err(|_| Response::error(400, "bad Content-Length"))?;
+            } else if k.trim().eq_ignore_ascii_case("expect")
+                && v.trim().eq_ignore_ascii_case("100-continue")
+            {
+                expect_continue = true;
             }
         }
     }
@@ -125,14 +145,15 @@ fn parse_head(head: &[u8]) -> Result<(Request, usize), Response> {
         return Err(Response::error(413, "request body too large"));
     }
     let path = target.split('?').next().unwrap_or(target);
-    Ok((
-        Request {
+    Ok(Head {
+        req: Request {
             method: String::from(method),
             path: String::from(path),
             body: Vec::new(),
         },
         length,
-    ))
+        expect_continue,
+    })
 }
 
 impl Connection {
@@ -141,6 +162,7 @@ impl Connection {
         Connection {
             buf: Vec::new(),
             state: State::Head,
+            interim: b"",
         }
     }
 
@@ -159,8 +181,15 @@ impl Connection {
                 let rest = self.buf.split_off(end + 4);
                 let head = core::mem::take(&mut self.buf);
                 match parse_head(&head[..end]) {
-                    Ok((req, 0)) => self.state = State::Ready(req),
-                    Ok((req, want)) => {
+                    Ok(Head { req, length: 0, .. }) => self.state = State::Ready(req),
+                    Ok(Head {
+                        req,
+                        length: want,
+                        expect_continue,
+                    }) => {
+                        if expect_continue && rest.is_empty() {
+                            self.interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+                        }
                         self.state = State::Body { req, want };
                         // Body bytes that came with the head.
                         self.on_recv(&rest);
@@ -199,6 +228,11 @@ impl Connection {
         None
     }
 
+    /// True while there are bytes to send.
+    pub fn has_tx(&self) -> bool {
+        !self.interim.is_empty() || matches!(self.state, State::Sending { .. })
+    }
+
     /// Queues the response; the connection finishes once it is sent.
     pub fn respond(&mut self, resp: Response) {
         self.state = State::Sending {
@@ -209,6 +243,12 @@ impl Connection {
 
     /// Copies pending response bytes into `buf`; returns how many.
     pub fn fill_tx(&mut self, buf: &mut [u8]) -> usize {
+        if !self.interim.is_empty() {
+            let n = self.interim.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.interim[..n]);
+            self.interim = &self.interim[n..];
+            return n;
+        }
         if let State::Sending { bytes, sent } = &mut self.state {
             let n = (bytes.len() - *sent).min(buf.len());
             buf[..n].copy_from_slice(&bytes[*sent..*sent + n]);
@@ -269,6 +309,23 @@ mod tests {
         c.on_recv(b"eate");
         let r = c.take_request().unwrap();
         assert_eq!(r.body, b"md cre");
+    }
+
+    #[test]
+    fn expect_continue_gets_interim_reply() {
+        let mut c = Connection::new();
+        c.on_recv(b"POST /geom HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n");
+        assert!(c.has_tx());
+        assert_eq!(drain(&mut c), "HTTP/1.1 100 Continue\r\n\r\n");
+        c.on_recv(b"abcd");
+        assert_eq!(c.take_request().unwrap().body, b"abcd");
+        c.respond(Response::new(200, "text/plain", "ok"));
+        assert!(drain(&mut c).starts_with("HTTP/1.1 200 OK\r\n"));
+        // A body sent along with the head needs no interim reply.
+        let mut c = Connection::new();
+        c.on_recv(b"POST /geom HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab");
+        assert_eq!(drain(&mut c), "");
+        assert_eq!(c.take_request().unwrap().body, b"ab");
     }
 
     #[test]

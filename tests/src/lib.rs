@@ -253,6 +253,55 @@ impl Appliance {
         http(self.http_port, "GET", path)
     }
 
+    /// `POST path` with `body`; returns the status code and the body.
+    pub fn http_post(&self, path: &str, body: &str) -> (u16, String) {
+        http_request(self.http_port, "POST", path, body)
+    }
+
+    /// `GET /geom`, parsed.
+    pub fn topology(&self) -> serde_json::Value {
+        let body = self.http_get("/geom");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET /geom is not JSON ({e}): {body}"))
+    }
+
+    /// `GET /status`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let body = self.http_get("/status");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET /status is not JSON ({e}): {body}"))
+    }
+
+    /// Runs the host tool against this appliance: `strata CMD --http-port
+    /// PORT ARGS...` (e.g. `geom`, `gstat`).
+    pub fn strata(&self, cmd: &str, args: &[&str]) -> Output {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(strata_bin())
+            .arg(cmd)
+            .args(["--http-port", &self.http_port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run strata");
+        Output {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `strata geom LINE...`, asserting it succeeded; returns its output.
+    pub fn geom(&self, lines: &[&str]) -> String {
+        let o = self.strata("geom", lines);
+        assert!(
+            o.ok,
+            "strata geom {lines:?} failed: {}{}",
+            o.stdout, o.stderr
+        );
+        o.stdout
+    }
+
     /// Stops it with SIGTERM (a clean, flushing shutdown) and waits.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -284,19 +333,31 @@ impl Drop for Appliance {
 
 /// One HTTP/1.1 request to 127.0.0.1:`port`; returns the body.
 pub fn http(port: u16, method: &str, path: &str) -> String {
+    http_request(port, method, path, "").1
+}
+
+/// One HTTP/1.1 request with a body to 127.0.0.1:`port`; returns the
+/// status code and the body.
+pub fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     use std::io::Write;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: strata\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: strata\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     match out.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_string(),
-        None => out,
+        Some((_, body)) => (status, body.to_string()),
+        None => (status, out),
     }
 }
 
@@ -323,6 +384,30 @@ pub fn client(program: &str, args: &[&str]) -> Output {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `qemu-io -f raw URI -c CMD…` and returns its output, whatever
+/// happened (for requests that are meant to fail).
+pub fn qemu_io_any(uri: &str, cmds: &[&str]) -> Output {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    client("qemu-io", &args)
+}
+
+/// Polls `cond` every 100 ms until it returns `Some`, or panics with
+/// `what` after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

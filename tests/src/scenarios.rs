@@ -1,7 +1,7 @@
 //! Client scenarios run against both platforms: the same assertions for
 //! the appliance in QEMU and for hosted Strata.
 
-use crate::{client, qemu_io, Platform, Start, TempDir};
+use crate::{client, qemu_io, qemu_io_any, wait_for, Platform, Start, TempDir};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -262,4 +262,344 @@ pub fn malformed_input(p: Platform) {
     qemu_io(&uri, &["read -P 0x77 0 256k"]);
     let st = a.http_get("/status");
     assert!(st.contains("\"version\""), "{st}");
+}
+
+/// The geoms in a `GET /geom` document, with their class names.
+fn geoms(topo: &serde_json::Value) -> Vec<(String, &serde_json::Value)> {
+    let mut out = Vec::new();
+    for c in topo["classes"].as_array().into_iter().flatten() {
+        let class = c["name"].as_str().unwrap_or("?").to_string();
+        for g in c["geoms"].as_array().into_iter().flatten() {
+            out.push((class.clone(), g));
+        }
+    }
+    out
+}
+
+/// The geom named `name` in a `GET /geom` document.
+fn find_geom<'a>(topo: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    geoms(topo)
+        .into_iter()
+        .find(|(_, g)| g["name"].as_str() == Some(name))
+        .map(|(_, g)| g)
+}
+
+/// The health of geom `name`, lowercased: its class's own state (a
+/// mirror's "complete" or "degraded") when it reports one, else the
+/// geom's ("ok", "withering"); "" when there is no such geom.
+fn geom_state(topo: &serde_json::Value, name: &str) -> String {
+    find_geom(topo, name)
+        .and_then(|g| g["config"]["state"].as_str().or(g["state"].as_str()))
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+/// Names of the providers geom `name` consumes.
+fn consumer_names(topo: &serde_json::Value, name: &str) -> Vec<String> {
+    find_geom(topo, name)
+        .and_then(|g| g["consumers"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["provider"].as_str())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A mirror's members as (provider, state), from its status.
+fn mirror_members(topo: &serde_json::Value, name: &str) -> Vec<(String, String)> {
+    find_geom(topo, name)
+        .and_then(|g| g["config"]["members"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["provider"].as_str().unwrap_or("").to_string(),
+                m["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every `strata_provider_<metric>_total` sample in `/metrics`, as
+/// (provider, value).
+fn provider_metric(metrics: &str, metric: &str) -> Vec<(String, u64)> {
+    let prefix = format!("strata_provider_{metric}_total{{provider=\"");
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (name, v) = rest.split_once("\"} ")?;
+            Some((name.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Number of 512-byte sectors that differ between two files of the same
+/// size.
+fn differing_sectors(a: &std::path::Path, b: &std::path::Path) -> usize {
+    let a = std::fs::read(a).unwrap();
+    let b = std::fs::read(b).unwrap();
+    assert_eq!(a.len(), b.len());
+    a.chunks(512)
+        .zip(b.chunks(512))
+        .filter(|(x, y)| x != y)
+        .count()
+}
+
+/// Every pattern the stacked scenario writes, as qemu-io read commands.
+const STACK_PATTERNS: [&str; 6] = [
+    "read -P 0x11 0 1M",
+    "read -P 0x33 1M 1M",
+    "read -P 0x22 5180k 320k",
+    "read -P 0x44 9M 256k",
+    "read -P 0x55 12M 192k",
+    "read -P 0 20M 64k",
+];
+
+/// The stacked config: a stripe over two mirrors, one of whose members is a
+/// nop over a disk.
+pub const STACK_CONFIG: &str = "\
+nop create vtbd0
+mirror label gm0 vtbd0.nop vtbd1
+mirror label gm1 vtbd2 vtbd3
+stripe label -s 64k st0 mirror/gm0 mirror/gm1
+export nbd vol stripe/st0
+";
+
+/// Stripe over mirror over nop over five disks, served over NBD:
+/// patterns written and verified while a nop member starts failing, the
+/// mirror degrades and keeps the data; a fresh disk is added live and
+/// resynced; after a clean restart whose config names only the nop and the
+/// export, the labelled geoms reassemble from their metadata and the data
+/// verifies. Along the way: `strata geom list`, `GET /geom`, `strata
+/// gstat`, and 0 bytes mapped by every pass-through provider.
+pub fn stacked_mirror_failover_resync_restart(p: Platform) {
+    let dir = TempDir::new("stack");
+    let disks: Vec<String> = (0..5)
+        .map(|i| disk_spec(&dir, &format!("d{i}.img"), "16M"))
+        .collect();
+    let mut start = Start::new(p).config(STACK_CONFIG);
+    for d in &disks {
+        start = start.disk(d);
+    }
+    let a = start.spawn().expect("start");
+    assert_eq!(a.ready, vec![a.uri("vol")]);
+    let vol = a.uri("vol");
+
+    // Healthy stack.
+    qemu_io(&vol, &["write -P 0x11 0 1M", "write -P 0x22 5180k 320k"]);
+    qemu_io(&vol, &["read -P 0x11 0 1M", "read -P 0x22 5180k 320k"]);
+    let topo = a.topology();
+    for g in ["st0", "gm0", "gm1", "vtbd0.nop"] {
+        assert!(find_geom(&topo, g).is_some(), "geom {g} in {topo}");
+    }
+    let c = consumer_names(&topo, "gm0");
+    assert!(
+        c.contains(&"vtbd0.nop".to_string()) && c.contains(&"vtbd1".to_string()),
+        "gm0 consumers {c:?}"
+    );
+
+    // The nop member starts failing every read and write.
+    a.geom(&["nop configure -w 100 -r 100 vtbd0.nop"]);
+    qemu_io(&vol, &["write -P 0x33 1M 1M", "write -P 0x44 9M 256k"]);
+    qemu_io(&vol, &STACK_PATTERNS[..4]);
+    let state = geom_state(&a.topology(), "gm0");
+    assert!(state.contains("degraded"), "gm0 state: {state}");
+    let st = a.status();
+    let gm0 = st["mirrors"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "gm0").cloned())
+        .unwrap_or_default();
+    assert_eq!(gm0["state"], "degraded", "/status: {st}");
+    assert!(gm0["dropped"].to_string().contains("vtbd0.nop"), "{gm0}");
+    let metrics = a.http_get("/metrics");
+    let errors = provider_metric(&metrics, "errors");
+    assert!(
+        errors.iter().any(|(n, v)| n == "vtbd0.nop" && *v > 0),
+        "the nop must have failed requests: {errors:?}"
+    );
+
+    // A fresh disk joins the degraded mirror and is resynced while the
+    // volume takes writes.
+    a.geom(&["mirror", "insert", "gm0", "vtbd4"]);
+    qemu_io(&vol, &["write -P 0x55 12M 192k"]);
+    let mut seen_progress = Vec::new();
+    wait_for(
+        "gm0 to finish resyncing onto vtbd4",
+        Duration::from_secs(40),
+        || {
+            let topo = a.topology();
+            let gm0 = find_geom(&topo, "gm0").cloned().unwrap_or_default();
+            if let Some(done) = gm0["config"]["resync"]["synced_bytes"].as_u64() {
+                seen_progress.push(done);
+            }
+            let members = mirror_members(&topo, "gm0");
+            let vtbd4_active = members.contains(&("vtbd4".into(), "active".into()));
+            (geom_state(&topo, "gm0") == "complete"
+                && vtbd4_active
+                && gm0["config"]["resync"].is_null())
+            .then_some(())
+        },
+    );
+    // Progress, when the resync was slow enough to be seen, only grows.
+    assert!(
+        seen_progress.windows(2).all(|w| w[0] <= w[1]),
+        "{seen_progress:?}"
+    );
+    qemu_io(&vol, &STACK_PATTERNS);
+    let st = a.status();
+    let mirrors = st["mirrors"].as_array().cloned().unwrap_or_default();
+    let gm0 = mirrors.iter().find(|m| m["name"] == "gm0");
+    assert!(
+        gm0.is_some_and(|m| m["state"] == "complete" && m["resync"].is_null()),
+        "/status shows the mirrors: {st}"
+    );
+
+    // The listing tools.
+    let list = a.geom(&["list"]);
+    for want in [
+        "Geom name: st0",
+        "Geom name: gm0",
+        "Name: stripe/st0",
+        "Name: mirror/gm0",
+        "Name: vtbd0.nop",
+        "Mode: r1w1e",
+    ] {
+        assert!(list.contains(want), "geom list lacks {want:?}:\n{list}");
+    }
+    let o = a.strata("gstat", &["-I", "0.2", "-n", "1"]);
+    assert!(o.ok, "gstat: {}", o.stderr);
+    assert!(
+        o.stdout.contains("ops/s") && o.stdout.contains("stripe/st0"),
+        "{}",
+        o.stdout
+    );
+
+    // Routing classes never touch the data.
+    let mapped = provider_metric(&a.http_get("/metrics"), "mapped_bytes");
+    assert!(mapped.len() >= 9, "{mapped:?}");
+    for (name, v) in &mapped {
+        assert_eq!(*v, 0, "{name} mapped {v} bytes: {mapped:?}");
+    }
+    let st = a.stop();
+    assert!(st.success(), "clean stop: {st:?}");
+    // The resynced member holds what the surviving one holds (the
+    // metadata sector aside).
+    let diff = differing_sectors(&dir.path("d1.img"), &dir.path("d4.img"));
+    assert!(diff <= 2, "vtbd1 and vtbd4 differ in {diff} sectors");
+
+    // Restart: only the nop and the export are configured; the mirrors and
+    // the stripe assemble themselves from their metadata.
+    let mut start = Start::new(p).config("nop create vtbd0\nexport nbd vol stripe/st0\n");
+    for d in &disks {
+        start = start.disk(d);
+    }
+    let a = start.spawn().expect("restart");
+    assert_eq!(a.ready, vec![a.uri("vol")]);
+    qemu_io(&a.uri("vol"), &STACK_PATTERNS);
+    let topo = a.topology();
+    for g in ["st0", "gm0", "gm1"] {
+        assert!(
+            find_geom(&topo, g).is_some(),
+            "geom {g} after restart: {topo}"
+        );
+    }
+    assert!(
+        consumer_names(&topo, "gm0").contains(&"vtbd4".to_string()),
+        "{topo}"
+    );
+    let st = a.stop();
+    assert!(st.success(), "clean stop: {st:?}");
+}
+
+/// Live changes: a nop and an export added by `strata geom` serve new
+/// clients; errors name line and column and leave the stack as it was;
+/// destroying the nop by force under its open export makes that export
+/// answer EIO while the other export keeps serving.
+pub fn live_changes_and_forced_destroy(p: Platform) {
+    let dir = TempDir::new("live");
+    let a = Start::new(p)
+        .disk(disk_spec(&dir, "d0.img", "8M"))
+        .disk(disk_spec(&dir, "d1.img", "8M"))
+        .config("export nbd b vtbd1\n")
+        .spawn()
+        .expect("start");
+    let (ua, ub) = (a.uri("a"), a.uri("b"));
+
+    let out = a.geom(&["nop create vtbd0", "export nbd a vtbd0.nop"]);
+    assert!(out.contains("created vtbd0.nop"), "{out}");
+    qemu_io(&ua, &["write -P 0x61 0 64k", "read -P 0x61 0 64k"]);
+    qemu_io(&ub, &["write -P 0x62 0 64k"]);
+    let topo = a.topology();
+    assert!(find_geom(&topo, "vtbd0.nop").is_some(), "{topo}");
+
+    // A syntax error applies nothing and names its place.
+    let o = a.strata("geom", &["md create -s 1m md1", "mirror frob gm0"]);
+    assert!(!o.ok, "a bad line must fail: {}", o.stdout);
+    assert!(o.stderr.contains("line 2, column 8"), "{}", o.stderr);
+    assert!(find_geom(&a.topology(), "md1").is_none());
+    // A line the stack refuses stops there, with its line number.
+    let (code, body) = a.http_post("/geom", "md create -s 1m md1\nnop create vtbd9\n");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("line 2, column 1") && body.contains("vtbd9"),
+        "{body}"
+    );
+    assert!(body.contains("\"applied\":1"), "{body}");
+
+    // A client connected to export a before the nop goes away.
+    let mut s = raw(a.nbd_port);
+    assert_eq!(handshake(&mut s, "a"), 8 << 20);
+    s.write_all(&request(0, 1, 0, 512)).unwrap();
+    let mut rep = [0u8; 16 + 512];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(u32::from_be_bytes(rep[4..8].try_into().unwrap()), 0);
+    assert!(rep[16..].iter().all(|&b| b == 0x61));
+
+    // Without -f the open nop stays; with -f it goes.
+    let o = a.strata("geom", &["nop destroy vtbd0.nop"]);
+    assert!(!o.ok, "destroying an open nop needs -f: {}", o.stdout);
+    a.geom(&["nop destroy -f vtbd0.nop"]);
+
+    // The open connection gets EIO; so does a new client.
+    s.write_all(&request(0, 2, 0, 512)).unwrap();
+    let mut rep = [0u8; 16];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(u32::from_be_bytes(rep[4..8].try_into().unwrap()), 5, "EIO");
+    assert_eq!(u64::from_be_bytes(rep[8..16].try_into().unwrap()), 2);
+    drop(s);
+    let o = qemu_io_any(&ua, &["read 0 4k"]);
+    let text = o.stdout.clone() + &o.stderr;
+    assert!(
+        !o.ok || text.contains("failed"),
+        "a read through the destroyed nop must fail: {text}"
+    );
+    let st = a.status();
+    let orphaned = st["orphaned"]["exports"].to_string();
+    assert!(orphaned.contains("\"a\""), "{st}");
+    assert!(
+        st["orphaned"]["providers"]
+            .to_string()
+            .contains("vtbd0.nop"),
+        "{st}"
+    );
+
+    // The other export is untouched.
+    qemu_io(
+        &ub,
+        &[
+            "read -P 0x62 0 64k",
+            "write -P 0x63 64k 64k",
+            "read -P 0x63 64k 64k",
+        ],
+    );
+    let o = a.strata("gstat", &["-I", "0.2", "-n", "1"]);
+    assert!(
+        o.ok && o.stdout.contains("vtbd1"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    let st = a.stop();
+    assert!(st.success(), "clean stop: {st:?}");
 }

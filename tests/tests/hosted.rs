@@ -26,3 +26,13 @@ fn config_error_refused() {
 fn malformed_input() {
     scenarios::malformed_input(Hosted);
 }
+
+#[test]
+fn stacked_mirror_failover_resync_restart() {
+    scenarios::stacked_mirror_failover_resync_restart(Hosted);
+}
+
+#[test]
+fn live_changes_and_forced_destroy() {
+    scenarios::live_changes_and_forced_destroy(Hosted);
+}

@@ -27,3 +27,13 @@ fn config_error_refused() {
 fn malformed_input() {
     scenarios::malformed_input(Qemu);
 }
+
+#[test]
+fn stacked_mirror_failover_resync_restart() {
+    scenarios::stacked_mirror_failover_resync_restart(Qemu);
+}
+
+#[test]
+fn live_changes_and_forced_destroy() {
+    scenarios::live_changes_and_forced_destroy(Qemu);
+}

@@ -13,10 +13,19 @@ fn microvm_serves_virtio_mmio_disks() {
     s.extra = vec!["--machine".into(), "microvm".into()];
     let a = s.spawn().expect("microvm boots and serves");
     assert_eq!(a.ready, vec![a.uri("vtbd0"), a.uri("vtbd1")]);
-    qemu_io(&a.uri("vtbd0"), &["write -P 0x3c 0 256k", "read -P 0x3c 0 256k"]);
-    qemu_io(&a.uri("vtbd1"), &["write -P 0x4d 4k 4k", "read -P 0x4d 4k 4k"]);
+    qemu_io(
+        &a.uri("vtbd0"),
+        &["write -P 0x3c 0 256k", "read -P 0x3c 0 256k"],
+    );
+    qemu_io(
+        &a.uri("vtbd1"),
+        &["write -P 0x4d 4k 4k", "read -P 0x4d 4k 4k"],
+    );
     let st = a.http_get("/status");
-    assert!(st.contains("\"size_bytes\":16777216") && st.contains("\"size_bytes\":8388608"), "{st}");
+    assert!(
+        st.contains("\"size_bytes\":16777216") && st.contains("\"size_bytes\":8388608"),
+        "{st}"
+    );
 }
 
 #[test]

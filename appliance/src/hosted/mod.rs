@@ -224,13 +224,13 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
             eprintln!("strata: shutdown: disks flushed");
             return Ok(());
         }
-        wait(
-            &nbd_listener,
-            &http_listener,
-            &conns,
-            &svc,
-            if idle { 200 } else { 0 },
-        );
+        let timeout = if idle {
+            idle_timeout_ms(&svc, &started)
+        } else {
+            0
+        };
+        wait(&nbd_listener, &http_listener, &conns, &svc, timeout);
+        svc.set_now_ns(started.elapsed().as_nanos() as u64);
         let (total, used) = memory_status();
         let st = PlatformStatus {
             platform: "hosted",
@@ -264,6 +264,16 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
             !fin
         });
         idle = !progress;
+    }
+}
+
+/// How long an idle loop may sleep: 200 ms, or less when the stack has a
+/// timer due sooner (a delayed request in a nop).
+fn idle_timeout_ms(svc: &Service, started: &Instant) -> i32 {
+    let now = started.elapsed().as_nanos() as u64;
+    match svc.next_deadline_ns() {
+        Some(d) => (d.saturating_sub(now).div_ceil(1_000_000)).min(200) as i32,
+        None => 200,
     }
 }
 

@@ -250,6 +250,7 @@ pub fn serve(boot: BootInfo) -> ! {
             }
         }
 
+        svc.set_now_ns(super::now_ns());
         nic.device.service();
         progress |= iface.poll(now(), &mut nic.device, &mut sockets)
             == smoltcp::iface::PollResult::SocketStateChanged;
@@ -303,7 +304,14 @@ pub fn serve(boot: BootInfo) -> ! {
                 .poll_delay(t, &sockets)
                 .unwrap_or(Duration::from_millis(100))
                 .min(Duration::from_millis(100));
-            super::idle_wait(Some(super::now_ns() + delay.total_micros() * 1000));
+            let now_ns = super::now_ns();
+            let mut wake = now_ns + delay.total_micros() * 1000;
+            // A timer in the stack (a delayed request in a nop) wakes the
+            // loop as well as the NIC and the disks do.
+            if let Some(d) = svc.next_deadline_ns() {
+                wake = wake.min(d.max(now_ns));
+            }
+            super::idle_wait(Some(wake));
             for a in &acks {
                 a.ack();
             }

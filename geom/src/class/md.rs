@@ -28,12 +28,18 @@ impl MdGeom {
         size_bytes: u64,
     ) -> Result<ProviderId, StackError> {
         let size = size_bytes - size_bytes % u64::from(MD_SECTOR_SIZE);
-        let g = stack.reserve_geom(name);
+        let g = stack.reserve_geom("md", name);
         let mut spec = ProviderSpec::new(name, size, MD_SECTOR_SIZE);
         spec.can_flush = true;
         spec.can_discard = true;
         spec.can_write_zeroes = true;
-        let p = stack.add_provider(g, spec)?;
+        let p = match stack.add_provider(g, spec) {
+            Ok(p) => p,
+            Err(e) => {
+                stack.abandon(g);
+                return Err(e);
+            }
+        };
         let npages = size.div_ceil(PAGE_SIZE as u64) as usize;
         let mut pages = Vec::new();
         pages.resize_with(npages, || None);
@@ -109,6 +115,10 @@ impl Geom for MdGeom {
             BioCmd::Flush => {}
         }
         io.deliver(bio, Ok(()));
+    }
+
+    fn tasteable(&self) -> bool {
+        false
     }
 }
 

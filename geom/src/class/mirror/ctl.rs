@@ -1,0 +1,498 @@
+//! The mirror class as the stack sees it — tasting, assembly, a returning
+//! member, config statements — and the operator's commands (gmirror's
+//! label, create, insert, remove, rebuild, forget).
+//!
+//! `mirror destroy` and `mirror clear` are the stack's
+//! ([`crate::ctl::apply`]): destroy withers the geom, which notices its
+//! provider orphaned and stops; clear zeroes metadata sectors.
+
+use super::label::{complete_set, plan};
+use super::{
+    MemberState, MirrorError, MirrorGeom, MirrorState, MirrorStatus, Slab, CLASS_NAME,
+    DEFAULT_BALANCE,
+};
+use crate::bio::{GeomId, ProviderId};
+use crate::config::{MirrorBalance, Statement};
+use crate::ctl::CtlError;
+use crate::meta::{MetaRepr, PARAMS};
+use crate::stack::{Io, ProviderSpec, Stack, StackError};
+use crate::taste::{Class, Member as Tasted};
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+/// The mirror class, registered with [`Stack::register_class`].
+pub struct MirrorClass;
+
+impl Class for MirrorClass {
+    fn name(&self) -> &'static str {
+        CLASS_NAME
+    }
+
+    /// A mirror can run degraded, so it waits for every disk to be tasted
+    /// unless the members found already form a complete, current set.
+    fn ready(&self, members: &[Tasted], settled: bool) -> bool {
+        !members.is_empty() && (settled || complete_set(members))
+    }
+
+    fn assemble(&mut self, stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError> {
+        let p = plan(members).map_err(StackError::Invalid)?;
+        if stack.find_geom(CLASS_NAME, &p.name).is_some() {
+            return Err(StackError::NameInUse(MirrorGeom::provider_name(&p.name)));
+        }
+        let joining: Vec<Joining> = members
+            .iter()
+            .zip(&p.sync_from)
+            .map(|(m, &sync_from)| Joining {
+                provider: m.provider,
+                index: m.meta.member_index,
+                sync_from,
+            })
+            .collect();
+        create_geom(
+            stack,
+            Blueprint {
+                name: p.name,
+                id: p.id,
+                generation: p.generation,
+                balance: p.balance,
+                media_size: p.media_size,
+                sector_size: p.sector_size,
+                wanted: p.wanted,
+                labelled: true,
+                bump: p.bump,
+            },
+            &joining,
+        )
+        .map_err(|e| match e {
+            MirrorError::Stack(e) => e,
+            e => StackError::Invalid(e.to_string()),
+        })
+    }
+
+    /// A member of a running mirror appeared (a disk that came back):
+    /// unless its place is taken (it was replaced, or it is the same disk
+    /// seen through a pass-through geom) or its record is newer than the
+    /// mirror's, it joins and is copied over from the start.
+    fn join(&mut self, stack: &mut Stack, geom: GeomId, member: Tasted) {
+        stack.geom_as::<MirrorGeom, _>(geom, |m, io| m.rejoin(io, &member));
+    }
+
+    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
+        let r = match stmt {
+            Statement::MirrorCreate {
+                name,
+                providers,
+                balance,
+                label,
+            } => {
+                let names: Vec<&str> = providers.iter().map(String::as_str).collect();
+                create(
+                    stack,
+                    name,
+                    &names,
+                    balance.unwrap_or(DEFAULT_BALANCE),
+                    *label,
+                )
+                .map(|_| ())
+            }
+            Statement::MirrorInsert { name, providers } => {
+                providers.iter().try_for_each(|p| insert(stack, name, p))
+            }
+            Statement::MirrorRemove { name, providers } => {
+                providers.iter().try_for_each(|p| remove(stack, name, p))
+            }
+            Statement::MirrorRebuild { name, provider } => rebuild(stack, name, provider),
+            Statement::MirrorForget { name } => forget(stack, name),
+            _ => return Err(CtlError::NotSupported(String::from(CLASS_NAME))),
+        };
+        r.map_err(|e| match e {
+            MirrorError::Stack(e) => CtlError::Stack(e),
+            e => CtlError::Invalid(e.to_string()),
+        })
+    }
+}
+
+/// A member provider for [`create_geom`].
+struct Joining {
+    provider: ProviderId,
+    /// Its place in metadata.
+    index: u32,
+    /// `None`: holds the mirror's data; `Some(off)`: synchronize from `off`.
+    sync_from: Option<u64>,
+}
+
+/// What a new geom starts from.
+struct Blueprint {
+    name: String,
+    id: u64,
+    generation: u64,
+    balance: MirrorBalance,
+    media_size: u64,
+    sector_size: u32,
+    wanted: u32,
+    labelled: bool,
+    /// Write a new generation at once.
+    bump: bool,
+}
+
+/// Builds the geom, its provider and its consumers (opened r1w1e1, as
+/// gmirror opens its components: nobody else writes to a member), undoing
+/// everything on failure.
+fn create_geom(
+    stack: &mut Stack,
+    bp: Blueprint,
+    joining: &[Joining],
+) -> Result<GeomId, MirrorError> {
+    let specs: Vec<ProviderSpec> = joining
+        .iter()
+        .map(|j| stack.provider(j.provider).spec.clone())
+        .collect();
+    let mut spec = ProviderSpec::new(
+        &MirrorGeom::provider_name(&bp.name),
+        bp.media_size,
+        bp.sector_size,
+    );
+    spec.can_flush = true;
+    spec.can_discard = specs.iter().all(|s| s.can_discard);
+    spec.can_write_zeroes = specs.iter().all(|s| s.can_write_zeroes);
+    let g = stack.reserve_geom(CLASS_NAME, &bp.name);
+    let provider = match stack.add_provider(g, spec) {
+        Ok(p) => p,
+        Err(e) => {
+            stack.abandon(g);
+            return Err(e.into());
+        }
+    };
+    let mut consumers = Vec::new();
+    for j in joining {
+        let c = stack.attach(Some(g), j.provider);
+        if let Err(e) = stack.access(c, 1, 1, 1) {
+            stack.abandon(g);
+            return Err(e.into());
+        }
+        consumers.push(c);
+    }
+    let mut geom = MirrorGeom {
+        name: bp.name,
+        provider,
+        media_size: bp.media_size,
+        sector_size: bp.sector_size,
+        balance: bp.balance,
+        id: bp.id,
+        generation: bp.generation,
+        members: Vec::new(),
+        wanted: bp.wanted,
+        labelled: bp.labelled,
+        rr: 0,
+        pending: Slab::new(),
+        delayed: VecDeque::new(),
+        parked: VecDeque::new(),
+        unpersisted: false,
+        chunks: Slab::new(),
+        clearing: Vec::new(),
+        detaching: Vec::new(),
+        state: MirrorState::Complete,
+        dropped: Vec::new(),
+        tick: (0, 0),
+        tick_spent: false,
+    };
+    for ((j, s), c) in joining.iter().zip(&specs).zip(consumers) {
+        geom.add_member(c, s, j.index, j.sync_from);
+    }
+    if bp.bump {
+        geom.bump_generation();
+    }
+    geom.refresh_state();
+    stack.install(g, Box::new(geom));
+    stack.geom_as::<MirrorGeom, _>(g, |m, io| m.after_event(io));
+    Ok(g)
+}
+
+/// Checks `name` can be written in metadata and is not taken.
+fn check_name(stack: &Stack, name: &str) -> Result<(), MirrorError> {
+    let probe = MetaRepr {
+        class: String::from(CLASS_NAME),
+        name: String::from(name),
+        id: 0,
+        generation: 0,
+        member_index: 0,
+        member_count: 1,
+        member_size: 0,
+        sector_size: 512,
+        flags: 0,
+        params: [0; PARAMS],
+    };
+    if probe.check().is_err() || name.contains('/') {
+        return Err(MirrorError::BadName(String::from(name)));
+    }
+    if stack.find_geom(CLASS_NAME, name).is_some() {
+        return Err(StackError::NameInUse(MirrorGeom::provider_name(name)).into());
+    }
+    Ok(())
+}
+
+/// A live, not orphaned provider by name.
+fn live_provider(stack: &Stack, name: &str) -> Result<ProviderId, MirrorError> {
+    stack
+        .find_provider(name)
+        .filter(|&id| !stack.provider(id).orphaned)
+        .ok_or_else(|| StackError::NoSuchProvider(String::from(name)).into())
+}
+
+/// `mirror label|create [-b BALANCE] NAME P1 P2 …`: makes a mirror of the
+/// given providers, all active at once: like gmirror, label copies
+/// nothing, so the members must hold the same data (fresh disks do);
+/// a disk with other contents joins with `mirror insert`, or is copied
+/// over with `mirror rebuild`. `label` writes metadata (generation 1) so
+/// the mirror reassembles after a restart; `create` writes none.
+pub fn create(
+    stack: &mut Stack,
+    name: &str,
+    providers: &[&str],
+    balance: MirrorBalance,
+    label: bool,
+) -> Result<GeomId, MirrorError> {
+    check_name(stack, name)?;
+    if providers.is_empty() {
+        return Err(MirrorError::NoMembers);
+    }
+    let mut ids = Vec::new();
+    for (k, &p) in providers.iter().enumerate() {
+        if providers[..k].contains(&p) {
+            return Err(MirrorError::Duplicate(String::from(p)));
+        }
+        ids.push(live_provider(stack, p)?);
+    }
+    let spec = |p: &ProviderId| stack.provider(*p).spec.clone();
+    let sector_size = ids.iter().map(|p| spec(p).sector_size).max().unwrap_or(512);
+    let sector = u64::from(sector_size);
+    // Each member keeps its own last sector for metadata.
+    let (usable, smallest) = ids
+        .iter()
+        .map(|p| {
+            let s = spec(p);
+            let reserve = if label { u64::from(s.sector_size) } else { 0 };
+            (s.media_size.saturating_sub(reserve), s.name)
+        })
+        .min()
+        .unwrap_or((0, String::new()));
+    let media_size = usable - usable % sector;
+    if media_size == 0 {
+        return Err(MirrorError::TooSmall(smallest));
+    }
+    let id = stack.random_u64();
+    let joining: Vec<Joining> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, &provider)| Joining {
+            provider,
+            index: k as u32,
+            sync_from: None,
+        })
+        .collect();
+    create_geom(
+        stack,
+        Blueprint {
+            name: String::from(name),
+            id,
+            generation: 0,
+            balance,
+            media_size,
+            sector_size,
+            wanted: ids.len() as u32,
+            labelled: label,
+            bump: true,
+        },
+        &joining,
+    )
+}
+
+/// Runs `f` on the live mirror called `name`.
+fn with_mirror<R>(
+    stack: &mut Stack,
+    name: &str,
+    f: impl FnOnce(&mut MirrorGeom, &mut Io<'_>) -> Result<R, MirrorError>,
+) -> Result<R, MirrorError> {
+    let missing = || MirrorError::NoMirror(String::from(name));
+    let g = stack.find_geom(CLASS_NAME, name).ok_or_else(missing)?;
+    stack
+        .geom_as::<MirrorGeom, _>(g, f)
+        .unwrap_or_else(|| Err(missing()))
+}
+
+/// `mirror insert NAME P`: adds provider `P` and copies the mirror onto it
+/// while I/O goes on; it serves reads once the copy is done.
+pub fn insert(stack: &mut Stack, name: &str, provider: &str) -> Result<(), MirrorError> {
+    let p = live_provider(stack, provider)?;
+    with_mirror(stack, name, |m, io| m.insert(io, p))
+}
+
+/// `mirror remove NAME P`: takes member `P` out of the mirror and clears
+/// its metadata. The last active member cannot be removed.
+pub fn remove(stack: &mut Stack, name: &str, provider: &str) -> Result<(), MirrorError> {
+    with_mirror(stack, name, |m, io| m.remove(io, provider))
+}
+
+/// `mirror rebuild NAME P`: copies the whole range onto member `P` again.
+pub fn rebuild(stack: &mut Stack, name: &str, provider: &str) -> Result<(), MirrorError> {
+    with_mirror(stack, name, |m, io| m.rebuild(io, provider))
+}
+
+/// `mirror forget NAME`: forgets members that are gone, so the mirror of
+/// the members left counts as complete.
+pub fn forget(stack: &mut Stack, name: &str) -> Result<(), MirrorError> {
+    with_mirror(stack, name, |m, io| {
+        m.forget(io);
+        Ok(())
+    })
+}
+
+/// The status of the live mirror called `name`.
+pub fn status(stack: &mut Stack, name: &str) -> Option<MirrorStatus> {
+    with_mirror(stack, name, |m, _| Ok(m.status())).ok()
+}
+
+impl MirrorGeom {
+    /// Checks that a provider can join: not a member yet, large enough for
+    /// the range (and its own metadata sector), a sector size dividing the
+    /// mirror's, and every ability the mirror offers.
+    fn check_joiner(&self, io: &Io<'_>, spec: &ProviderSpec) -> Result<(), MirrorError> {
+        if self.members.iter().any(|m| m.name == spec.name) {
+            return Err(MirrorError::AlreadyMember(spec.name.clone()));
+        }
+        let reserve = if self.labelled {
+            u64::from(spec.sector_size)
+        } else {
+            0
+        };
+        if spec.media_size < self.media_size + reserve {
+            return Err(MirrorError::TooSmall(spec.name.clone()));
+        }
+        if !self.sector_size.is_multiple_of(spec.sector_size) {
+            return Err(MirrorError::SectorSize(spec.name.clone()));
+        }
+        let mine = &io.provider(self.provider).spec;
+        if (mine.can_discard && !spec.can_discard)
+            || (mine.can_write_zeroes && !spec.can_write_zeroes)
+        {
+            return Err(MirrorError::Capability(spec.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Opens `p` with the mirror's own r1w1e1 plus what the mirror's
+    /// provider is open for, adds it at place `index` and starts copying
+    /// onto it.
+    fn join_provider(
+        &mut self,
+        io: &mut Io<'_>,
+        p: ProviderId,
+        index: u32,
+    ) -> Result<(), MirrorError> {
+        let spec = io.provider(p).spec.clone();
+        self.check_joiner(io, &spec)?;
+        let c = io.attach(p);
+        let a = io.provider_access();
+        if let Err(e) = io.access(c, 1 + a.r, 1 + a.w, 1 + a.e) {
+            let _ = io.detach(c);
+            return Err(e.into());
+        }
+        self.add_member(c, &spec, index, Some(0));
+        self.bump_generation();
+        self.refresh_state();
+        self.after_event(io);
+        Ok(())
+    }
+
+    /// `mirror insert`.
+    fn insert(&mut self, io: &mut Io<'_>, p: ProviderId) -> Result<(), MirrorError> {
+        if !self.serving() {
+            return Err(MirrorError::Dead(self.name.clone()));
+        }
+        let index = self.free_index();
+        self.join_provider(io, p, index)?;
+        self.wanted = self.wanted.max(self.members.len() as u32);
+        Ok(())
+    }
+
+    /// A tasted member of this mirror appeared while it runs.
+    fn rejoin(&mut self, io: &mut Io<'_>, t: &Tasted) {
+        let taken = self
+            .members
+            .iter()
+            .any(|m| m.index == t.meta.member_index || io.provider(t.provider).spec.name == m.name);
+        if !self.serving() || taken || t.meta.generation > self.generation {
+            return;
+        }
+        let _ = self.join_provider(io, t.provider, t.meta.member_index);
+    }
+
+    /// `mirror remove`.
+    fn remove(&mut self, io: &mut Io<'_>, provider: &str) -> Result<(), MirrorError> {
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.name == provider)
+            .ok_or_else(|| MirrorError::NotMember(provider.to_string()))?;
+        if self.members[i].state == MemberState::Active && self.active_count() == 1 {
+            return Err(MirrorError::LastMember(provider.to_string()));
+        }
+        let m = self.members.remove(i);
+        if m.sync.is_some() {
+            self.abandon_chunks(Some(m.consumer));
+        }
+        self.clear_metadata(&m);
+        self.detaching.push(m.consumer);
+        self.wanted = self.wanted.saturating_sub(1).max(1);
+        self.compact_indices();
+        self.bump_generation();
+        self.refresh_state();
+        self.after_event(io);
+        Ok(())
+    }
+
+    /// `mirror rebuild`: an active member is copied onto from the start
+    /// (one being copied onto already goes on as it is).
+    fn rebuild(&mut self, io: &mut Io<'_>, provider: &str) -> Result<(), MirrorError> {
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.name == provider)
+            .ok_or_else(|| MirrorError::NotMember(provider.to_string()))?;
+        let m = &self.members[i];
+        if m.state == MemberState::Synchronizing {
+            // Being copied onto already.
+            return Ok(());
+        }
+        if self.active_count() == 1 {
+            return Err(MirrorError::LastMember(provider.to_string()));
+        }
+        self.start_sync(i, 0);
+        self.bump_generation();
+        self.refresh_state();
+        self.after_event(io);
+        Ok(())
+    }
+
+    /// Renumbers the members' places `0..n`, keeping their order (a
+    /// stale disk that held a place now given to another member loses to
+    /// it at tasting, on generation).
+    fn compact_indices(&mut self) {
+        self.members.sort_by_key(|m| m.index);
+        for (i, m) in self.members.iter_mut().enumerate() {
+            m.index = i as u32;
+        }
+    }
+
+    /// `mirror forget`: the members left are all the operator wants.
+    fn forget(&mut self, io: &mut Io<'_>) {
+        self.compact_indices();
+        self.wanted = (self.members.len() as u32).max(1);
+        self.dropped.clear();
+        self.bump_generation();
+        self.refresh_state();
+        self.after_event(io);
+    }
+}

@@ -1,0 +1,807 @@
+//! Host tests of the mirror class: fake disks that complete out of order
+//! and fail on demand, a model-based property test through a member
+//! failure and a resync, and restarts that reassemble from metadata.
+
+use super::*;
+use crate::bio::{Bio, BioError, ConsumerId};
+use crate::config::parse_line;
+use crate::ctl::{self, CtlError};
+use crate::disk::DiskGeom;
+use crate::meta::MetaRepr;
+use crate::stack::Stack;
+use crate::testing::{self, FakeDisk, FakeDiskHandle, Op};
+use alloc::boxed::Box;
+use alloc::vec;
+use proptest::prelude::*;
+
+const SECTOR: u64 = 512;
+
+fn apply(s: &mut Stack, line: &str) -> Result<(), CtlError> {
+    ctl::apply(s, &parse_line(line, 1).unwrap().unwrap())
+}
+
+fn st(s: &mut Stack) -> MirrorStatus {
+    status(s, "gm0").expect("mirror gm0 is live")
+}
+
+/// The record in a disk's last sector.
+fn meta_of(bytes: &[u8]) -> Option<MetaRepr> {
+    MetaRepr::from_bytes(&bytes[bytes.len() - SECTOR as usize..]).ok()
+}
+
+/// Asserts the mirror's provider never mapped or copied data.
+fn assert_zero_maps(s: &Stack, provider: &str) {
+    let p = s.find_provider(provider).unwrap();
+    let d = &s.provider(p).stats.data;
+    assert_eq!(
+        (d.bytes_mapped(), d.bytes_copied()),
+        (0, 0),
+        "{provider} touched data"
+    );
+}
+
+/// Runs the stack with the clock ticking until no member synchronizes.
+fn finish_resync(s: &mut Stack, clock: &mut u64) {
+    for _ in 0..100_000 {
+        *clock += 1;
+        s.set_now_ns(*clock);
+        s.run();
+        if status(s, "gm0").is_none_or(|m| m.resync().is_none()) {
+            return;
+        }
+    }
+    panic!("resync does not end");
+}
+
+#[test]
+fn label_writes_generation_one_to_every_member() {
+    let size = 256 << 10;
+    let (mut s, disks) = testing::stack_with_disks(2, size, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let m = st(&mut s);
+    assert_eq!(m.state, MirrorState::Complete);
+    assert_eq!(m.media_size, size - SECTOR);
+    assert_eq!(m.balance, MirrorBalance::Load);
+    assert_eq!(m.generation, 1);
+    for (i, d) in disks.iter().enumerate() {
+        let r = meta_of(&d.contents()).unwrap();
+        assert_eq!((r.class.as_str(), r.name.as_str()), ("mirror", "gm0"));
+        assert_eq!((r.generation, r.flags, r.member_count), (1, 0, 2));
+        assert_eq!(r.member_index, i as u32);
+        assert_eq!(
+            (r.params[0], r.params[2], r.params[3]),
+            (2, m.media_size, 512)
+        );
+        // Nothing was copied: label trusts every member, as gmirror does.
+        assert_eq!(d.stats().writes, 1);
+    }
+    assert_zero_maps(&s, "mirror/gm0");
+    let json = ctl::topology_json(&s);
+    assert!(json.contains("\"generation\":1"), "{json}");
+    assert!(json.contains("\"resync\":null"), "{json}");
+}
+
+#[test]
+fn rebuild_copies_onto_a_member_that_differs() {
+    let size = 256 << 10;
+    let images = vec![testing::pattern(1, 0, size), testing::pattern(2, 0, size)];
+    let (mut s, disks) = testing::stack_from_images(&images, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    apply(&mut s, "mirror rebuild gm0 vtbd1").unwrap();
+    let m = st(&mut s);
+    assert_eq!((m.state, m.generation), (MirrorState::Complete, 3));
+    let media = m.media_size as usize;
+    assert!(disks[1].contents()[..media] == images[0][..media]);
+    assert_zero_maps(&s, "mirror/gm0");
+}
+
+#[test]
+fn create_writes_no_metadata() {
+    let (mut s, disks) = testing::stack_with_disks(2, 64 << 10, 512);
+    apply(&mut s, "mirror create -b round-robin gm0 vtbd0 vtbd1").unwrap();
+    let m = st(&mut s);
+    assert_eq!(m.media_size, 64 << 10);
+    assert_eq!(m.state, MirrorState::Complete);
+    for d in &disks {
+        assert!(meta_of(&d.contents()).is_none());
+    }
+}
+
+#[test]
+fn writes_reach_every_member_and_flush_every_disk() {
+    let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let data = testing::pattern(9, 4096, 20_480);
+    testing::write(&mut s, c, 4096, &data).unwrap();
+    for d in &disks {
+        assert!(d.contents()[4096..4096 + data.len()] == data[..]);
+    }
+    testing::flush(&mut s, c).unwrap();
+    for d in &disks {
+        assert!(d.durable() == d.contents(), "flush missed a member");
+    }
+    // FUA passes down: the disk class makes it stable on every member.
+    let mut bio = testing::write_bio(0, &testing::pattern(3, 0, 4096));
+    bio.fua = true;
+    testing::io(&mut s, c, bio).1.unwrap();
+    for d in &disks {
+        assert!(d.durable()[..4096] == testing::pattern(3, 0, 4096)[..]);
+    }
+    assert_eq!(testing::read(&mut s, c, 4096, data.len()).unwrap(), data);
+    assert_zero_maps(&s, "mirror/gm0");
+}
+
+/// Reads completed by each disk while `f` runs.
+fn reads_during(disks: &[FakeDiskHandle], f: impl FnOnce()) -> Vec<u64> {
+    let before: Vec<u64> = disks.iter().map(|d| d.stats().reads).collect();
+    f();
+    disks
+        .iter()
+        .zip(before)
+        .map(|(d, b)| d.stats().reads - b)
+        .collect()
+}
+
+#[test]
+fn reads_follow_the_balance() {
+    for (balance, expect) in [
+        ("round-robin", vec![4, 4]),
+        ("prefer", vec![8, 0]),
+        ("split", vec![8, 8]),
+    ] {
+        let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
+        apply(
+            &mut s,
+            &alloc::format!("mirror label -b {balance} gm0 vtbd0 vtbd1"),
+        )
+        .unwrap();
+        let c = s.open("mirror/gm0", true, true, false).unwrap();
+        let got = reads_during(&disks, || {
+            for _ in 0..8 {
+                testing::read(&mut s, c, 0, 16384).unwrap();
+            }
+        });
+        assert_eq!(got, expect, "balance {balance}");
+    }
+}
+
+#[test]
+fn load_balance_avoids_a_busy_member() {
+    let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
+    apply(&mut s, "mirror label -b load gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    // Whichever member gets the first read is held busy; the others go to
+    // the idle one.
+    let idle_before: Vec<u64> = disks.iter().map(|d| d.stats().reads).collect();
+    disks[0].hold(true);
+    disks[1].hold(true);
+    s.submit(c, Bio::read(0, 4096), 1);
+    s.run();
+    let busy = if disks[0].queued() == 1 { 0 } else { 1 };
+    disks[1 - busy].hold(false);
+    for t in 2..6 {
+        s.submit(c, Bio::read(0, 4096), t);
+        let (tag, _, r) = testing::wait(&mut s);
+        assert_eq!((tag, r), (t, Ok(())));
+    }
+    assert_eq!(disks[busy].queued(), 1);
+    assert_eq!(disks[1 - busy].stats().reads - idle_before[1 - busy], 4);
+    disks[busy].hold(false);
+    assert_eq!(testing::wait(&mut s).2, Ok(()));
+}
+
+#[test]
+fn a_failed_write_drops_the_member_and_the_write_succeeds() {
+    let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let gen = st(&mut s).generation;
+    disks[1].set_fail_writes(true);
+    let data = testing::pattern(5, 0, 8192);
+    assert_eq!(testing::write(&mut s, c, 8192, &data), Ok(()));
+    let m = st(&mut s);
+    assert_eq!(m.state, MirrorState::Degraded);
+    assert_eq!(m.members.len(), 1);
+    assert_eq!(m.dropped, vec![(String::from("vtbd1"), "write error")]);
+    assert_eq!(m.generation, gen + 1);
+    // The survivor records the new generation; the dropped member keeps
+    // the old one and will be seen as stale.
+    assert_eq!(meta_of(&disks[0].contents()).unwrap().generation, gen + 1);
+    assert_eq!(meta_of(&disks[1].contents()).unwrap().generation, gen);
+    assert_eq!(testing::read(&mut s, c, 8192, 8192).unwrap(), data);
+    // Its consumer is closed, so the disk can be used again.
+    let v1 = s.find_provider("vtbd1").unwrap();
+    assert!(s.provider(v1).access.is_zero());
+}
+
+#[test]
+fn a_write_is_acknowledged_only_once_the_new_generation_is_stable() {
+    // Were the write acknowledged before the survivor recorded the new
+    // generation, a power cut could bring back the dropped member as
+    // current, without the write.
+    let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let gen = st(&mut s).generation;
+    // vtbd0 takes the write; vtbd1 holds it, then fails it.
+    disks[1].hold(true);
+    s.submit(c, testing::write_bio(0, &[7; 4096]), 1);
+    s.run();
+    assert_eq!((disks[0].queued(), disks[1].queued()), (0, 1));
+    disks[0].hold(true);
+    disks[1].set_fail_writes(true);
+    disks[1].hold(false);
+    s.run();
+    assert_eq!(st(&mut s).generation, gen + 1);
+    assert!(
+        s.take_completed().is_none(),
+        "acknowledged before the generation was stable"
+    );
+    disks[0].hold(false);
+    let (_, _, r) = testing::wait(&mut s);
+    assert_eq!(r, Ok(()));
+    let stable = meta_of(&disks[0].durable()).unwrap();
+    assert_eq!(stable.generation, gen + 1);
+}
+
+#[test]
+fn a_failed_read_is_retried_on_another_member() {
+    let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
+    apply(&mut s, "mirror label -b prefer gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let data = testing::pattern(6, 0, 4096);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    disks[0].fail_next(1);
+    assert_eq!(testing::read(&mut s, c, 0, 4096).unwrap(), data);
+    let m = st(&mut s);
+    assert_eq!(m.dropped, vec![(String::from("vtbd0"), "read error")]);
+    assert_eq!(m.members[0].provider, "vtbd1");
+}
+
+#[test]
+fn orphaned_members_degrade_then_the_mirror_dies_without_panic() {
+    let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let data = testing::pattern(7, 0, 4096);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    let v0 = s.find_provider("vtbd0").unwrap();
+    s.orphan(v0);
+    s.run();
+    let m = st(&mut s);
+    assert_eq!(m.state, MirrorState::Degraded);
+    assert_eq!(m.dropped, vec![(String::from("vtbd0"), "orphaned")]);
+    assert_eq!(testing::read(&mut s, c, 0, 4096).unwrap(), data);
+    // Both remaining members die at once, with requests in flight.
+    disks[1].set_dead(true);
+    disks[2].set_dead(true);
+    s.submit(c, testing::write_bio(0, &data), 1);
+    s.submit(c, Bio::read(4096, 4096), 2);
+    for (_, _, r) in testing::wait_all(&mut s, 2) {
+        assert_eq!(r, Err(BioError::Io));
+    }
+    // The mirror withered: its provider is orphaned and the class gone.
+    assert!(status(&mut s, "gm0").is_none());
+    let p = s.consumer_provider(c);
+    assert!(s.provider(p).orphaned);
+    assert_eq!(testing::read(&mut s, c, 0, 4096), Err(BioError::Orphaned));
+    assert_eq!(testing::flush(&mut s, c), Err(BioError::Orphaned));
+    s.close(c).unwrap();
+    s.run();
+    assert!(s.find_provider("mirror/gm0").is_none());
+}
+
+#[test]
+fn insert_resyncs_while_io_goes_on() {
+    let size = 1 << 20;
+    let (mut s, disks) = testing::stack_with_disks(3, size, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let media = st(&mut s).media_size;
+    let mut model = testing::pattern(1, 0, media as usize);
+    testing::write(&mut s, c, 0, &model).unwrap();
+    disks[1].set_dead(true);
+    testing::write(&mut s, c, 0, &[0x11; 512]).unwrap();
+    model[..512].fill(0x11);
+    assert_eq!(st(&mut s).state, MirrorState::Degraded);
+    // With a clock each run copies a bounded share, so writes land on
+    // both sides of the sync point while it moves.
+    let mut clock = 1;
+    s.set_now_ns(clock);
+    apply(&mut s, "mirror insert gm0 vtbd2").unwrap();
+    let mut saw_partial = false;
+    for k in 0..64u64 {
+        clock += 1;
+        s.set_now_ns(clock);
+        let m = st(&mut s);
+        if let Some((done, total)) = m.resync() {
+            saw_partial |= done > 0 && done < total;
+        }
+        let at = (k * 37 % (media / SECTOR - 16)) * SECTOR;
+        let bytes = testing::pattern(k as u8, at, 8192);
+        testing::write(&mut s, c, at, &bytes).unwrap();
+        model[at as usize..at as usize + 8192].copy_from_slice(&bytes);
+    }
+    assert!(saw_partial, "the resync never showed partial progress");
+    finish_resync(&mut s, &mut clock);
+    let m = st(&mut s);
+    assert_eq!(m.state, MirrorState::Complete);
+    assert_eq!(m.members.len(), 2);
+    // The new member alone holds the mirror's data.
+    assert!(disks[2].contents()[..media as usize] == model[..]);
+    assert!(disks[0].contents()[..media as usize] == model[..]);
+    assert_eq!(
+        meta_of(&disks[2].contents()).unwrap().generation,
+        m.generation
+    );
+    assert_eq!(meta_of(&disks[2].contents()).unwrap().member_index, 1);
+    assert_zero_maps(&s, "mirror/gm0");
+}
+
+#[test]
+fn remove_rebuild_and_forget() {
+    let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    apply(&mut s, "mirror remove gm0 vtbd2").unwrap();
+    assert!(
+        meta_of(&disks[2].contents()).is_none(),
+        "metadata not cleared"
+    );
+    let m = st(&mut s);
+    assert_eq!((m.members.len(), m.state), (2, MirrorState::Complete));
+    let v2 = s.find_provider("vtbd2").unwrap();
+    assert!(s.provider(v2).access.is_zero());
+    // Rebuild copies again; the data survives.
+    let data = testing::pattern(8, 0, 65536);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    disks[1].write_at(0, &[0u8; 65536]);
+    apply(&mut s, "mirror rebuild gm0 vtbd1").unwrap();
+    assert!(disks[1].contents()[..65536] == data[..]);
+    assert!(apply(&mut s, "mirror remove gm0 vtbd2").is_err());
+    // The last active member stays.
+    apply(&mut s, "mirror remove gm0 vtbd1").unwrap();
+    assert!(apply(&mut s, "mirror remove gm0 vtbd0").is_err());
+    assert!(apply(&mut s, "mirror rebuild gm0 vtbd0").is_err());
+    // A lost member leaves the mirror degraded until it is forgotten.
+    apply(&mut s, "mirror insert gm0 vtbd1").unwrap();
+    disks[1].set_dead(true);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    assert_eq!(st(&mut s).state, MirrorState::Degraded);
+    apply(&mut s, "mirror forget gm0").unwrap();
+    let m = st(&mut s);
+    assert_eq!((m.state, m.members.len()), (MirrorState::Complete, 1));
+    assert_eq!(meta_of(&disks[0].contents()).unwrap().member_count, 1);
+}
+
+#[test]
+fn insert_refuses_what_cannot_join() {
+    let mut s = Stack::new();
+    for (name, size, sector) in [
+        ("vtbd0", 128u64 << 10, 512u32),
+        ("vtbd1", 128 << 10, 512),
+        ("small", 64 << 10, 512),
+        ("big4k", 256 << 10, 4096),
+    ] {
+        let (d, _) = FakeDisk::new(size, sector, 1);
+        DiskGeom::create(&mut s, name, Box::new(d)).unwrap();
+    }
+    apply(&mut s, "mirror label gm0 vtbd0").unwrap();
+    assert!(matches!(
+        insert(&mut s, "gm0", "small"),
+        Err(MirrorError::TooSmall(_))
+    ));
+    assert!(matches!(
+        insert(&mut s, "gm0", "big4k"),
+        Err(MirrorError::SectorSize(_))
+    ));
+    assert!(matches!(
+        insert(&mut s, "gm0", "vtbd0"),
+        Err(MirrorError::AlreadyMember(_))
+    ));
+    assert!(matches!(
+        insert(&mut s, "gm1", "vtbd1"),
+        Err(MirrorError::NoMirror(_))
+    ));
+    assert!(apply(&mut s, "mirror label gm0 vtbd1").is_err());
+    assert!(matches!(
+        create(&mut s, "gm1", &["vtbd1", "vtbd1"], DEFAULT_BALANCE, true),
+        Err(MirrorError::Duplicate(_))
+    ));
+    // A member is held exclusively.
+    assert!(apply(&mut s, "mirror label gm1 vtbd0").is_err());
+    assert!(s.open("vtbd0", true, true, false).is_err());
+    insert(&mut s, "gm0", "vtbd1").unwrap();
+    s.run();
+    assert_eq!(st(&mut s).state, MirrorState::Complete);
+}
+
+#[test]
+fn destroy_stops_the_mirror() {
+    let (mut s, _disks) = testing::stack_with_disks(2, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    assert!(apply(&mut s, "mirror destroy gm0").is_err());
+    apply(&mut s, "mirror destroy -f gm0").unwrap();
+    assert_eq!(testing::read(&mut s, c, 0, 512), Err(BioError::Orphaned));
+    s.close(c).unwrap();
+    s.run();
+    for v in ["vtbd0", "vtbd1"] {
+        let p = s.find_provider(v).unwrap();
+        assert!(s.provider(p).access.is_zero());
+    }
+    // Clearing its members' metadata keeps it from coming back.
+    apply(&mut s, "mirror clear vtbd0 vtbd1").unwrap();
+}
+
+/// Disk images after a flush, as a power cut would leave them.
+fn durable(disks: &[FakeDiskHandle]) -> Vec<Vec<u8>> {
+    disks.iter().map(|d| d.durable()).collect()
+}
+
+/// A new stack over `images` with the standard classes, settled.
+fn restart(images: &[Vec<u8>]) -> (Stack, Vec<FakeDiskHandle>) {
+    let (mut s, disks) = testing::stack_from_images(images, 512);
+    ctl::register_classes(&mut s);
+    assert!(s.settle(1 << 20));
+    (s, disks)
+}
+
+#[test]
+fn restart_trusts_the_newest_generation_and_resyncs_a_stale_member() {
+    let (mut s, disks) = testing::stack_with_disks(2, 256 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let a = testing::pattern(1, 0, 65536);
+    testing::write(&mut s, c, 0, &a).unwrap();
+    // vtbd1 misses a write and is dropped.
+    disks[1].set_fail_writes(true);
+    let b = testing::pattern(2, 4096, 8192);
+    testing::write(&mut s, c, 4096, &b).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    let gen = st(&mut s).generation;
+    let mut img = durable(&disks);
+    assert!(img[1][4096..4096 + 8192] != b[..]);
+    let mut expect = a.clone();
+    expect[4096..4096 + 8192].copy_from_slice(&b);
+    // Whatever order the disks come in, the stale one is not trusted.
+    for round in 0..2 {
+        let (mut s2, d2) = restart(&img);
+        let m = st(&mut s2);
+        assert_eq!(m.state, MirrorState::Complete, "round {round}");
+        assert!(m.generation > gen);
+        let c2 = s2.open("mirror/gm0", true, true, false).unwrap();
+        for _ in 0..4 {
+            assert_eq!(testing::read(&mut s2, c2, 0, 65536).unwrap(), expect);
+        }
+        for d in &d2 {
+            assert!(d.contents()[..65536] == expect[..], "round {round}");
+        }
+        assert_zero_maps(&s2, "mirror/gm0");
+        img.reverse();
+    }
+}
+
+#[test]
+fn restart_with_a_member_missing_runs_degraded_and_takes_it_back() {
+    let (mut s, disks) = testing::stack_with_disks(2, 256 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    testing::write(&mut s, c, 0, &testing::pattern(1, 0, 8192)).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    let img = durable(&disks);
+    // Only vtbd0 is there at boot: the mirror starts degraded and records
+    // a new generation, so vtbd1 is stale when it turns up.
+    let (mut s2, _d2) = restart(&img[..1]);
+    assert_eq!(st(&mut s2).state, MirrorState::Degraded);
+    let c2 = s2.open("mirror/gm0", true, true, false).unwrap();
+    let newer = testing::pattern(2, 0, 8192);
+    testing::write(&mut s2, c2, 0, &newer).unwrap();
+    let (d, h) = FakeDisk::new(256 << 10, 512, 9);
+    h.write_at(0, &img[1]);
+    DiskGeom::create(&mut s2, "vtbd1", Box::new(d)).unwrap();
+    assert!(s2.settle(1 << 20));
+    s2.run();
+    let m = st(&mut s2);
+    assert_eq!((m.state, m.members.len()), (MirrorState::Complete, 2));
+    assert!(h.contents()[..8192] == newer[..]);
+}
+
+#[test]
+fn restart_resumes_an_interrupted_resync_at_its_recorded_offset() {
+    let size = 3 * SYNC_PERSIST_BYTES;
+    let (mut s, disks) = testing::stack_with_disks(3, size, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let data = testing::pattern(4, 0, 65536);
+    testing::write(&mut s, c, SYNC_PERSIST_BYTES + 4096, &data).unwrap();
+    let mut clock = 1;
+    s.set_now_ns(clock);
+    apply(&mut s, "mirror insert gm0 vtbd2").unwrap();
+    // Copy until the first checkpoint is on vtbd2.
+    for _ in 0..100_000 {
+        clock += 1;
+        s.set_now_ns(clock);
+        s.run();
+        let r = meta_of(&disks[2].contents()).unwrap();
+        if r.params[1] >= SYNC_PERSIST_BYTES {
+            break;
+        }
+    }
+    testing::flush(&mut s, c).unwrap();
+    let img = durable(&disks);
+    let r = meta_of(&img[2]).unwrap();
+    assert_eq!(r.flags & FLAG_SYNCHRONIZING, FLAG_SYNCHRONIZING);
+    let resume_at = r.params[1];
+    assert!(resume_at >= SYNC_PERSIST_BYTES && resume_at < size);
+    // After the restart the copy goes on from there, not from zero.
+    let (mut s2, d2) = testing::stack_from_images(&img, 512);
+    ctl::register_classes(&mut s2);
+    let source_reads: u64;
+    {
+        assert!(s2.settle(1 << 20));
+        source_reads = d2[0].stats().reads + d2[1].stats().reads;
+    }
+    let media = st(&mut s2).media_size;
+    assert_eq!(st(&mut s2).state, MirrorState::Complete);
+    let full = media.div_ceil(SYNC_CHUNK_BYTES);
+    assert!(
+        source_reads < full,
+        "copied {source_reads} chunks of {full}: restarted from zero"
+    );
+    assert!(d2[2].contents()[..media as usize] == d2[0].contents()[..media as usize]);
+}
+
+#[test]
+fn assembly_plan_follows_generations() {
+    use crate::taste::Member as Tasted;
+    let rec = |index: u32, generation: u64, flags: u32, sync: u64| Tasted {
+        provider: crate::bio::ProviderId(index),
+        meta: MetaRepr {
+            class: "mirror".into(),
+            name: "gm0".into(),
+            id: 7,
+            generation,
+            member_index: index,
+            member_count: 3,
+            member_size: 1 << 20,
+            sector_size: 512,
+            flags,
+            params: [2, sync, (1 << 20) - 512, 512, 0, 0, 0, 0],
+        },
+    };
+    let p = label::plan(&[rec(0, 5, 0, 0), rec(1, 4, 0, 0), rec(2, 5, 1, 8192 + 100)]).unwrap();
+    assert_eq!(p.sync_from, vec![None, Some(0), Some(8192)]);
+    assert_eq!((p.generation, p.wanted, p.bump), (5, 3, true));
+    let p = label::plan(&[rec(0, 5, 0, 0), rec(2, 5, 0, 0)]).unwrap();
+    assert_eq!(p.sync_from, vec![None, None]);
+    assert!(p.bump, "a missing member changes the member set");
+    assert!(label::plan(&[rec(0, 3, 0, 0), rec(1, 5, 1, 0)]).is_err());
+    assert!(label::complete_set(&[
+        rec(0, 5, 0, 0),
+        rec(1, 5, 0, 0),
+        rec(2, 5, 0, 0)
+    ]));
+    assert!(!label::complete_set(&[
+        rec(0, 5, 0, 0),
+        rec(1, 4, 0, 0),
+        rec(2, 5, 0, 0)
+    ]));
+    assert!(!label::complete_set(&[rec(0, 5, 0, 0), rec(1, 5, 0, 0)]));
+}
+
+/// Runs `ops` in batches of up to four non-overlapping requests against
+/// the mirror and `model`, ticking the clock between batches (so a
+/// resync advances by a bounded share), and checks every read, and that
+/// a flush made every active member's contents stable.
+fn run_ops(
+    s: &mut Stack,
+    c: ConsumerId,
+    model: &mut [u8],
+    ops: &[Op],
+    clock: &mut u64,
+    disks: &[FakeDiskHandle],
+) {
+    let sectors = model.len() as u64 / SECTOR;
+    let clip = |op: &Op| match *op {
+        Op::Read { at, len } => {
+            let at = at % sectors;
+            Op::Read {
+                at,
+                len: len.clamp(1, sectors - at),
+            }
+        }
+        Op::Write { at, len, seed } => {
+            let at = at % sectors;
+            Op::Write {
+                at,
+                len: len.clamp(1, sectors - at),
+                seed,
+            }
+        }
+        Op::Flush => Op::Flush,
+    };
+    let range = |op: &Op| match *op {
+        Op::Read { at, len } | Op::Write { at, len, .. } => {
+            Some((at * SECTOR, (at + len) * SECTOR))
+        }
+        Op::Flush => None,
+    };
+    let ops: Vec<Op> = ops.iter().map(clip).collect();
+    let mut i = 0;
+    while i < ops.len() {
+        let mut batch: Vec<&Op> = Vec::new();
+        while i < ops.len() && batch.len() < 4 {
+            let op = &ops[i];
+            let clash = batch.iter().any(|b| match (range(b), range(op)) {
+                (Some((bs, be)), Some((s0, e0))) => {
+                    (matches!(b, Op::Write { .. }) || matches!(op, Op::Write { .. }))
+                        && s0 < be
+                        && bs < e0
+                }
+                _ => true,
+            });
+            if clash && !batch.is_empty() {
+                break;
+            }
+            batch.push(op);
+            i += 1;
+        }
+        *clock += 1;
+        s.set_now_ns(*clock);
+        for (tag, op) in batch.iter().enumerate() {
+            let bio = match **op {
+                Op::Read { at, len } => Bio::read(at * SECTOR, len * SECTOR),
+                Op::Write { at, len, seed } => testing::write_bio(
+                    at * SECTOR,
+                    &testing::pattern(seed, at * SECTOR, (len * SECTOR) as usize),
+                ),
+                Op::Flush => Bio::flush(),
+            };
+            s.submit(c, bio, tag as u64);
+        }
+        for (tag, bio, r) in testing::wait_all(s, batch.len()) {
+            let op = batch[tag as usize];
+            assert_eq!(r, Ok(()), "{op:?} failed");
+            match *op {
+                Op::Read { at, len } => {
+                    let (a, e) = ((at * SECTOR) as usize, ((at + len) * SECTOR) as usize);
+                    assert!(
+                        testing::bio_bytes(&bio) == model[a..e],
+                        "read {at}+{len} differs"
+                    );
+                }
+                Op::Write { at, len, seed } => {
+                    let (a, e) = ((at * SECTOR) as usize, ((at + len) * SECTOR) as usize);
+                    model[a..e].copy_from_slice(&testing::pattern(seed, a as u64, e - a));
+                }
+                Op::Flush => {
+                    for m in st(s).members {
+                        let d = &disks[m.provider[4..].parse::<usize>().unwrap()];
+                        if m.state == MemberState::Active {
+                            assert!(d.durable() == d.contents(), "flush missed {}", m.provider);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a member is lost in the property test.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// Its next few requests fail.
+    Errors(u32),
+    /// Every write fails.
+    Writes,
+    /// Everything fails.
+    Dead,
+    /// Its provider is orphaned.
+    Orphan,
+}
+
+fn loss() -> impl Strategy<Value = Loss> {
+    prop_oneof![
+        (1u32..4).prop_map(Loss::Errors),
+        Just(Loss::Writes),
+        Just(Loss::Dead),
+        Just(Loss::Orphan),
+    ]
+}
+
+fn balance() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        Just("load"),
+        Just("round-robin"),
+        Just("prefer"),
+        Just("split")
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random reads, writes and flushes checked against a flat byte
+    /// array: first on a whole mirror, then after a member was lost in
+    /// the middle of the run, then while a new member is copied onto.
+    /// At the end the new member alone holds the model's bytes, and the
+    /// mirror never mapped or copied data.
+    #[test]
+    fn model_through_a_failure_and_a_resync(
+        balance in balance(),
+        victim in 0usize..2,
+        how in loss(),
+        before in testing::ops(2048, 64, 24),
+        during in testing::ops(2048, 64, 24),
+        resync in testing::ops(2048, 64, 48),
+        depth in 1usize..8,
+    ) {
+        let (mut s, disks) = testing::stack_with_disks(3, 1 << 20, 512);
+        for d in &disks {
+            d.set_depth(depth);
+        }
+        apply(&mut s, &alloc::format!("mirror label -b {balance} gm0 vtbd0 vtbd1")).unwrap();
+        let c = s.open("mirror/gm0", true, true, false).unwrap();
+        let media = st(&mut s).media_size as usize;
+        let mut model = vec![0u8; media];
+        let mut clock = 0;
+        run_ops(&mut s, c, &mut model, &before, &mut clock, &disks);
+        match how {
+            Loss::Errors(n) => disks[victim].fail_next(n),
+            Loss::Writes => disks[victim].set_fail_writes(true),
+            Loss::Dead => disks[victim].set_dead(true),
+            Loss::Orphan => {
+                let p = s.find_provider(&alloc::format!("vtbd{victim}")).unwrap();
+                s.orphan(p);
+            }
+        }
+        run_ops(&mut s, c, &mut model, &during, &mut clock, &disks);
+        // Make sure the loss showed (a few failing requests may all have
+        // missed the victim): a write covering everything.
+        disks[victim].set_dead(true);
+        testing::write(&mut s, c, 0, &model).unwrap();
+        let m = st(&mut s);
+        prop_assert_eq!(m.state, MirrorState::Degraded);
+        prop_assert_eq!(m.members.len(), 1);
+        apply(&mut s, "mirror insert gm0 vtbd2").unwrap();
+        run_ops(&mut s, c, &mut model, &resync, &mut clock, &disks);
+        finish_resync(&mut s, &mut clock);
+        let m = st(&mut s);
+        prop_assert_eq!(m.state, MirrorState::Complete);
+        prop_assert!(disks[2].contents()[..media] == model[..], "the new member differs from the model");
+        // Take the old survivor away: the new member serves alone.
+        let survivor = 1 - victim;
+        disks[survivor].set_dead(true);
+        let got = testing::read(&mut s, c, 0, media).unwrap();
+        prop_assert!(got == model, "reads from the new member differ");
+        assert_zero_maps(&s, "mirror/gm0");
+    }
+}
+
+#[test]
+fn after_a_remove_the_members_left_reassemble_complete() {
+    let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
+    apply(&mut s, "mirror remove gm0 vtbd0").unwrap();
+    assert!(
+        meta_of(&disks[0].contents()).is_none(),
+        "metadata not cleared"
+    );
+    // The members left take places 0 and 1 of 2.
+    let left: Vec<(u32, u32)> = disks[1..]
+        .iter()
+        .map(|d| {
+            let r = meta_of(&d.contents()).unwrap();
+            (r.member_index, r.member_count)
+        })
+        .collect();
+    assert_eq!(left, vec![(0, 2), (1, 2)]);
+    let (mut s2, _) = restart(&durable(&disks));
+    let m = st(&mut s2);
+    assert_eq!((m.state, m.members.len()), (MirrorState::Complete, 2));
+    assert!(s2
+        .find_provider("vtbd0")
+        .is_some_and(|p| s2.provider(p).access.is_zero()));
+}

@@ -1,0 +1,508 @@
+//! Classes, tasting and assembly: how labelled geoms find their members
+//! at boot, in whatever order disks appear, and whenever a provider appears
+//! live.
+//!
+//! ```text
+//!  add_provider ─▶ new_providers ─▶ run(): read last sector (async, through
+//!                                   the stack's own consumer, read access)
+//!                                          │ completion
+//!                                          ▼
+//!        MetaRepr::parse ─▶ class named in the record: Class::taste
+//!                                          │ Member
+//!                                          ▼
+//!        group by (class, geom name, id) ─▶ Class::ready(members, settled)
+//!                                          │ true
+//!                                          ▼
+//!                              Class::assemble(stack, members) ─▶ geom
+//! ```
+//!
+//! `settled` is true once no taste read is outstanding: at boot every disk
+//! has been read, so a class that can run degraded (mirror) waits for it
+//! before assembling with members missing; stripe and concat need all
+//! members and do not care. A member that appears after its geom was
+//! assembled goes to [`Class::join`] (mirror: a returning disk).
+//!
+//! Labelling is the other direction: [`Stack::write_meta`] writes a record
+//! into a provider's last sector (FUA, so it is stable when it completes).
+//!
+//! To add a class with metadata: implement [`Class`] (only `name` and
+//! `assemble` are required), register it with [`Stack::register_class`]
+//! (the standard set is registered by [`crate::ctl::register_classes`]),
+//! and write its records with [`Stack::write_meta`] from its label command.
+
+use crate::bio::{Bio, BioCmd, BioResult, ConsumerId, GeomId, Owner, ProviderId};
+use crate::config::Statement;
+use crate::ctl::CtlError;
+use crate::meta::{MetaError, MetaRepr};
+use crate::page::SgList;
+use crate::stack::{GeomState, Stack, StackError};
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// What a class makes of a provider whose last sector names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TasteAction {
+    /// Not a member (stale record, size changed since labelling, …).
+    Ignore,
+    /// A member: group it with the others of its geom.
+    Member,
+}
+
+/// A tasted member: the provider and the record found on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The member provider.
+    pub provider: ProviderId,
+    /// Its metadata.
+    pub meta: MetaRepr,
+}
+
+/// True when `members` holds every index `0..member_count` of the first
+/// member's count (the rule for classes that cannot run degraded).
+pub fn all_present(members: &[Member]) -> bool {
+    let Some(first) = members.first() else {
+        return false;
+    };
+    let n = first.meta.member_count;
+    (0..n).all(|i| members.iter().any(|m| m.meta.member_index == i))
+}
+
+/// A GEOM class as the stack sees it: its name, how it tastes, how it
+/// assembles from metadata, and its control commands.
+pub trait Class {
+    /// The class name, as written in metadata and in config lines.
+    fn name(&self) -> &'static str;
+
+    /// Decides whether `provider`, whose last sector holds `meta` naming
+    /// this class, is a member. The default accepts it when the provider's
+    /// size and sector size are the ones recorded at label time.
+    fn taste(&mut self, stack: &Stack, provider: ProviderId, meta: &MetaRepr) -> TasteAction {
+        let spec = &stack.provider(provider).spec;
+        if spec.media_size == meta.member_size && spec.sector_size == meta.sector_size {
+            TasteAction::Member
+        } else {
+            TasteAction::Ignore
+        }
+    }
+
+    /// Whether the members gathered so far (one per index; of equal index
+    /// the highest generation is kept) are enough to assemble. `settled`
+    /// is true once no taste read is outstanding. The default wants all.
+    fn ready(&self, members: &[Member], settled: bool) -> bool {
+        let _ = settled;
+        all_present(members)
+    }
+
+    /// Builds the geom from its members (sorted by member index).
+    fn assemble(&mut self, stack: &mut Stack, members: &[Member]) -> Result<GeomId, StackError>;
+
+    /// A member of a geom that is already live (assembled, or labelled
+    /// in this session: any live geom of this class with the record's
+    /// name, so compare `member.meta.id` if it matters) has appeared. The
+    /// default ignores it (the same disk seen through a pass-through geom,
+    /// for instance).
+    fn join(&mut self, stack: &mut Stack, geom: GeomId, member: Member) {
+        let _ = (stack, geom, member);
+    }
+
+    /// Carries out a config statement for this class (see
+    /// [`crate::ctl::apply`]). The default refuses.
+    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
+        let _ = (stack, stmt);
+        Err(CtlError::NotSupported(String::from(self.name())))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GroupKey {
+    class: String,
+    name: String,
+    id: u64,
+}
+
+struct Group {
+    key: GroupKey,
+    members: Vec<Member>,
+}
+
+enum StackIo {
+    Taste(ProviderId, ConsumerId),
+    Write(ProviderId, ConsumerId),
+}
+
+/// Most lines kept in the taste log.
+const LOG_LINES: usize = 64;
+
+/// The stack's tasting state: registered classes, reads in flight, groups
+/// waiting for members, and a short log.
+#[derive(Default)]
+pub(crate) struct TasteState {
+    classes: Vec<Option<Box<dyn Class>>>,
+    io: Vec<Option<StackIo>>,
+    groups: Vec<Group>,
+    assembled: Vec<(GroupKey, GeomId)>,
+    log: VecDeque<String>,
+    write_errors: u64,
+}
+
+impl TasteState {
+    fn log(&mut self, line: String) {
+        if self.log.len() == LOG_LINES {
+            self.log.pop_front();
+        }
+        self.log.push_back(line);
+    }
+
+    fn pending_reads(&self) -> bool {
+        self.io
+            .iter()
+            .flatten()
+            .any(|io| matches!(io, StackIo::Taste(..)))
+    }
+}
+
+impl Stack {
+    /// Registers a class: it will taste every provider that appears from
+    /// now on, and [`crate::ctl::apply`] sends it its statements. Providers
+    /// that exist already are tasted again on the next run.
+    pub fn register_class(&mut self, class: Box<dyn Class>) {
+        if self.class_index(class.name()).is_some() {
+            return;
+        }
+        self.taste.classes.push(Some(class));
+        let listed: Vec<ProviderId> = self.providers().map(|(id, _)| id).collect();
+        for p in listed {
+            if !self.core.new_providers.contains(&p) {
+                self.core.new_providers.push(p);
+            }
+        }
+    }
+
+    fn class_index(&self, name: &str) -> Option<usize> {
+        self.taste
+            .classes
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.name() == name))
+    }
+
+    /// Names of the registered classes.
+    pub fn class_names(&self) -> Vec<&'static str> {
+        self.taste
+            .classes
+            .iter()
+            .flatten()
+            .map(|c| c.name())
+            .collect()
+    }
+
+    /// Runs `f` with the registered class `name` taken out of the stack,
+    /// so it can change the stack; `None` if there is no such class.
+    pub fn with_class<R>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut dyn Class, &mut Stack) -> R,
+    ) -> Option<R> {
+        let i = self.class_index(name)?;
+        let mut class = self.taste.classes[i].take()?;
+        let r = f(class.as_mut(), self);
+        self.taste.classes[i] = Some(class);
+        Some(r)
+    }
+
+    /// Recent tasting and labelling events, oldest first.
+    pub fn taste_log(&self) -> impl Iterator<Item = &str> {
+        self.taste.log.iter().map(|s| s.as_str())
+    }
+
+    /// Metadata writes that failed since boot.
+    pub fn meta_write_errors(&self) -> u64 {
+        self.taste.write_errors
+    }
+
+    /// True while the stack's own reads and writes (tasting, labelling)
+    /// are outstanding or providers wait to be tasted.
+    pub fn tasting(&self) -> bool {
+        !self.core.new_providers.is_empty() && !self.taste.classes.is_empty()
+            || self.taste.io.iter().any(|s| s.is_some())
+    }
+
+    /// Runs the stack until tasting and labelling are done, at most
+    /// `max_rounds` rounds of [`Stack::run`] (devices complete
+    /// asynchronously, so this spins while they work). Returns false if
+    /// they were not done by then.
+    pub fn settle(&mut self, max_rounds: u32) -> bool {
+        for _ in 0..max_rounds {
+            self.run();
+            if !self.tasting() {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn stack_io(&mut self, io: StackIo) -> u64 {
+        if let Some(i) = self.taste.io.iter().position(|s| s.is_none()) {
+            self.taste.io[i] = Some(io);
+            i as u64
+        } else {
+            self.taste.io.push(Some(io));
+            self.taste.io.len() as u64 - 1
+        }
+    }
+
+    /// Starts a taste read of every provider added since the last round.
+    /// Returns true if any was started.
+    pub(crate) fn taste_new_providers(&mut self) -> bool {
+        if self.core.new_providers.is_empty() {
+            return false;
+        }
+        if self.taste.classes.is_empty() {
+            self.core.new_providers.clear();
+            return false;
+        }
+        let mut any = false;
+        for p in core::mem::take(&mut self.core.new_providers) {
+            let Some(prov) = self.get_provider(p) else {
+                continue;
+            };
+            let sector = u64::from(prov.spec.sector_size);
+            let tasteable = self.geoms[prov.geom.0 as usize]
+                .as_ref()
+                .is_some_and(|g| g.tasteable());
+            if prov.orphaned || prov.spec.media_size < 2 * sector || !tasteable {
+                continue;
+            }
+            let at = prov.spec.media_size - sector;
+            let c = self.core.attach(None, p);
+            if self.core.access(c, 1, 0, 0).is_err() {
+                let _ = self.core.detach(c);
+                continue;
+            }
+            let cookie = self.stack_io(StackIo::Taste(p, c));
+            self.core
+                .push_start(c, Bio::read(at, sector), Owner::Stack, cookie);
+            any = true;
+        }
+        any
+    }
+
+    /// Writes `meta` (or, for `None`, zeroes) into the last sector of
+    /// `provider`, with FUA. The write completes on a later run; its
+    /// failure is logged and counted ([`Stack::meta_write_errors`]). The
+    /// stack holds write access on the provider until then.
+    pub fn write_meta(
+        &mut self,
+        provider: ProviderId,
+        meta: Option<&MetaRepr>,
+    ) -> Result<(), StackError> {
+        let prov = self.provider(provider);
+        let sector = prov.spec.sector_size as usize;
+        let name = prov.spec.name.clone();
+        if prov.spec.media_size < 2 * sector as u64 {
+            return Err(StackError::Invalid(format!(
+                "provider '{name}' is too small to hold metadata"
+            )));
+        }
+        let at = prov.spec.media_size - sector as u64;
+        let bytes = match meta {
+            Some(m) => m
+                .to_sector(sector)
+                .map_err(|e| StackError::Invalid(format!("metadata for '{name}': {e}")))?,
+            None => vec![0u8; sector],
+        };
+        let c = self.core.attach(None, provider);
+        if let Err(e) = self.core.access(c, 0, 1, 0) {
+            let _ = self.core.detach(c);
+            return Err(e);
+        }
+        let sg = SgList::alloc(sector);
+        sg.copy_from_slice(0, &bytes[..sector], &self.core.meta_counters);
+        let mut bio = Bio::with_data(BioCmd::Write, at, sg);
+        bio.fua = true;
+        let cookie = self.stack_io(StackIo::Write(provider, c));
+        self.core.push_start(c, bio, Owner::Stack, cookie);
+        Ok(())
+    }
+
+    /// A completion of the stack's own I/O.
+    pub(crate) fn stack_io_done(&mut self, cookie: u64, bio: Bio, result: BioResult) {
+        let Some(io) = self
+            .taste
+            .io
+            .get_mut(cookie as usize)
+            .and_then(|s| s.take())
+        else {
+            return;
+        };
+        match io {
+            StackIo::Write(p, c) => {
+                let _ = self.core.detach(c);
+                if let Err(e) = result {
+                    self.taste.write_errors += 1;
+                    let name = self.provider_name(p);
+                    self.taste
+                        .log(format!("metadata write to {name} failed: {e:?}"));
+                }
+            }
+            StackIo::Taste(p, c) => {
+                let _ = self.core.detach(c);
+                if result.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; bio.length as usize];
+                bio.sg.copy_to_slice(0, &mut buf, &self.core.meta_counters);
+                match MetaRepr::from_bytes(&buf) {
+                    Ok(meta) => self.tasted(p, meta),
+                    Err(MetaError::NoMagic) => {}
+                    Err(e) => {
+                        let name = self.provider_name(p);
+                        self.taste.log(format!("{name}: metadata refused: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn provider_name(&self, p: ProviderId) -> String {
+        self.get_provider(p)
+            .map_or_else(|| String::from("?"), |p| p.spec.name.clone())
+    }
+
+    fn tasted(&mut self, p: ProviderId, meta: MetaRepr) {
+        let pname = self.provider_name(p);
+        let class_name = meta.class.clone();
+        let action = self.with_class(&class_name, |class, stack| class.taste(stack, p, &meta));
+        match action {
+            None => {
+                self.taste
+                    .log(format!("{pname}: metadata of unknown class '{class_name}'"));
+                return;
+            }
+            Some(TasteAction::Ignore) => {
+                self.taste.log(format!(
+                    "{pname}: {class_name} metadata for '{}' ignored",
+                    meta.name
+                ));
+                return;
+            }
+            Some(TasteAction::Member) => {}
+        }
+        let key = GroupKey {
+            class: meta.class.clone(),
+            name: meta.name.clone(),
+            id: meta.id,
+        };
+        self.taste.log(format!(
+            "{pname}: member {} of {} {}/{}",
+            meta.member_index, meta.member_count, key.class, key.name
+        ));
+        let member = Member { provider: p, meta };
+        // A geom of this name that is live already (assembled earlier, or
+        // labelled in this session) gets the member through join.
+        let live = self
+            .taste
+            .assembled
+            .iter()
+            .find(|(k, g)| *k == key && self.geom_state(*g) == GeomState::Live)
+            .map(|(_, g)| *g)
+            .or_else(|| self.find_geom(&key.class, &key.name));
+        if let Some(g) = live {
+            self.with_class(&class_name, |class, stack| class.join(stack, g, member));
+            return;
+        }
+        let gi = match self.taste.groups.iter().position(|g| g.key == key) {
+            Some(i) => i,
+            None => {
+                self.taste.groups.push(Group {
+                    key,
+                    members: Vec::new(),
+                });
+                self.taste.groups.len() - 1
+            }
+        };
+        let members = &mut self.taste.groups[gi].members;
+        match members
+            .iter()
+            .position(|m| m.meta.member_index == member.meta.member_index)
+        {
+            Some(i) if members[i].meta.generation < member.meta.generation => members[i] = member,
+            Some(_) => {}
+            None => {
+                members.push(member);
+                members.sort_by_key(|m| m.meta.member_index);
+            }
+        }
+        self.try_assemble(gi, false);
+    }
+
+    /// Assembles group `gi` if its class says it is ready.
+    fn try_assemble(&mut self, gi: usize, settled: bool) -> bool {
+        let class_name = self.taste.groups[gi].key.class.clone();
+        let members = self.taste.groups[gi].members.clone();
+        let ready = self
+            .with_class(&class_name, |class, _| class.ready(&members, settled))
+            .unwrap_or(false);
+        if !ready {
+            return false;
+        }
+        let group = self.taste.groups.remove(gi);
+        let result = self.with_class(&class_name, |class, stack| {
+            class.assemble(stack, &group.members)
+        });
+        match result {
+            Some(Ok(g)) => {
+                self.taste
+                    .log(format!("assembled {}/{}", group.key.class, group.key.name));
+                self.taste.assembled.push((group.key, g));
+            }
+            Some(Err(e)) => self.taste.log(format!(
+                "cannot assemble {}/{}: {e}",
+                group.key.class, group.key.name
+            )),
+            None => {}
+        }
+        true
+    }
+
+    /// Once no taste read is outstanding, offers every waiting group to
+    /// its class with `settled` set. Returns true if any was assembled.
+    pub(crate) fn taste_settle(&mut self) -> bool {
+        if self.taste.groups.is_empty()
+            || self.taste.pending_reads()
+            || !self.core.new_providers.is_empty()
+        {
+            return false;
+        }
+        let mut any = false;
+        let mut i = 0;
+        while i < self.taste.groups.len() {
+            if self.try_assemble(i, true) {
+                any = true;
+            } else {
+                i += 1;
+            }
+        }
+        any
+    }
+
+    /// Labelled geoms waiting for members: (class, name, members found,
+    /// members wanted).
+    pub fn incomplete_geoms(&self) -> Vec<(String, String, usize, u32)> {
+        self.taste
+            .groups
+            .iter()
+            .map(|g| {
+                (
+                    g.key.class.clone(),
+                    g.key.name.clone(),
+                    g.members.len(),
+                    g.members.first().map_or(0, |m| m.meta.member_count),
+                )
+            })
+            .collect()
+    }
+}

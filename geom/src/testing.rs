@@ -1,0 +1,522 @@
+//! Test support: a fake block device that completes out of order and
+//! fails on demand (the SPDK raid5f unit-test pattern), and helpers that
+//! drive a stack synchronously. Built for this crate's tests and, with
+//! the `testing` feature, for other crates' tests.
+//!
+//! ```text
+//!  test ─▶ FakeDiskHandle ─(shared state)─ FakeDisk ◀─ DiskGeom ◀─ stack
+//!          contents, faults, hold            submit: queue
+//!                                            poll: run a random subset
+//!                                                  of the queue, in
+//!                                                  random order
+//! ```
+//!
+//! The fake has a volatile cache: `contents()` is what reads see,
+//! `durable()` is what survived the last FLUSH.
+
+use crate::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId};
+use crate::disk::{vtbd_name, BlockDevice, DiskGeom, DiskInfo};
+use crate::page::{DataCounters, SgList};
+use crate::stack::Stack;
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+use rand_core::{Rng, SeedableRng};
+use rand_xorshift::XorShiftRng;
+
+/// Rounds of [`Stack::run`] a helper waits for a completion before it
+/// declares the stack hung.
+pub const MAX_ROUNDS: usize = 100_000;
+
+/// What a fake disk has seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeStats {
+    /// Reads executed.
+    pub reads: u64,
+    /// Writes executed.
+    pub writes: u64,
+    /// Flushes executed.
+    pub flushes: u64,
+    /// Discards and write-zeroes executed.
+    pub frees: u64,
+    /// Requests failed.
+    pub failed: u64,
+    /// Most requests queued at once.
+    pub max_queued: usize,
+}
+
+struct State {
+    info: DiskInfo,
+    data: Vec<u8>,
+    durable: Vec<u8>,
+    queue: Vec<Bio>,
+    rng: XorShiftRng,
+    reorder: bool,
+    depth: usize,
+    hold: bool,
+    dead: bool,
+    fail_next: u32,
+    fail_writes: bool,
+    stats: FakeStats,
+    /// The device's own view of data (a DMA engine, not a map on the path).
+    dma: DataCounters,
+}
+
+impl State {
+    fn execute(&mut self, bio: &Bio) -> BioResult {
+        if self.dead || (self.fail_writes && bio.cmd.is_write()) {
+            self.stats.failed += 1;
+            return Err(BioError::Io);
+        }
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            self.stats.failed += 1;
+            return Err(BioError::Io);
+        }
+        let (o, n) = (bio.offset as usize, bio.length as usize);
+        if bio.cmd != BioCmd::Flush && o + n > self.data.len() {
+            return Err(BioError::OutOfRange);
+        }
+        match bio.cmd {
+            BioCmd::Read => {
+                self.stats.reads += 1;
+                bio.sg.copy_from_slice(0, &self.data[o..o + n], &self.dma);
+            }
+            BioCmd::Write => {
+                self.stats.writes += 1;
+                bio.sg.copy_to_slice(0, &mut self.data[o..o + n], &self.dma);
+            }
+            BioCmd::Flush => {
+                self.stats.flushes += 1;
+                self.durable.copy_from_slice(&self.data);
+            }
+            BioCmd::Discard | BioCmd::WriteZeroes => {
+                self.stats.frees += 1;
+                self.data[o..o + n].fill(0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A memory-backed [`BlockDevice`] that completes requests later, out of
+/// order, and fails them when told to.
+pub struct FakeDisk {
+    state: Arc<spin::Mutex<State>>,
+}
+
+/// The test's handle on a [`FakeDisk`] that was handed to the stack.
+#[derive(Clone)]
+pub struct FakeDiskHandle {
+    state: Arc<spin::Mutex<State>>,
+}
+
+impl FakeDisk {
+    /// A zeroed disk of `size_bytes` with `sector_size` sectors, flush and
+    /// discard support, completing out of order with generator `seed`.
+    pub fn new(size_bytes: u64, sector_size: u32, seed: u64) -> (FakeDisk, FakeDiskHandle) {
+        let state = Arc::new(spin::Mutex::new(State {
+            info: DiskInfo {
+                size_bytes,
+                sector_size,
+                can_flush: true,
+                can_discard: true,
+                can_write_zeroes: true,
+                read_only: false,
+            },
+            data: vec![0; size_bytes as usize],
+            durable: vec![0; size_bytes as usize],
+            queue: Vec::new(),
+            rng: XorShiftRng::seed_from_u64(seed),
+            reorder: true,
+            depth: 16,
+            hold: false,
+            dead: false,
+            fail_next: 0,
+            fail_writes: false,
+            stats: FakeStats::default(),
+            dma: DataCounters::new(),
+        }));
+        (
+            FakeDisk {
+                state: state.clone(),
+            },
+            FakeDiskHandle { state },
+        )
+    }
+}
+
+impl BlockDevice for FakeDisk {
+    fn info(&self) -> DiskInfo {
+        self.state.lock().info.clone()
+    }
+
+    fn submit(&mut self, bio: Bio) -> Result<(), Bio> {
+        let mut st = self.state.lock();
+        if st.queue.len() >= st.depth {
+            return Err(bio);
+        }
+        st.queue.push(bio);
+        st.stats.max_queued = st.stats.max_queued.max(st.queue.len());
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize {
+        let mut finished = Vec::new();
+        {
+            let mut st = self.state.lock();
+            if st.hold || st.queue.is_empty() {
+                return 0;
+            }
+            let n = if st.reorder {
+                1 + (st.rng.next_u32() as usize) % st.queue.len()
+            } else {
+                st.queue.len()
+            };
+            for _ in 0..n {
+                let i = if st.reorder {
+                    (st.rng.next_u32() as usize) % st.queue.len()
+                } else {
+                    0
+                };
+                let bio = st.queue.remove(i);
+                let r = st.execute(&bio);
+                finished.push((bio, r));
+            }
+        }
+        let n = finished.len();
+        for (bio, r) in finished {
+            done(bio, r);
+        }
+        n
+    }
+}
+
+impl FakeDiskHandle {
+    /// What reads see now.
+    pub fn contents(&self) -> Vec<u8> {
+        self.state.lock().data.clone()
+    }
+
+    /// What the last FLUSH made stable.
+    pub fn durable(&self) -> Vec<u8> {
+        self.state.lock().durable.clone()
+    }
+
+    /// Writes bytes straight onto the medium (setting up a test).
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) {
+        let mut st = self.state.lock();
+        let o = offset as usize;
+        st.data[o..o + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// What the disk has done.
+    pub fn stats(&self) -> FakeStats {
+        self.state.lock().stats.clone()
+    }
+
+    /// Requests waiting in the device.
+    pub fn queued(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    /// Makes every request fail with EIO (true) or work again (false).
+    pub fn set_dead(&self, dead: bool) {
+        self.state.lock().dead = dead;
+    }
+
+    /// Makes every write fail with EIO (true) or work again (false).
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.state.lock().fail_writes = fail;
+    }
+
+    /// Fails the next `n` requests with EIO.
+    pub fn fail_next(&self, n: u32) {
+        self.state.lock().fail_next = n;
+    }
+
+    /// Holds completions back (true) until released (false).
+    pub fn hold(&self, hold: bool) {
+        self.state.lock().hold = hold;
+    }
+
+    /// Completes in submission order (false) or out of order (true).
+    pub fn set_reorder(&self, reorder: bool) {
+        self.state.lock().reorder = reorder;
+    }
+
+    /// Sets the device queue depth (the disk geom parks what does not fit).
+    pub fn set_depth(&self, depth: usize) {
+        self.state.lock().depth = depth.max(1);
+    }
+
+    /// Bytes the fake itself mapped (its stand-in for DMA).
+    pub fn dma_bytes(&self) -> u64 {
+        self.state.lock().dma.bytes_mapped()
+    }
+}
+
+/// A stack with `n` fake disks vtbd0… of `size_bytes` and `sector_size`.
+pub fn stack_with_disks(
+    n: usize,
+    size_bytes: u64,
+    sector_size: u32,
+) -> (Stack, Vec<FakeDiskHandle>) {
+    let mut s = Stack::new();
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let (d, h) = FakeDisk::new(size_bytes, sector_size, 0x1000 + i as u64);
+        DiskGeom::create(&mut s, &vtbd_name(i), Box::new(d)).expect("fresh disk name");
+        handles.push(h);
+    }
+    (s, handles)
+}
+
+/// A stack whose disks vtbd0… start with the given images.
+pub fn stack_from_images(images: &[Vec<u8>], sector_size: u32) -> (Stack, Vec<FakeDiskHandle>) {
+    let mut s = Stack::new();
+    let mut handles = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let (d, h) = FakeDisk::new(img.len() as u64, sector_size, 0x2000 + i as u64);
+        h.write_at(0, img);
+        DiskGeom::create(&mut s, &vtbd_name(i), Box::new(d)).expect("fresh disk name");
+        handles.push(h);
+    }
+    (s, handles)
+}
+
+/// Runs the stack until an external completion appears; panics if none
+/// does within [`MAX_ROUNDS`] (a hang is a bug).
+pub fn wait(stack: &mut Stack) -> (u64, Bio, BioResult) {
+    for _ in 0..MAX_ROUNDS {
+        if let Some(c) = stack.take_completed() {
+            return c;
+        }
+        stack.run();
+    }
+    panic!("no completion after {MAX_ROUNDS} rounds: the stack hangs");
+}
+
+/// Runs the stack until `n` completions came back; returns them by tag.
+pub fn wait_all(stack: &mut Stack, n: usize) -> Vec<(u64, Bio, BioResult)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(wait(stack));
+    }
+    out.sort_by_key(|c| c.0);
+    out
+}
+
+/// Client-side counters for test data (kept apart from the stack's).
+fn client() -> DataCounters {
+    DataCounters::new()
+}
+
+/// A write bio carrying `data`.
+pub fn write_bio(offset: u64, data: &[u8]) -> Bio {
+    let sg = SgList::alloc(data.len());
+    sg.copy_from_slice(0, data, &client());
+    Bio::with_data(BioCmd::Write, offset, sg)
+}
+
+/// The bytes a completed read carries.
+pub fn bio_bytes(bio: &Bio) -> Vec<u8> {
+    let mut out = vec![0; bio.length as usize];
+    bio.sg.copy_to_slice(0, &mut out, &client());
+    out
+}
+
+/// Runs one bio to completion.
+pub fn io(stack: &mut Stack, c: ConsumerId, bio: Bio) -> (Bio, BioResult) {
+    stack.submit(c, bio, u64::MAX);
+    let (tag, bio, r) = wait(stack);
+    assert_eq!(tag, u64::MAX, "a completion of another request came back");
+    (bio, r)
+}
+
+/// Writes `data` at `offset` and waits.
+pub fn write(stack: &mut Stack, c: ConsumerId, offset: u64, data: &[u8]) -> BioResult {
+    io(stack, c, write_bio(offset, data)).1
+}
+
+/// Reads `len` bytes at `offset` and waits.
+pub fn read(
+    stack: &mut Stack,
+    c: ConsumerId,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, BioError> {
+    let (bio, r) = io(stack, c, Bio::read(offset, len as u64));
+    r.map(|_| bio_bytes(&bio))
+}
+
+/// Flushes and waits.
+pub fn flush(stack: &mut Stack, c: ConsumerId) -> BioResult {
+    io(stack, c, Bio::flush()).1
+}
+
+/// One step of a model-based test, in sectors.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Read `len` sectors at `at`.
+    Read {
+        /// First sector.
+        at: u64,
+        /// Sectors.
+        len: u64,
+    },
+    /// Write `len` sectors at `at` with a pattern made from `seed`.
+    Write {
+        /// First sector.
+        at: u64,
+        /// Sectors.
+        len: u64,
+        /// Pattern seed.
+        seed: u8,
+    },
+    /// Flush.
+    Flush,
+}
+
+impl Op {
+    fn range(&self, sector: u64) -> Option<(u64, u64)> {
+        match *self {
+            Op::Read { at, len } | Op::Write { at, len, .. } => {
+                Some((at * sector, (at + len) * sector))
+            }
+            Op::Flush => None,
+        }
+    }
+
+    fn is_write(&self) -> bool {
+        matches!(self, Op::Write { .. })
+    }
+}
+
+/// The bytes a [`Op::Write`] carries.
+pub fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x =
+                (offset + i).wrapping_mul(0x9e37_79b9) ^ u64::from(seed).wrapping_mul(0x85eb_ca6b);
+            (x >> 7) as u8
+        })
+        .collect()
+}
+
+/// Runs `ops` against the provider behind `c` and against a flat byte
+/// array, and checks every read against the array. Ops are issued in
+/// batches of up to four at once; a batch never holds a write that
+/// overlaps another op of the batch, so the model's order is the only
+/// possible one. After each flush every disk in `disks` must have made
+/// everything it holds durable (the flush reached them all).
+pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDiskHandle]) {
+    let p = stack.consumer_provider(c);
+    let size = stack.provider(p).spec.media_size;
+    let sector = u64::from(stack.provider(p).spec.sector_size);
+    let mut model = vec![0u8; size as usize];
+    // Start from what the provider holds.
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(1 << 20);
+        let got = read(stack, c, at, n as usize).expect("initial read");
+        model[at as usize..(at + n) as usize].copy_from_slice(&got);
+        at += n;
+    }
+    let clip = |op: &Op| -> Op {
+        let sectors = size / sector;
+        match *op {
+            Op::Read { at, len } => {
+                let at = at % sectors;
+                Op::Read {
+                    at,
+                    len: len.clamp(1, sectors - at),
+                }
+            }
+            Op::Write { at, len, seed } => {
+                let at = at % sectors;
+                Op::Write {
+                    at,
+                    len: len.clamp(1, sectors - at),
+                    seed,
+                }
+            }
+            Op::Flush => Op::Flush,
+        }
+    };
+    let ops: Vec<Op> = ops.iter().map(clip).collect();
+    let mut i = 0;
+    while i < ops.len() {
+        let mut batch: Vec<&Op> = Vec::new();
+        while i < ops.len() && batch.len() < 4 {
+            let op = &ops[i];
+            if matches!(op, Op::Flush) {
+                if batch.is_empty() {
+                    batch.push(op);
+                    i += 1;
+                }
+                break;
+            }
+            let (s, e) = op.range(sector).expect("data op");
+            let clash = batch.iter().any(|b| {
+                let (bs, be) = b.range(sector).expect("data op");
+                (b.is_write() || op.is_write()) && s < be && bs < e
+            });
+            if clash {
+                break;
+            }
+            batch.push(op);
+            i += 1;
+        }
+        for (tag, op) in batch.iter().enumerate() {
+            let bio = match **op {
+                Op::Read { at, len } => Bio::read(at * sector, len * sector),
+                Op::Write { at, len, seed } => write_bio(
+                    at * sector,
+                    &pattern(seed, at * sector, (len * sector) as usize),
+                ),
+                Op::Flush => Bio::flush(),
+            };
+            stack.submit(c, bio, tag as u64);
+        }
+        for (tag, bio, r) in wait_all(stack, batch.len()) {
+            assert_eq!(r, Ok(()), "{:?} failed", batch[tag as usize]);
+            match *batch[tag as usize] {
+                Op::Read { at, len } => {
+                    let (s, e) = ((at * sector) as usize, ((at + len) * sector) as usize);
+                    assert!(
+                        bio_bytes(&bio) == model[s..e],
+                        "read {at}+{len} differs from the model"
+                    );
+                }
+                Op::Write { at, len, seed } => {
+                    let (s, e) = ((at * sector) as usize, ((at + len) * sector) as usize);
+                    model[s..e].copy_from_slice(&pattern(seed, s as u64, e - s));
+                }
+                Op::Flush => {
+                    for d in disks {
+                        assert!(d.durable() == d.contents(), "a flush did not reach a disk");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A proptest strategy for ops over a provider of up to `sectors` sectors,
+/// each op at most `max_len` sectors.
+#[cfg(test)]
+pub fn ops(
+    sectors: u64,
+    max_len: u64,
+    n: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        4 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Read { at, len }),
+        4 => (0..sectors, 1..=max_len, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
+        1 => Just(Op::Flush),
+    ];
+    proptest::collection::vec(op, 1..n)
+}
