@@ -68,7 +68,8 @@ test)
 bench)
     install_deps bench
     cargo build --release -q -p image --bin strata
-    exec cargo run --release -q -p strata-tests --bin bench -- "$@"
+    cargo run --release -q -p strata-tests --bin bench -- "$@"
+    exec cargo run --release -q -p strata-tests --bin bench_layers -- "$@"
     ;;
 *)
     echo "usage: tests/strata.sh run|test|bench [options]" >&2

@@ -7,6 +7,7 @@
 
 pub mod concat;
 pub mod md;
+pub mod mirror;
 pub mod nop;
 pub mod stripe;
 
@@ -94,4 +95,3 @@ pub fn tasted_members(
         .map(|m| (m.provider, stack.provider(m.provider).spec.clone()))
         .collect()
 }
-pub mod mirror;

@@ -160,13 +160,11 @@ fn main() {
         ("stripe", "stripe/s0"),
         ("mirror", "mirror/gm0"),
     ];
-    let mut served_total = 0u64;
     let before = a.http_get("/metrics");
     for (export, _) in exports {
         let uri = a.uri(export);
         nbdcopy(&src, &uri);
         nbdcopy(&uri, "null:");
-        served_total += 2 * (size << 20);
     }
     let after = a.http_get("/metrics");
     let delta = |name: &str, provider: &str| -> u64 {
@@ -182,8 +180,12 @@ fn main() {
         "{:<8} {:<12} {:>14} {:>14} {:>12} {:>12}",
         "class", "provider", "mapped", "copied", "mapped/B", "copied/B"
     );
+    let mut served_total = 0u64;
     for (class, provider) in exports {
-        let served = (2 * (size << 20)) as f64;
+        // Bytes served: what the export's provider read and wrote.
+        let served_bytes = delta("read_bytes", provider) + delta("written_bytes", provider);
+        served_total += served_bytes;
+        let served = served_bytes.max(1) as f64;
         let mapped = delta("mapped_bytes", provider);
         let copied = delta("copied_bytes", provider);
         println!(
@@ -200,7 +202,7 @@ fn main() {
         "-",
         engine,
         "-",
-        engine as f64 / served_total as f64
+        engine as f64 / served_total.max(1) as f64
     );
     let _ = a.stop();
 }
