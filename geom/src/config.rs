@@ -172,8 +172,8 @@ pub enum Statement {
     MirrorCreate {
         /// Geom name.
         name: String,
-        /// Members; the first is the source of a resync onto the others
-        /// when they differ.
+        /// Members, all trusted as equal (as gmirror's label does); a disk
+        /// with other contents joins with `mirror insert` instead.
         providers: Vec<String>,
         /// Read balancing, or the class default.
         balance: Option<MirrorBalance>,
