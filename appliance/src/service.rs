@@ -73,12 +73,38 @@ pub struct LiveError {
     pub applied: usize,
 }
 
-/// The 1-based column of the first word on line `line` of `text`.
-fn first_column(text: &str, line: usize) -> usize {
-    text.lines()
-        .nth(line.saturating_sub(1))
-        .and_then(|l| l.chars().position(|c| !c.is_whitespace()))
-        .map_or(1, |c| c + 1)
+/// The 1-based column an error on line `line` of `text` points at: the
+/// last word the message quotes that the line has (`cannot export 'x': no
+/// provider named 'vtbd9'` points at `vtbd9`), else the line's first word.
+fn error_column(text: &str, line: usize, message: &str) -> usize {
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return 1;
+    };
+    let code = l.split('#').next().unwrap_or("");
+    // (column, word) for each word of the line.
+    let mut words: Vec<(usize, &str)> = Vec::new();
+    let mut start = None;
+    for (col, (byte, ch)) in code
+        .char_indices()
+        .chain(core::iter::once((code.len(), ' ')))
+        .enumerate()
+    {
+        match (ch.is_whitespace(), start) {
+            (false, None) => start = Some((col, byte)),
+            (true, Some((c, from))) => {
+                start = None;
+                words.push((c + 1, &code[from..byte]));
+            }
+            _ => {}
+        }
+    }
+    let quoted: Vec<&str> = message.split('\'').skip(1).step_by(2).collect();
+    quoted
+        .iter()
+        .rev()
+        .find_map(|q| words.iter().find(|(_, w)| w == q).map(|(c, _)| *c))
+        .or(words.first().map(|(c, _)| *c))
+        .unwrap_or(1)
 }
 
 /// Appends `names` to `out` as JSON strings separated by commas.
@@ -415,7 +441,6 @@ impl Service {
         let _ = write!(out, "{},\"results\":[", config.lines.len());
         for (i, l) in config.lines.iter().enumerate() {
             let before = self.provider_states();
-            let column = first_column(text, l.line);
             let r = match &l.stmt {
                 Statement::ExportNbd {
                     name,
@@ -425,15 +450,13 @@ impl Service {
                 Statement::Net(_) => Err(String::from(
                     "network settings apply at boot only (put them in the config file)",
                 )),
-                stmt => ctl::apply(&mut self.stack, stmt)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                stmt => ctl::apply(&mut self.stack, stmt).map_err(|e| e.to_string()),
             };
             if let Err(message) = r {
                 return Err(LiveError {
                     error: ConfigError {
                         line: l.line,
-                        column,
+                        column: error_column(text, l.line, &message),
                         message,
                     },
                     applied: i,
@@ -951,7 +974,7 @@ mod tests {
         );
         assert_eq!(code, 400);
         assert!(
-            body.contains("line 2, column 2: cannot export 'x'"),
+            body.contains("line 2, column 15: cannot export 'x'"),
             "{body}"
         );
         assert!(body.contains("\"applied\":1"), "{body}");

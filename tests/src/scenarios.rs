@@ -347,13 +347,14 @@ fn differing_sectors(a: &std::path::Path, b: &std::path::Path) -> usize {
 }
 
 /// Every pattern the stacked scenario writes, as qemu-io read commands.
-const STACK_PATTERNS: [&str; 6] = [
+const STACK_PATTERNS: [&str; 7] = [
     "read -P 0x11 0 1M",
     "read -P 0x33 1M 1M",
     "read -P 0x22 5180k 320k",
     "read -P 0x44 9M 256k",
+    "read -P 0x66 16M 2M",
     "read -P 0x55 12M 192k",
-    "read -P 0 20M 64k",
+    "read -P 0 24M 64k",
 ];
 
 /// The stacked config: a stripe over two mirrors, one of whose members is a
@@ -367,7 +368,8 @@ export nbd vol stripe/st0
 ";
 
 /// Stripe over mirror over nop over five disks, served over NBD:
-/// patterns written and verified while a nop member starts failing, the
+/// patterns written and verified while a nop member starts failing (after
+/// a count of good requests, in the middle of one client run), the
 /// mirror degrades and keeps the data; a fresh disk is added live and
 /// resynced; after a clean restart whose config names only the nop and the
 /// export, the labelled geoms reassemble from their metadata and the data
@@ -393,16 +395,40 @@ pub fn stacked_mirror_failover_resync_restart(p: Platform) {
     for g in ["st0", "gm0", "gm1", "vtbd0.nop"] {
         assert!(find_geom(&topo, g).is_some(), "geom {g} in {topo}");
     }
+    let st0 = find_geom(&topo, "st0").unwrap();
+    assert_eq!(st0["providers"][0]["name"], "stripe/st0", "{st0}");
+    assert!(
+        st0["providers"][0]["media_size"].as_u64() > Some(30 << 20),
+        "{st0}"
+    );
+    assert_eq!(
+        st0["providers"][0]["access"]["w"], 1,
+        "the export writes: {st0}"
+    );
     let c = consumer_names(&topo, "gm0");
     assert!(
         c.contains(&"vtbd0.nop".to_string()) && c.contains(&"vtbd1".to_string()),
         "gm0 consumers {c:?}"
     );
 
-    // The nop member starts failing every read and write.
-    a.geom(&["nop configure -w 100 -r 100 vtbd0.nop"]);
-    qemu_io(&vol, &["write -P 0x33 1M 1M", "write -P 0x44 9M 256k"]);
-    qemu_io(&vol, &STACK_PATTERNS[..4]);
+    // The nop member lets 2 more requests through (the stripe sends each
+    // mirror one bio per client request), then fails every read and
+    // write: failures start in the middle of one qemu-io run, whose writes
+    // and reads must all succeed with the right data.
+    a.geom(&["nop configure -w 100 -r 100 -c 2 vtbd0.nop"]);
+    qemu_io(
+        &vol,
+        &[
+            "write -P 0x33 1M 1M",
+            "write -P 0x44 9M 256k",
+            "write -P 0x66 16M 2M",
+            "read -P 0x11 0 1M",
+            "read -P 0x33 1M 1M",
+            "read -P 0x22 5180k 320k",
+            "read -P 0x44 9M 256k",
+            "read -P 0x66 16M 2M",
+        ],
+    );
     let state = geom_state(&a.topology(), "gm0");
     assert!(state.contains("degraded"), "gm0 state: {state}");
     let st = a.status();
@@ -542,7 +568,7 @@ pub fn live_changes_and_forced_destroy(p: Platform) {
     let (code, body) = a.http_post("/geom", "md create -s 1m md1\nnop create vtbd9\n");
     assert_eq!(code, 400, "{body}");
     assert!(
-        body.contains("line 2, column 1") && body.contains("vtbd9"),
+        body.contains("line 2, column 12") && body.contains("vtbd9"),
         "{body}"
     );
     assert!(body.contains("\"applied\":1"), "{body}");
