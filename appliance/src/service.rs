@@ -28,6 +28,7 @@ use geom::bio::{Bio, BioResult, ConsumerId};
 use geom::class::md::MdGeom;
 use geom::config::{Config, ConfigError, Statement};
 use geom::ctl;
+use geom::ctl::json_escape;
 use geom::disk::{vtbd_name, BlockDevice, DiskGeom};
 use geom::page::DataCounters;
 use geom::stack::{ProviderStats, Stack};
@@ -107,6 +108,13 @@ fn error_column(text: &str, line: usize, message: &str) -> usize {
         .unwrap_or(1)
 }
 
+/// Points a configuration error found while building the stack (whose
+/// column is 1) at the word of `text` it is about.
+pub fn locate_error(text: &str, e: ConfigError) -> ConfigError {
+    let column = error_column(text, e.line, &e.message);
+    ConfigError { column, ..e }
+}
+
 /// Appends `names` to `out` as JSON strings separated by commas.
 fn json_names<'a>(out: &mut String, names: impl Iterator<Item = &'a str>) {
     for (i, n) in names.enumerate() {
@@ -143,7 +151,19 @@ impl Service {
     /// every disk is exported under its own name, or a 256 MiB md0 when
     /// there is no disk.
     pub fn new(config: &Config, disks: Vec<Box<dyn BlockDevice>>) -> Result<Service, ConfigError> {
+        Service::with_seed(config, disks, 0)
+    }
+
+    /// [`Service::new`] with a seed for the stack's random numbers (the
+    /// unique ids of labelled geoms): platforms pass something that
+    /// differs from boot to boot.
+    pub fn with_seed(
+        config: &Config,
+        disks: Vec<Box<dyn BlockDevice>>,
+        seed: u64,
+    ) -> Result<Service, ConfigError> {
         let mut stack = Stack::new();
+        stack.seed_random(seed);
         let mut disk_list = Vec::new();
         for (i, dev) in disks.into_iter().enumerate() {
             let name = vtbd_name(i);
@@ -759,22 +779,6 @@ impl Service {
         let _ = writeln!(s, "strata_nbd_connections {}", self.nbd.len());
         s
     }
-}
-
-/// Escapes a string for a JSON string literal or a Prometheus label.
-fn json_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

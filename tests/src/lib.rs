@@ -437,3 +437,6 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
 }
 /// Scenarios shared by the QEMU and hosted tests.
 pub mod scenarios;
+
+/// Helpers shared by the benchmark programs.
+pub mod bench;

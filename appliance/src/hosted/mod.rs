@@ -195,7 +195,14 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
             .map_err(|e| format!("cannot open disk {}: {e}", p.display()))?;
         disks.push(Box::new(d));
     }
-    let mut svc = Service::new(&config, disks).map_err(|e| format!("config error: {e}"))?;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let mut svc = Service::with_seed(&config, disks, seed).map_err(|e| {
+        let e = crate::service::locate_error(opts.config_text.as_deref().unwrap_or(""), e);
+        format!("config error: {e}")
+    })?;
     let nbd_listener = listen(opts.nbd_port)?;
     let http_listener = listen(opts.http_port)?;
     install_signal_handlers();

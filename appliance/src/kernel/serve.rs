@@ -50,9 +50,11 @@ fn fatal(msg: &str) -> ! {
     super::exit_qemu(false)
 }
 
-fn config_from_boot(boot: &BootInfo) -> Config {
+/// The config handed over as boot module 0, with its text (empty when there
+/// is none); a config that does not parse stops the appliance here.
+fn config_from_boot(boot: &BootInfo) -> (Config, &'static str) {
     let Some(bytes) = boot.config else {
-        return Config::default();
+        return (Config::default(), "");
     };
     let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     let text = match core::str::from_utf8(&bytes[..end]) {
@@ -70,7 +72,7 @@ fn config_from_boot(boot: &BootInfo) -> Config {
         }
     };
     match geom::config::parse(text) {
-        Ok(c) => c,
+        Ok(c) => (c, text),
         Err(e) => {
             super::console_write(&alloc::format!("strata: config error: {e}\n"));
             super::exit_qemu(false)
@@ -119,7 +121,7 @@ fn status() -> PlatformStatus {
 
 /// Runs the appliance; never returns.
 pub fn serve(boot: BootInfo) -> ! {
-    let config = config_from_boot(&boot);
+    let (config, config_text) = config_from_boot(&boot);
     let probe = drivers::ProbeConfig {
         acpi: boot.rsdp != 0,
         ..Default::default()
@@ -157,9 +159,13 @@ pub fn serve(boot: BootInfo) -> ! {
         super::enable_pci_intx();
     }
 
-    let mut svc = match Service::new(&config, disks) {
+    // The TSC under the clock differs from boot to boot: good enough to
+    // keep labelled geoms' ids apart.
+    let seed = super::now_ns() ^ boot.tsc_hz.rotate_left(32);
+    let mut svc = match Service::with_seed(&config, disks, seed) {
         Ok(s) => s,
         Err(e) => {
+            let e = crate::service::locate_error(config_text, e);
             super::console_write(&alloc::format!("strata: config error: {e}\n"));
             super::exit_qemu(false)
         }

@@ -10,29 +10,8 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use strata_tests::bench::{mb, nbdcopy, random_file};
 use strata_tests::{free_port, strata_bin, Platform, Start, TempDir};
-
-fn mb() -> u64 {
-    std::env::var("STRATA_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
-}
-
-/// Seconds `nbdcopy SRC DST` takes; panics if it fails.
-fn nbdcopy(src: &str, dst: &str) -> f64 {
-    let t = Instant::now();
-    let o = Command::new("nbdcopy")
-        .args(["--connections=1", src, dst])
-        .output()
-        .expect("run nbdcopy");
-    assert!(
-        o.status.success(),
-        "nbdcopy {src} {dst}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    t.elapsed().as_secs_f64()
-}
 
 struct Row {
     name: String,
@@ -49,22 +28,6 @@ fn measure(name: &str, uri: &str, src_file: &str) -> Row {
         write_mbs: size / w,
         read_mbs: size / r,
     }
-}
-
-fn random_file(dir: &TempDir) -> String {
-    let p = dir.path("random.bin");
-    let st = Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            &format!("of={}", p.display()),
-            "bs=1M",
-            &format!("count={}", mb()),
-            "status=none",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    p.display().to_string()
 }
 
 fn start_to_ready(machine: &str) -> Option<f64> {

@@ -10,47 +10,8 @@
 //! Run with `cargo run --release -p strata-tests --bin bench_layers`.
 //! `STRATA_BENCH_MB` changes the size (default 64).
 
-use std::process::Command;
-use std::time::Instant;
+use strata_tests::bench::{mb, nbdcopy, random_file};
 use strata_tests::{Appliance, Platform, Start, TempDir};
-
-fn mb() -> u64 {
-    std::env::var("STRATA_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
-}
-
-/// Seconds `nbdcopy SRC DST` takes; panics if it fails.
-fn nbdcopy(src: &str, dst: &str) -> f64 {
-    let t = Instant::now();
-    let o = Command::new("nbdcopy")
-        .args(["--connections=1", src, dst])
-        .output()
-        .expect("run nbdcopy");
-    assert!(
-        o.status.success(),
-        "nbdcopy {src} {dst}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    t.elapsed().as_secs_f64()
-}
-
-fn random_file(dir: &TempDir) -> String {
-    let p = dir.path("random.bin");
-    let st = Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            &format!("of={}", p.display()),
-            "bs=1M",
-            &format!("count={}", mb()),
-            "status=none",
-        ])
-        .status()
-        .expect("run dd");
-    assert!(st.success());
-    p.display().to_string()
-}
 
 /// The config for `depth` pass-through layers over vtbd0, and the
 /// provider on top.
