@@ -125,7 +125,10 @@ pub fn config_error_refused(p: Platform) {
         .spawn()
         .err()
         .expect("a missing provider must be refused");
-    assert!(err.contains("line 1, column 16") && err.contains("vtbd7"), "{err}");
+    assert!(
+        err.contains("line 1, column 16") && err.contains("vtbd7"),
+        "{err}"
+    );
 }
 
 fn raw(port: u16) -> TcpStream {
