@@ -275,6 +275,7 @@ impl Service {
         let cfg = nbd::ServerConfig {
             max_in_flight: 64,
             max_payload: MAX_PAYLOAD,
+            ..nbd::ServerConfig::default()
         };
         self.nbd.insert(id, nbd::Connection::new(cfg));
         id
@@ -303,18 +304,69 @@ impl Service {
         self.nbd.get_mut(&id).map_or(0, |c| c.fill_tx(buf))
     }
 
+    /// The output waiting on connection `id` as pieces for a vectored
+    /// send (see [`nbd::Connection::tx_pieces`]); read data comes as the
+    /// bios' own pages.
+    pub fn nbd_tx_pieces<'a>(
+        &'a mut self,
+        id: u32,
+        out: &mut Vec<nbd::TxPiece<'a>>,
+        max_pieces: usize,
+        max_bytes: usize,
+    ) {
+        if let Some(c) = self.nbd.get_mut(&id) {
+            c.tx_pieces(out, max_pieces, max_bytes);
+        }
+    }
+
+    /// Records that `n` bytes from [`Service::nbd_tx_pieces`] were sent.
+    pub fn nbd_tx_advance(&mut self, id: u32, n: usize) {
+        if let Some(c) = self.nbd.get_mut(&id) {
+            c.tx_advance(n);
+        }
+    }
+
+    /// Pages the next input of connection `id` belongs in, when it is
+    /// write payload (see [`nbd::Connection::rx_pieces`]); returns the
+    /// bytes they cover (0: use [`Service::nbd_recv`]).
+    pub fn nbd_rx_pieces<'a>(
+        &'a self,
+        id: u32,
+        out: &mut Vec<nbd::PageSlice<'a>>,
+        max_pieces: usize,
+    ) -> usize {
+        self.nbd
+            .get(&id)
+            .map_or(0, |c| c.rx_pieces(out, max_pieces))
+    }
+
+    /// Records that `n` bytes were received straight into the pages from
+    /// [`Service::nbd_rx_pieces`].
+    pub fn nbd_rx_filled(&mut self, id: u32, n: usize) {
+        if let Some(c) = self.nbd.get_mut(&id) {
+            c.rx_filled(n);
+        }
+    }
+
     /// True once connection `id` is done and may be closed.
     pub fn nbd_finished(&self, id: u32) -> bool {
         self.nbd.get(&id).is_none_or(|c| c.is_finished())
     }
 
-    /// True when connection `id` owes its peer nothing: no request in
-    /// flight and no reply waiting. A peer that closed its side while idle
-    /// can then be let go without a DISC.
-    pub fn nbd_idle(&self, id: u32) -> bool {
-        self.nbd
-            .get(&id)
-            .is_none_or(|c| c.in_flight() == 0 && !c.has_tx())
+    /// Tells every NBD connection the time (milliseconds, monotonic), for
+    /// the handshake and idle timeouts; call it every few hundred ms.
+    pub fn nbd_tick(&mut self, now_ms: u64) {
+        for c in self.nbd.values_mut() {
+            c.on_tick(now_ms);
+        }
+    }
+
+    /// The peer of connection `id` will send nothing more and every byte
+    /// it sent was fed: it finishes once the replies it is owed are sent.
+    pub fn nbd_input_closed(&mut self, id: u32) {
+        if let Some(c) = self.nbd.get_mut(&id) {
+            c.input_closed();
+        }
     }
 
     /// Forgets connection `id` (the peer went away or it finished). Bios it
@@ -417,6 +469,10 @@ impl Service {
     pub fn begin_shutdown(&mut self) {
         if self.shutdown.is_some() {
             return;
+        }
+        // New NBD requests and options are refused with ESHUTDOWN.
+        for c in self.nbd.values_mut() {
+            c.begin_shutdown();
         }
         let mut n = 0;
         for (e, info) in self.exports.iter().zip(&self.infos) {

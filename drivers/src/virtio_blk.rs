@@ -606,6 +606,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                 return Err(BioError::NotSupported)
             }
             BioCmd::Discard | BioCmd::WriteZeroes => {}
+            // Answered by the disk geom (virtio-blk has no such request).
+            BioCmd::GetAllocation => return Err(BioError::NotSupported),
         }
         if bio.cmd.is_write() && self.info.read_only {
             return Err(BioError::Access);
@@ -691,6 +693,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                     chunk.next,
                 )
             }
+            // Refused by `check` before it gets here.
+            BioCmd::GetAllocation => return Step::Done,
             BioCmd::Flush => {
                 if b.issued > 0 {
                     return Step::Done;
@@ -728,7 +732,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                         0,
                     )
                 } else {
-                    let f = if limits.write_zeroes_unmap {
+                    // A zeroing that must stay allocated never unmaps.
+                    let f = if limits.write_zeroes_unmap && !b.bio.no_hole {
                         WZ_FLAG_UNMAP
                     } else {
                         0

@@ -22,6 +22,10 @@ pub enum BioCmd {
     Discard,
     /// The range must read back as zeroes.
     WriteZeroes,
+    /// Report which parts of the range hold data, in [`Bio::extents`];
+    /// changes nothing (NBD's `base:allocation` block status). A provider
+    /// that cannot tell leaves `extents` empty: every byte counts as data.
+    GetAllocation,
 }
 
 impl BioCmd {
@@ -43,6 +47,7 @@ impl BioCmd {
             BioCmd::Flush => "flush",
             BioCmd::Discard => "discard",
             BioCmd::WriteZeroes => "write_zeroes",
+            BioCmd::GetAllocation => "get_allocation",
         }
     }
 }
@@ -85,6 +90,21 @@ impl BioError {
 
 /// Result of a bio.
 pub type BioResult = Result<(), BioError>;
+
+/// Most runs a provider reports for one [`BioCmd::GetAllocation`]; the
+/// answer then covers less than the whole range.
+pub const MAX_EXTENTS: usize = 16384;
+
+/// One run of bytes as a [`BioCmd::GetAllocation`] found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the run in bytes.
+    pub length: u64,
+    /// No storage is allocated to the run (a hole).
+    pub hole: bool,
+    /// The run reads back as zeroes.
+    pub zero: bool,
+}
 
 /// Identifies a geom within a [`crate::stack::Stack`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,12 +156,17 @@ pub struct Bio {
     pub length: u64,
     /// Force unit access: complete a write only once it is on stable storage.
     pub fua: bool,
+    /// For WRITE_ZEROES: keep the range allocated (do not punch a hole).
+    pub no_hole: bool,
     /// The data pages (empty for flush, discard and write-zeroes).
     pub sg: SgList,
     /// Scratch word for whoever holds the bio now (FreeBSD's
     /// `bio_driver1`): a geom may set it before handing the bio to a
     /// device and read it back on completion. Drivers leave it alone.
     pub tag: u64,
+    /// The answer to a [`BioCmd::GetAllocation`]: consecutive runs from
+    /// `offset` on, covering at most `length` bytes (empty otherwise).
+    pub extents: Vec<Extent>,
     pub(crate) frames: Vec<Frame>,
 }
 
@@ -158,8 +183,10 @@ impl Bio {
             offset,
             length: sg.len_bytes(),
             fua: false,
+            no_hole: false,
             sg,
             tag: 0,
+            extents: Vec::new(),
             frames: Vec::new(),
         }
     }
@@ -171,8 +198,10 @@ impl Bio {
             offset,
             length,
             fua: false,
+            no_hole: false,
             sg: SgList::new(),
             tag: 0,
+            extents: Vec::new(),
             frames: Vec::new(),
         }
     }
@@ -195,8 +224,10 @@ impl Bio {
             offset,
             length: len,
             fua: self.fua,
+            no_hole: self.no_hole,
             sg,
             tag: 0,
+            extents: Vec::new(),
             frames: Vec::new(),
         }
     }
@@ -210,8 +241,10 @@ impl Bio {
             offset,
             length,
             fua: self.fua,
+            no_hole: self.no_hole,
             sg,
             tag: 0,
+            extents: Vec::new(),
             frames: Vec::new(),
         }
     }

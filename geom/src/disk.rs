@@ -4,7 +4,8 @@
 //! driver in the appliance, a file in the hosted build, a fake in tests.
 //! The disk geom passes bios to it untouched (it never maps data), parks
 //! them when the device queue is full, and turns a write with FUA into a
-//! write followed by a flush, since virtio-blk has no FUA bit.
+//! write followed by a flush, since virtio-blk has no FUA bit. It answers
+//! GET_ALLOCATION itself from [`BlockDevice::allocation`].
 //!
 //! A device that fails [`DEFAULT_ERROR_LIMIT`] requests in a row is taken
 //! for dead: the disk geom orphans its provider, and the failure travels
@@ -49,6 +50,15 @@ pub trait BlockDevice {
 
     /// Hands every completed bio to `done`; returns how many there were.
     fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize;
+
+    /// Which parts of `[offset, offset + length)` hold data, as consecutive
+    /// runs from `offset` on (at most [`crate::bio::MAX_EXTENTS`]), for
+    /// [`BioCmd::GetAllocation`]; answered at once. The default knows
+    /// nothing: every byte counts as data.
+    fn allocation(&mut self, offset: u64, length: u64) -> alloc::vec::Vec<crate::bio::Extent> {
+        let _ = (offset, length);
+        alloc::vec::Vec::new()
+    }
 }
 
 /// Marks a flush the disk geom issued itself to make a FUA write stable;
@@ -169,6 +179,11 @@ impl Geom for DiskGeom {
             return;
         }
         if bio.cmd == BioCmd::Flush && !self.info.can_flush {
+            io.deliver(bio, Ok(()));
+            return;
+        }
+        if bio.cmd == BioCmd::GetAllocation {
+            bio.extents = self.dev.allocation(bio.offset, bio.length);
             io.deliver(bio, Ok(()));
             return;
         }

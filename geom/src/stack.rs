@@ -140,6 +140,8 @@ impl ProviderStats {
             BioCmd::Write => (&self.writes, Some(&self.bytes_written)),
             BioCmd::Flush => (&self.flushes, None),
             BioCmd::Discard | BioCmd::WriteZeroes => (&self.frees, None),
+            // A query: it moves no data and changes nothing.
+            BioCmd::GetAllocation => return,
         };
         ops.fetch_add(1, Ordering::Relaxed);
         if let Some(b) = bytes {

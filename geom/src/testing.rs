@@ -95,6 +95,8 @@ impl State {
                 self.stats.frees += 1;
                 self.data[o..o + n].fill(0);
             }
+            // The disk geom answers it; a device never sees it.
+            BioCmd::GetAllocation => {}
         }
         Ok(())
     }

@@ -435,6 +435,8 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     );
     o.stdout
 }
+/// NBD protocol scenarios (real clients and a raw client) for both platforms.
+pub mod nbd_clients;
 /// Scenarios shared by the QEMU and hosted tests.
 pub mod scenarios;
 

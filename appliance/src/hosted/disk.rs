@@ -3,40 +3,150 @@
 //! The file plays the part of a virtio disk: bios move between the file
 //! and their pages with vectored system calls on the pages' addresses (the
 //! hosted analogue of DMA descriptors), so the disk class still never maps.
-//! Each bio is executed when submitted and completed on the next poll, so
-//! the stack sees the same split-phase behaviour as with a real device.
+//! Like a device, the file works beside the event loop: large transfers,
+//! flushes and deallocation run on a few I/O threads, which hand the bio
+//! back and wake the loop through a [`Waker`]; small transfers (at most
+//! [`INLINE_MAX`] bytes, typically served from the page cache) run at once
+//! on the loop, where a thread hand-off would cost more than the copy.
+//! Either way a bio completes on a later poll, so the stack sees the same
+//! split-phase behaviour as with a real device.
+//!
+//! DISCARD punches a hole; WRITE_ZEROES punches one too unless the bio asks
+//! to stay allocated (`no_hole`), when it zeroes the range in place
+//! (`FALLOC_FL_ZERO_RANGE`, or plain writes of zeroes where the file
+//! system has no such call). Allocation queries use `SEEK_DATA` /
+//! `SEEK_HOLE`, so a sparse file reports its holes.
 
-use geom::bio::{Bio, BioCmd, BioError, BioResult};
+use geom::bio::{Bio, BioCmd, BioError, BioResult, Extent, MAX_EXTENTS};
 use geom::disk::{BlockDevice, DiskInfo};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::io::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
 
 /// Sector size the hosted disks report.
 pub const FILE_SECTOR_SIZE: u32 = 512;
 
+/// Largest read or write done on the event loop itself; larger ones, and
+/// every flush, discard and write-zeroes, go to the I/O threads.
+pub const INLINE_MAX: u64 = 32 << 10;
+
+/// I/O threads per disk.
+const IO_THREADS: usize = 2;
+
+/// Wakes the event loop from an I/O thread: an `eventfd(2)` the loop
+/// includes in its `poll(2)`.
+pub struct Waker(OwnedFd);
+
+impl Waker {
+    /// A new waker.
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: eventfd takes plain integers and returns a new descriptor
+        // (or -1), which we own from here on.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// The descriptor to poll for `POLLIN`.
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Makes the descriptor readable.
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to our eventfd.
+        unsafe {
+            libc::write(self.fd(), one.as_ptr() as *const libc::c_void, 8);
+        }
+    }
+
+    /// Makes the descriptor unreadable again (after a wake-up).
+    pub fn clear(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live local buffer from our
+        // non-blocking eventfd.
+        unsafe {
+            libc::read(self.fd(), buf.as_mut_ptr() as *mut libc::c_void, 8);
+        }
+    }
+}
+
+/// The open file, shared with the I/O threads.
+struct Backing {
+    file: File,
+}
+
 /// A block device backed by a regular file.
 pub struct FileDisk {
-    file: File,
+    backing: Arc<Backing>,
     size_bytes: u64,
+    /// Bios done on the loop, delivered on the next poll.
     done: VecDeque<(Bio, BioResult)>,
+    /// Work for the I/O threads (`None` without them: all inline).
+    jobs: Option<mpsc::Sender<Bio>>,
+    finished: mpsc::Receiver<(Bio, BioResult)>,
 }
 
 impl FileDisk {
     /// Opens `path` for reading and writing; its size is rounded down to
-    /// whole sectors.
-    pub fn open(path: &Path) -> io::Result<FileDisk> {
+    /// whole sectors. With a `waker`, large requests run on I/O threads
+    /// that wake the loop through it; without, everything runs inline.
+    pub fn open(path: &Path, waker: Option<Arc<Waker>>) -> io::Result<FileDisk> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
+        let backing = Arc::new(Backing { file });
+        let (done_tx, finished) = mpsc::channel();
+        let jobs = match waker {
+            Some(waker) => {
+                let (jobs, queue) = mpsc::channel::<Bio>();
+                let queue = Arc::new(Mutex::new(queue));
+                for i in 0..IO_THREADS {
+                    let (queue, backing, done_tx, waker) = (
+                        queue.clone(),
+                        backing.clone(),
+                        done_tx.clone(),
+                        waker.clone(),
+                    );
+                    std::thread::Builder::new()
+                        .name(format!("strata-io{i}"))
+                        .spawn(move || loop {
+                            // Ends when the disk (the sender) is dropped.
+                            let Ok(bio) = queue
+                                .lock()
+                                .map_err(|_| ())
+                                .and_then(|q| q.recv().map_err(|_| ()))
+                            else {
+                                return;
+                            };
+                            let r = backing.execute(&bio);
+                            if done_tx.send((bio, r)).is_err() {
+                                return;
+                            }
+                            waker.wake();
+                        })?;
+                }
+                Some(jobs)
+            }
+            None => None,
+        };
         Ok(FileDisk {
-            file,
+            backing,
             size_bytes: len - len % u64::from(FILE_SECTOR_SIZE),
             done: VecDeque::new(),
+            jobs,
+            finished,
         })
     }
+}
 
+impl Backing {
     fn iovecs(bio: &Bio) -> Vec<libc::iovec> {
         bio.sg
             .iter()
@@ -50,7 +160,7 @@ impl FileDisk {
     /// Moves the bio's data between the file and its pages.
     fn transfer(&self, bio: &Bio) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
-        let mut iov = FileDisk::iovecs(bio);
+        let mut iov = Backing::iovecs(bio);
         let mut at = 0usize;
         let mut offset = bio.offset;
         let mut left = bio.length as usize;
@@ -114,29 +224,61 @@ impl FileDisk {
         }
     }
 
+    /// Writes zeroes over a range with ordinary writes (the fallback when
+    /// the file system cannot zero a range itself).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let zeroes = vec![0u8; (len as usize).min(1 << 20)];
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(zeroes.len());
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, bio: &Bio) -> io::Result<()> {
+        const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        let (o, l) = (bio.offset, bio.length);
+        if bio.no_hole {
+            self.punch(o, l, ZERO).or_else(|_| self.write_zeroes(o, l))
+        } else {
+            self.punch(o, l, PUNCH)
+                .or_else(|_| self.punch(o, l, ZERO))
+                .or_else(|_| self.write_zeroes(o, l))
+        }
+    }
+
+    /// `lseek(2)` with `SEEK_DATA` or `SEEK_HOLE`.
+    fn seek(&self, pos: u64, whence: libc::c_int) -> io::Result<u64> {
+        // SAFETY: lseek takes plain integers and a descriptor we own; it
+        // touches no memory of ours.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos as libc::off_t, whence) };
+        u64::try_from(r).map_err(|_| io::Error::last_os_error())
+    }
+
     fn execute(&self, bio: &Bio) -> BioResult {
         let r = match bio.cmd {
             // FUA arrives as a write followed by a flush from the disk class.
             BioCmd::Read | BioCmd::Write => self.transfer(bio),
             BioCmd::Flush => self.file.sync_data(),
-            BioCmd::Discard => self.punch(
-                bio.offset,
-                bio.length,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            ),
-            BioCmd::WriteZeroes => self
+            // TRIM is advisory: a file system that cannot punch holes
+            // keeps the data, which is allowed (NBD proto.md NBD_CMD_TRIM).
+            BioCmd::Discard => self
                 .punch(
                     bio.offset,
                     bio.length,
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 )
-                .or_else(|_| {
-                    self.punch(
-                        bio.offset,
-                        bio.length,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    )
+                .or_else(|e| match e.raw_os_error() {
+                    Some(libc::EOPNOTSUPP) => Ok(()),
+                    _ => Err(e),
                 }),
+            BioCmd::WriteZeroes => self.zero(bio),
+            // Answered by the disk geom through `allocation`.
+            BioCmd::GetAllocation => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         };
         r.map_err(|e| {
             log::warn!(
@@ -166,16 +308,68 @@ impl BlockDevice for FileDisk {
     }
 
     fn submit(&mut self, bio: Bio) -> Result<(), Bio> {
-        let r = self.execute(&bio);
+        let inline = bio.cmd.has_data() && bio.length <= INLINE_MAX;
+        let bio = match &self.jobs {
+            Some(jobs) if !inline => match jobs.send(bio) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(bio)) => bio,
+            },
+            _ => bio,
+        };
+        let r = self.backing.execute(&bio);
         self.done.push_back((bio, r));
         Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize {
-        let n = self.done.len();
+        let mut n = 0;
         while let Some((bio, r)) = self.done.pop_front() {
             done(bio, r);
+            n += 1;
+        }
+        while let Ok((bio, r)) = self.finished.try_recv() {
+            done(bio, r);
+            n += 1;
         }
         n
+    }
+
+    fn allocation(&mut self, offset: u64, length: u64) -> Vec<Extent> {
+        let end = offset.saturating_add(length).min(self.size_bytes);
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, length: u64, hole: bool| {
+            if length == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.length += length,
+                _ => out.push(Extent {
+                    length,
+                    hole,
+                    zero: hole,
+                }),
+            }
+        };
+        let mut pos = offset;
+        while pos < end && out.len() < MAX_EXTENTS - 1 {
+            let data = match self.backing.seek(pos, libc::SEEK_DATA) {
+                Ok(d) => d.max(pos).min(end),
+                // No data from `pos` to the end of the file.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                // The file system cannot tell: the rest counts as data.
+                Err(_) => break,
+            };
+            push(&mut out, data - pos, true);
+            if data >= end {
+                break;
+            }
+            let hole = self
+                .backing
+                .seek(data, libc::SEEK_HOLE)
+                .map_or(end, |h| h.max(data).min(end));
+            push(&mut out, hole - data, false);
+            pos = hole;
+        }
+        out
     }
 }

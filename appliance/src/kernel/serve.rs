@@ -261,6 +261,7 @@ pub fn serve(boot: BootInfo) -> ! {
         progress |= iface.poll(now(), &mut nic.device, &mut sockets)
             == smoltcp::iface::PollResult::SocketStateChanged;
         let st = status();
+        svc.nbd_tick(st.uptime_ms);
         for s in slots.iter_mut() {
             progress |= pump_rx(s, &mut sockets, &mut svc, &st);
         }
@@ -413,7 +414,14 @@ fn pump_tx(s: &mut Slot, sockets: &mut SocketSet<'static>, svc: &mut Service) ->
         progress = true;
     }
     let finished = match s.kind {
-        Kind::Nbd => svc.nbd_finished(id) || (!sock.may_recv() && svc.nbd_idle(id)),
+        Kind::Nbd => {
+            // The peer's FIN, with every byte before it fed: requests cut
+            // short are dropped, replies owed still go out.
+            if !sock.may_recv() && sock.recv_queue() == 0 {
+                svc.nbd_input_closed(id);
+            }
+            svc.nbd_finished(id)
+        }
         Kind::Http => svc.http_finished(id),
     };
     if finished && sock.send_queue() == 0 && sock.state() != tcp::State::Closed {

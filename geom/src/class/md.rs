@@ -1,11 +1,12 @@
 //! The md class: a memory disk of a given size.
 //!
 //! Storage is a sparse array of pages, allocated on first write and freed
-//! by DISCARD and WRITE_ZEROES, so an untouched md costs no memory and
-//! reads back zeroes. md computes on data, so it maps: every byte it moves
+//! by DISCARD and WRITE_ZEROES (unless the zeroing asks to keep the range
+//! allocated), so an untouched md costs no memory and reads back zeroes.
+//! GET_ALLOCATION reports unallocated pages as holes that read as zeroes. md computes on data, so it maps: every byte it moves
 //! is counted as mapped and copied on its provider.
 
-use crate::bio::{Bio, BioCmd, ProviderId};
+use crate::bio::{Bio, BioCmd, Extent, ProviderId, MAX_EXTENTS};
 use crate::page::{PageData, PAGE_SIZE};
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
 use alloc::boxed::Box;
@@ -66,6 +67,42 @@ impl MdGeom {
         }
     }
 
+    /// Zeroes a range keeping every page of it allocated (WRITE_ZEROES
+    /// with `no_hole`).
+    fn zero_range(&mut self, offset: u64, len: u64) {
+        let pages = &mut self.pages;
+        MdGeom::pieces(offset, len, |idx, within, _, n| {
+            pages[idx]
+                .get_or_insert_with(|| Box::new(PageData([0; PAGE_SIZE])))
+                .0[within..within + n]
+                .fill(0);
+        });
+    }
+
+    /// Runs of allocated and unallocated pages over a range, merged, at
+    /// most [`MAX_EXTENTS`] of them.
+    fn allocation(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        let mut full = false;
+        MdGeom::pieces(offset, len, |idx, _, _, n| {
+            if full {
+                return;
+            }
+            let hole = self.pages[idx].is_none();
+            let count = out.len();
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.length += n as u64,
+                _ if count == MAX_EXTENTS => full = true,
+                _ => out.push(Extent {
+                    length: n as u64,
+                    hole,
+                    zero: hole,
+                }),
+            }
+        });
+        out
+    }
+
     fn free_range(&mut self, offset: u64, len: u64) {
         let pages = &mut self.pages;
         MdGeom::pieces(offset, len, |idx, within, _, n| {
@@ -111,7 +148,15 @@ impl Geom for MdGeom {
                 });
                 counters.add_copied(bio.length as usize);
             }
+            BioCmd::WriteZeroes if bio.no_hole => self.zero_range(bio.offset, bio.length),
             BioCmd::Discard | BioCmd::WriteZeroes => self.free_range(bio.offset, bio.length),
+            BioCmd::GetAllocation => {
+                let extents = self.allocation(bio.offset, bio.length);
+                let mut bio = bio;
+                bio.extents = extents;
+                io.deliver(bio, Ok(()));
+                return;
+            }
             BioCmd::Flush => {}
         }
         io.deliver(bio, Ok(()));
@@ -194,6 +239,35 @@ mod tests {
         assert!(got[1024..4096].iter().all(|&b| b == 0xab));
         assert!(got[4096..12288].iter().all(|&b| b == 0));
         assert!(got[12288..].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn allocation_reports_holes_and_no_hole_zeroing_keeps_pages() {
+        let mut s = Stack::new();
+        MdGeom::create(&mut s, "md0", 1 << 20).unwrap();
+        let c = s.open("md0", true, true, false).unwrap();
+        run_one(&mut s, c, write_bytes(8192, &[1; 8192])).1.unwrap();
+        let mut z = Bio::no_data(BioCmd::WriteZeroes, 32768, 4096);
+        z.no_hole = true;
+        run_one(&mut s, c, z).1.unwrap();
+        run_one(&mut s, c, Bio::no_data(BioCmd::WriteZeroes, 12288, 4096))
+            .1
+            .unwrap();
+        let (bio, r) = run_one(&mut s, c, Bio::no_data(BioCmd::GetAllocation, 4096, 40960));
+        r.unwrap();
+        let runs: Vec<(u64, bool)> = bio.extents.iter().map(|e| (e.length, e.hole)).collect();
+        assert_eq!(
+            runs,
+            alloc::vec![
+                (4096, true),
+                (4096, false),
+                (20480, true),
+                (4096, false),
+                (8192, true)
+            ]
+        );
+        assert!(bio.extents.iter().all(|e| e.zero == e.hole));
+        assert_eq!(read_bytes(&mut s, c, 32768, 4096), alloc::vec![0; 4096]);
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl NopGeom {
         let percent = match bio.cmd {
             BioCmd::Read => self.knobs.read_fail_percent,
             BioCmd::Write | BioCmd::Discard | BioCmd::WriteZeroes => self.knobs.write_fail_percent,
-            BioCmd::Flush => return false,
+            BioCmd::Flush | BioCmd::GetAllocation => return false,
         };
         if self.knobs.count_until_fail > 0 {
             self.knobs.count_until_fail -= 1;
@@ -257,6 +257,8 @@ impl Geom for NopGeom {
         match bio.cmd {
             BioCmd::Read => self.counters.reads += 1,
             BioCmd::Flush => self.counters.flushes += 1,
+            // A query, passed down uncounted.
+            BioCmd::GetAllocation => {}
             _ => self.counters.writes += 1,
         }
         if self.should_fail(&bio) {

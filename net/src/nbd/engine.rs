@@ -16,8 +16,8 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::mem;
-use geom::bio::{Bio, BioCmd, BioError, BioResult};
-use geom::page::{DataCounters, SgList};
+use geom::bio::{Bio, BioCmd, BioError, BioResult, Extent};
+use geom::page::{DataCounters, Page, PageRef, SgList, PAGE_SIZE};
 
 /// Longest option data the server buffers (`NBD_OPT_EXPORT_NAME`,
 /// `NBD_OPT_INFO`, `NBD_OPT_GO`). A longer one of these options is taken
@@ -53,6 +53,55 @@ const TX_HDR_MAX: usize = wire::ChunkView::<&[u8]>::LEN + 6 + MESSAGE_MAX;
 
 /// Length of the request header, the longest header the engine buffers.
 const REQ_LEN: usize = RequestView::<&[u8]>::LEN;
+
+/// A connection's pool of spare pages is dropped after this long without
+/// traffic.
+pub const POOL_IDLE_MS: u64 = 1_000;
+
+/// The id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT` (any
+/// value will do; the client treats it as opaque).
+pub const ALLOCATION_CONTEXT_ID: u32 = 1;
+
+/// Most extents in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (proto.md says
+/// no more than 2^20; fewer keeps a reply within 128 KiB).
+pub const MAX_REPLY_EXTENTS: usize = 16384;
+
+/// A byte range of a bio page handed to the platform for a vectored send
+/// or receive: the platform moves the bytes by the page's address, as a
+/// device would (nothing maps them here).
+#[derive(Clone, Copy, Debug)]
+pub struct PageSlice<'a> {
+    /// The page.
+    pub page: &'a Page,
+    /// First byte within the page.
+    pub offset: usize,
+    /// Number of bytes.
+    pub len: usize,
+}
+
+/// One piece of output from [`Connection::tx_pieces`].
+#[derive(Clone, Copy, Debug)]
+pub enum TxPiece<'a> {
+    /// Bytes the engine holds (headers, option replies, descriptors).
+    Bytes(&'a [u8]),
+    /// Read data, in the bio's page.
+    Page(PageSlice<'a>),
+}
+
+impl TxPiece<'_> {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            TxPiece::Bytes(b) => b.len(),
+            TxPiece::Page(p) => p.len,
+        }
+    }
+
+    /// True if it holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// What the platform knows about one export; the index of an export in the
 /// slice handed to [`Connection::on_recv`] is its export id.
@@ -95,14 +144,26 @@ pub struct BlockLimits {
 
 impl ExportInfo {
     /// The transmission flags advertised for this export (proto.md
-    /// "Transmission flags"). `NBD_FLAG_CAN_MULTI_CONN` is always set: every
-    /// connection submits to the same stack from one event loop, so a
-    /// FLUSH or FUA completes after every write that completed before it,
-    /// whichever connection sent that write. A read-only export offers no
-    /// FLUSH, FUA, TRIM or WRITE_ZEROES (its consumer is opened without
-    /// write access, which the stack requires for a flush).
-    pub fn transmission_flags(&self) -> u16 {
-        let mut f = wire::TFLAG_HAS_FLAGS | wire::TFLAG_CAN_MULTI_CONN;
+    /// "Transmission flags") to a client that did (`structured`) or did not
+    /// negotiate structured replies.
+    ///
+    /// - `NBD_FLAG_CAN_MULTI_CONN` always: every connection submits to the
+    ///   same stack from one event loop, so a FLUSH or FUA completes after
+    ///   every write that completed before it, whichever connection sent it.
+    /// - `NBD_FLAG_SEND_CACHE` always: CACHE is accepted and answered at
+    ///   once (the stack keeps no cache to warm).
+    /// - `NBD_FLAG_SEND_DF` only with structured replies (the spec forbids
+    ///   it otherwise); every read is one data chunk anyway.
+    /// - A read-only export offers no FLUSH, FUA, TRIM or WRITE_ZEROES (its
+    ///   consumer is opened without write access, which the stack requires
+    ///   for a flush).
+    /// - `NBD_FLAG_SEND_FAST_ZERO` when the export both trims and zeroes:
+    ///   the provider can then deallocate instead of writing zeroes.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut f = wire::TFLAG_HAS_FLAGS | wire::TFLAG_CAN_MULTI_CONN | wire::TFLAG_SEND_CACHE;
+        if structured {
+            f |= wire::TFLAG_SEND_DF;
+        }
         if self.read_only {
             return f | wire::TFLAG_READ_ONLY;
         }
@@ -114,6 +175,9 @@ impl ExportInfo {
         }
         if self.can_write_zeroes {
             f |= wire::TFLAG_SEND_WRITE_ZEROES;
+            if self.can_trim {
+                f |= wire::TFLAG_SEND_FAST_ZERO;
+            }
         }
         f
     }
@@ -158,13 +222,26 @@ pub struct ServerConfig {
     /// Largest read or write payload in bytes (clamped to
     /// [`MAX_PAYLOAD_LIMIT`]); an export's `max_block` may lower it.
     pub max_payload: u32,
+    /// A client that has not reached transmission this many milliseconds
+    /// after its first [`Connection::on_tick`] is dropped (0: never).
+    pub handshake_timeout_ms: u64,
+    /// A connection in transmission that moves no byte either way for this
+    /// many milliseconds while the stack holds none of its requests is
+    /// dropped, whether it is idle or has stopped reading its replies
+    /// (0: never).
+    pub idle_timeout_ms: u64,
 }
+
+/// Default [`ServerConfig::handshake_timeout_ms`]: 30 s.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_in_flight: 64,
             max_payload: 32 << 20,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
+            idle_timeout_ms: 0,
         }
     }
 }
@@ -190,6 +267,9 @@ struct Selected {
     can_flush: bool,
     can_trim: bool,
     can_write_zeroes: bool,
+    can_fast_zero: bool,
+    /// `base:allocation` was selected for this export (block status works).
+    allocation: bool,
 }
 
 /// Where the input parser is.
@@ -225,7 +305,7 @@ enum Close {
 }
 
 /// A finished request waiting to be sent.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Reply {
     /// The read's pages, for a successful read.
     bio: Option<Bio>,
@@ -233,6 +313,8 @@ struct Reply {
     error: u32,
     /// Text for a structured error chunk.
     message: &'static str,
+    /// Block status descriptors (`u32` length, `u32` flags, big-endian).
+    extents: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -256,8 +338,8 @@ struct Slot {
     command: Command,
     offset: u64,
     length: u32,
-    /// `NBD_CMD_FLAG_FUA` was set.
-    fua: bool,
+    /// The request's command flags.
+    flags: u16,
     /// Payload bytes held in pages for this request (counted in the budget).
     held: u64,
     state: SlotState,
@@ -270,14 +352,15 @@ impl Default for Slot {
             command: Command::Read,
             offset: 0,
             length: 0,
-            fua: false,
+            flags: 0,
             held: 0,
             state: SlotState::Free,
         }
     }
 }
 
-/// The reply being sent: its header bytes, then its read data.
+/// The reply being sent: its header bytes, then its read data or block
+/// status descriptors.
 #[derive(Debug)]
 struct TxCur {
     slot: u32,
@@ -313,6 +396,18 @@ pub struct Connection {
     structured: bool,
     selected: Option<Selected>,
     closing: Option<Close>,
+    /// Export for which `base:allocation` was selected by the last
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    meta: Option<usize>,
+    /// The server is going away: options get `NBD_REP_ERR_SHUTDOWN` and
+    /// requests `NBD_ESHUTDOWN`.
+    shutting_down: bool,
+    /// First [`Connection::on_tick`] time, and the last one that saw
+    /// activity.
+    born_ms: Option<u64>,
+    last_active_ms: u64,
+    /// Bytes moved since the last tick.
+    active: bool,
     slots: Vec<Slot>,
     free: Vec<u32>,
     live: usize,
@@ -322,7 +417,11 @@ pub struct Connection {
     replies: VecDeque<u32>,
     ctl: Vec<u8>,
     ctl_pos: usize,
-    cur: Option<TxCur>,
+    /// Replies being sent, headers built, in order.
+    sending: VecDeque<TxCur>,
+    /// Pages of finished requests kept for new ones (at most the buffer
+    /// limit; dropped after [`POOL_IDLE_MS`] without traffic).
+    pool: Vec<Page>,
     counters: DataCounters,
 }
 
@@ -333,6 +432,7 @@ impl Connection {
         let cfg = ServerConfig {
             max_in_flight: cfg.max_in_flight.clamp(1, MAX_IN_FLIGHT_LIMIT),
             max_payload: cfg.max_payload.min(MAX_PAYLOAD_LIMIT),
+            ..cfg
         };
         let mut c = Connection {
             cfg,
@@ -345,6 +445,11 @@ impl Connection {
             structured: false,
             selected: None,
             closing: None,
+            meta: None,
+            shutting_down: false,
+            born_ms: None,
+            last_active_ms: 0,
+            active: false,
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -354,7 +459,8 @@ impl Connection {
             replies: VecDeque::new(),
             ctl: Vec::new(),
             ctl_pos: 0,
-            cur: None,
+            sending: VecDeque::new(),
+            pool: Vec::new(),
             counters: DataCounters::new(),
         };
         let g = wire::GreetingRepr {
@@ -390,7 +496,46 @@ impl Connection {
             }
             used += n;
         }
+        self.active |= used > 0;
         used
+    }
+
+    /// Tells the connection the time (milliseconds on any monotonic clock);
+    /// the platform calls it now and then (every few hundred milliseconds
+    /// is plenty). Enforces [`ServerConfig::handshake_timeout_ms`] and
+    /// [`ServerConfig::idle_timeout_ms`]: a connection past either is shut
+    /// down as by [`Connection::shutdown`]. Returns true if it was.
+    pub fn on_tick(&mut self, now_ms: u64) -> bool {
+        let born = *self.born_ms.get_or_insert(now_ms);
+        if self.active || self.submitted > 0 || self.last_active_ms < born {
+            self.last_active_ms = now_ms;
+            self.active = false;
+        }
+        if now_ms.saturating_sub(self.last_active_ms) >= POOL_IDLE_MS {
+            self.pool = Vec::new();
+        }
+        if self.closing.is_some() {
+            return false;
+        }
+        let expired = |limit: u64, since: u64| limit > 0 && now_ms.saturating_sub(since) >= limit;
+        let timed_out = if self.selected.is_none() {
+            expired(self.cfg.handshake_timeout_ms, born)
+        } else {
+            expired(self.cfg.idle_timeout_ms, self.last_active_ms)
+        };
+        if timed_out {
+            self.hard_close();
+        }
+        timed_out
+    }
+
+    /// The server is going away (proto.md "Termination of the session
+    /// during option haggling", `NBD_ESHUTDOWN`): from now on options are
+    /// answered `NBD_REP_ERR_SHUTDOWN` (except `NBD_OPT_ABORT`) and
+    /// requests `NBD_ESHUTDOWN` (except `NBD_CMD_DISC`); requests already
+    /// taken are still answered.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
     }
 
     /// The next bio to submit, if any.
@@ -434,37 +579,54 @@ impl Connection {
             self.free_slot(idx);
             return true;
         }
+        if bio.cmd == BioCmd::Write {
+            // A write's pages are done with: keep them for later requests.
+            self.recycle(&bio.sg);
+        }
+        let Some(slot) = self.slots.get_mut(idx) else {
+            return false;
+        };
         let reply = match result {
             Ok(()) if slot.command == Command::Read => {
                 if bio.sg.len_bytes() == u64::from(slot.length) {
                     Reply {
                         bio: Some(bio),
-                        error: 0,
-                        message: "",
+                        ..Reply::default()
                     }
                 } else {
                     Reply {
-                        bio: None,
                         error: wire::EIO,
                         message: "device returned the wrong amount of data",
+                        ..Reply::default()
                     }
                 }
             }
-            Ok(()) => Reply {
-                bio: None,
-                error: 0,
-                message: "",
+            Ok(()) if slot.command == Command::BlockStatus => Reply {
+                extents: descriptors(&bio.extents, slot.length, slot.flags),
+                ..Reply::default()
             },
+            // proto.md NBD_CMD_BLOCK_STATUS: an error that is not misuse may
+            // be answered with one descriptor; a provider that cannot
+            // answer knows nothing, so everything counts as data.
+            Err(BioError::NotSupported) if slot.command == Command::BlockStatus => Reply {
+                extents: descriptors(&[], slot.length, slot.flags),
+                ..Reply::default()
+            },
+            Ok(()) => Reply::default(),
             Err(e) => Reply {
-                bio: None,
                 error: errno_for(slot.command, e),
                 message: message_for(e),
+                ..Reply::default()
             },
         };
-        if reply.bio.is_none() {
-            // A write's pages (or a failed read's) are dropped now.
-            self.held_bytes -= mem::take(&mut slot.held);
+        // A write's pages (or a failed read's) are dropped now; block status
+        // descriptors count against the budget until they are sent.
+        self.held_bytes -= mem::take(&mut slot.held);
+        if let Some(b) = &reply.bio {
+            slot.held = b.sg.len_bytes();
         }
+        slot.held += reply.extents.len() as u64;
+        self.held_bytes += slot.held;
         slot.state = SlotState::Reply(reply);
         self.replies.push_back(idx as u32);
         true
@@ -479,25 +641,19 @@ impl Connection {
         if self.ctl_pos < self.ctl.len() {
             let k = (self.ctl.len() - self.ctl_pos).min(tx.len());
             tx[..k].copy_from_slice(&self.ctl[self.ctl_pos..self.ctl_pos + k]);
-            self.ctl_pos += k;
             n += k;
-            if self.ctl_pos == self.ctl.len() {
-                self.ctl.clear();
-                self.ctl_pos = 0;
-            } else {
+            self.advance_ctl(k);
+            if self.ctl_pos != 0 {
+                self.active |= n > 0;
                 return n;
             }
         }
         while n < tx.len() {
-            let mut cur = match self.cur.take() {
-                Some(c) => c,
-                None => match self.replies.pop_front() {
-                    Some(idx) => match self.start_reply(idx) {
-                        Some(c) => c,
-                        None => continue,
-                    },
-                    None => break,
-                },
+            if self.sending.is_empty() && !self.prepare_tx(1) {
+                break;
+            }
+            let Some(cur) = self.sending.front_mut() else {
+                break;
             };
             if cur.hdr_pos < cur.hdr_len {
                 let k = (cur.hdr_len - cur.hdr_pos).min(tx.len() - n);
@@ -508,24 +664,202 @@ impl Connection {
             if cur.hdr_pos == cur.hdr_len && cur.data_pos < cur.data_len && n < tx.len() {
                 let k = (cur.data_len - cur.data_pos).min((tx.len() - n) as u64) as usize;
                 if let Some(Slot {
-                    state: SlotState::Reply(Reply { bio: Some(bio), .. }),
+                    state: SlotState::Reply(rep),
                     ..
                 }) = self.slots.get(cur.slot as usize)
                 {
-                    // The only copy of read data: pages → send buffer.
-                    bio.sg
-                        .copy_to_slice(cur.data_pos, &mut tx[n..n + k], &self.counters);
+                    match &rep.bio {
+                        // The only copy of read data: pages → send buffer.
+                        Some(bio) => {
+                            bio.sg
+                                .copy_to_slice(cur.data_pos, &mut tx[n..n + k], &self.counters)
+                        }
+                        None => {
+                            let at = cur.data_pos as usize;
+                            if let Some(src) = rep.extents.get(at..at + k) {
+                                tx[n..n + k].copy_from_slice(src);
+                            }
+                        }
+                    }
                 }
                 cur.data_pos += k as u64;
                 n += k;
             }
             if cur.hdr_pos == cur.hdr_len && cur.data_pos == cur.data_len {
-                self.free_slot(cur.slot as usize);
-            } else {
-                self.cur = Some(cur);
+                let slot = cur.slot;
+                self.sending.pop_front();
+                self.free_slot(slot as usize);
             }
         }
+        self.active |= n > 0;
         n
+    }
+
+    /// The output waiting to be sent, as pieces for a vectored send
+    /// (`writev`), without taking it: at most `max_pieces` pieces and about
+    /// `max_bytes` bytes, in order. Send any prefix of them, then call
+    /// [`Connection::tx_advance`] with the number of bytes sent. Read data
+    /// is handed out as the bio's own pages, so it is never copied here.
+    pub fn tx_pieces<'a>(
+        &'a mut self,
+        out: &mut Vec<TxPiece<'a>>,
+        max_pieces: usize,
+        max_bytes: usize,
+    ) {
+        if self.closing == Some(Close::Hard) || max_pieces == 0 {
+            return;
+        }
+        // Headers of the next few replies, so several go out in one call.
+        self.prepare_tx(max_pieces.min(64));
+        let this: &'a Connection = self;
+        let mut bytes = 0;
+        let mut push = |out: &mut Vec<TxPiece<'a>>, p: TxPiece<'a>| {
+            bytes += p.len();
+            out.push(p);
+            out.len() < max_pieces && bytes < max_bytes
+        };
+        if this.ctl_pos < this.ctl.len() && !push(out, TxPiece::Bytes(&this.ctl[this.ctl_pos..])) {
+            return;
+        }
+        for cur in &this.sending {
+            if cur.hdr_pos < cur.hdr_len
+                && !push(out, TxPiece::Bytes(&cur.hdr[cur.hdr_pos..cur.hdr_len]))
+            {
+                return;
+            }
+            if cur.data_pos == cur.data_len {
+                continue;
+            }
+            let Some(Slot {
+                state: SlotState::Reply(rep),
+                ..
+            }) = this.slots.get(cur.slot as usize)
+            else {
+                continue;
+            };
+            match &rep.bio {
+                Some(bio) => {
+                    let mut skip = cur.data_pos;
+                    for r in bio.sg.iter() {
+                        let len = u64::from(r.len);
+                        if skip >= len {
+                            skip -= len;
+                            continue;
+                        }
+                        let piece = TxPiece::Page(PageSlice {
+                            page: &r.page,
+                            offset: r.offset as usize + skip as usize,
+                            len: (len - skip) as usize,
+                        });
+                        skip = 0;
+                        if !push(out, piece) {
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    let at = cur.data_pos as usize;
+                    if let Some(src) = rep.extents.get(at..) {
+                        if !push(out, TxPiece::Bytes(src)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that the first `n` bytes of the output described by
+    /// [`Connection::tx_pieces`] were sent.
+    pub fn tx_advance(&mut self, mut n: usize) {
+        if self.closing == Some(Close::Hard) {
+            return;
+        }
+        self.active |= n > 0;
+        let k = n.min(self.ctl_pending());
+        self.advance_ctl(k);
+        n -= k;
+        while n > 0 {
+            if self.sending.is_empty() && !self.prepare_tx(1) {
+                break;
+            }
+            let Some(cur) = self.sending.front_mut() else {
+                break;
+            };
+            let h = (cur.hdr_len - cur.hdr_pos).min(n);
+            cur.hdr_pos += h;
+            n -= h;
+            let d = (cur.data_len - cur.data_pos).min(n as u64);
+            cur.data_pos += d;
+            n -= d as usize;
+            if cur.hdr_pos == cur.hdr_len && cur.data_pos == cur.data_len {
+                let slot = cur.slot;
+                self.sending.pop_front();
+                self.free_slot(slot as usize);
+            }
+        }
+    }
+
+    /// When the next input bytes are the payload of a write, the pages they
+    /// belong in (at most `max_pieces` pieces), so the platform can receive
+    /// straight into them (`readv`); returns how many bytes the pieces
+    /// cover (0 when input must go through [`Connection::on_recv`]). Call
+    /// [`Connection::rx_filled`] with the number of bytes placed.
+    pub fn rx_pieces<'a>(&'a self, out: &mut Vec<PageSlice<'a>>, max_pieces: usize) -> usize {
+        let Rx::WriteData { slot, got } = self.rx else {
+            return 0;
+        };
+        if self.closing.is_some() {
+            return 0;
+        }
+        let Some(Slot {
+            state: SlotState::Receiving(sg),
+            ..
+        }) = self.slots.get(slot as usize)
+        else {
+            return 0;
+        };
+        let mut skip = u64::from(got);
+        let mut bytes = 0;
+        for r in sg.iter() {
+            if out.len() >= max_pieces {
+                break;
+            }
+            let len = u64::from(r.len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let piece = PageSlice {
+                page: &r.page,
+                offset: r.offset as usize + skip as usize,
+                len: (len - skip) as usize,
+            };
+            skip = 0;
+            bytes += piece.len;
+            out.push(piece);
+        }
+        bytes
+    }
+
+    /// Records that `n` bytes of write payload were placed in the pages
+    /// from [`Connection::rx_pieces`] (at most what they cover).
+    pub fn rx_filled(&mut self, n: usize) {
+        let Rx::WriteData { slot, got } = self.rx else {
+            return;
+        };
+        let Some(s) = self.slots.get(slot as usize) else {
+            return;
+        };
+        let n = (n as u64).min(u64::from(s.length - got)) as u32;
+        self.active |= n > 0;
+        let got = got + n;
+        if got == s.length {
+            self.finish_write(slot);
+            self.rx = Rx::ReqHeader;
+        } else {
+            self.rx = Rx::WriteData { slot, got };
+        }
     }
 
     /// True once the connection is over and the socket may be closed and
@@ -556,7 +890,7 @@ impl Connection {
     /// True while [`Connection::fill_tx`] has bytes to send.
     pub fn has_tx(&self) -> bool {
         self.closing != Some(Close::Hard)
-            && (self.ctl_pending() > 0 || self.cur.is_some() || !self.replies.is_empty())
+            && (self.ctl_pending() > 0 || !self.sending.is_empty() || !self.replies.is_empty())
     }
 
     /// Copies done by this connection between the socket buffers and bio
@@ -583,6 +917,24 @@ impl Connection {
     /// True if the client negotiated structured replies.
     pub fn structured_replies(&self) -> bool {
         self.structured
+    }
+
+    /// The peer will send nothing more (it shut its side of the connection,
+    /// and every byte it sent was given to [`Connection::on_recv`]): a
+    /// request cut short is dropped, and the connection finishes once the
+    /// replies it owes are sent, as after `NBD_CMD_DISC`.
+    pub fn input_closed(&mut self) {
+        if self.closing.is_some() {
+            return;
+        }
+        match self.rx {
+            Rx::WriteData { slot, .. } | Rx::Skip { slot, .. } => self.free_slot(slot as usize),
+            _ => {}
+        }
+        self.hdr_len = 0;
+        self.opt_buf = Vec::new();
+        self.rx = Rx::Done;
+        self.closing = Some(Close::Soft);
     }
 
     /// The transport is gone (peer closed or reset) or the server is going
@@ -699,12 +1051,34 @@ impl Connection {
             return;
         };
         self.rx = Rx::OptHeader;
+        if o.option == wire::OPT_SET_META_CONTEXT {
+            // Replaces the earlier selection, even if it fails.
+            self.meta = None;
+        }
+        let buffered = matches!(
+            o.option,
+            wire::OPT_EXPORT_NAME
+                | wire::OPT_INFO
+                | wire::OPT_GO
+                | wire::OPT_LIST_META_CONTEXT
+                | wire::OPT_SET_META_CONTEXT
+        );
+        if o.option == wire::OPT_EXPORT_NAME && (self.shutting_down || o.length > OPTION_DATA_MAX) {
+            // NBD_OPT_EXPORT_NAME has no error reply: the session ends.
+            self.hard_close();
+            return;
+        }
+        if self.shutting_down && o.option != wire::OPT_ABORT {
+            self.skip_option(o.option, o.length, wire::REP_ERR_SHUTDOWN);
+            return;
+        }
+        if buffered && o.length > OPTION_DATA_MAX {
+            // Skipped unread: an option this long is refused, not buffered.
+            self.skip_option(o.option, o.length, wire::REP_ERR_TOO_BIG);
+            return;
+        }
         match o.option {
-            wire::OPT_EXPORT_NAME | wire::OPT_INFO | wire::OPT_GO => {
-                if o.length > OPTION_DATA_MAX {
-                    self.hard_close();
-                    return;
-                }
+            _ if buffered => {
                 self.opt_buf.clear();
                 if o.length == 0 {
                     self.finish_option(exports, o.option);
@@ -724,7 +1098,7 @@ impl Connection {
             wire::OPT_LIST | wire::OPT_STRUCTURED_REPLY => {
                 self.skip_option(o.option, o.length, wire::REP_ERR_INVALID)
             }
-            // Unknown options, STARTTLS (NOTLS mode) and meta contexts.
+            // Unknown options, and STARTTLS (NOTLS mode).
             _ => self.skip_option(o.option, o.length, wire::REP_ERR_UNSUP),
         }
     }
@@ -757,6 +1131,9 @@ impl Connection {
         match option {
             wire::OPT_EXPORT_NAME => self.opt_export_name(exports, &data),
             wire::OPT_INFO | wire::OPT_GO => self.opt_info_go(exports, option, &data),
+            wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
+                self.opt_meta_context(exports, option, &data)
+            }
             wire::OPT_LIST => {
                 for e in exports {
                     let name = clamp_str(&e.name);
@@ -779,6 +1156,46 @@ impl Connection {
         }
     }
 
+    /// proto.md NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT, for
+    /// the one context served, `base:allocation`. Both need structured
+    /// replies first (`NBD_REP_ERR_INVALID` otherwise). LIST answers an
+    /// empty query list, `base:` and `base:allocation`; SET selects
+    /// `base:allocation` when asked for by name. Queries in other
+    /// namespaces are ignored, as the spec requires.
+    fn opt_meta_context(&mut self, exports: &[ExportInfo], option: u32, data: &[u8]) {
+        let set = option == wire::OPT_SET_META_CONTEXT;
+        if !self.structured {
+            self.option_reply(option, wire::REP_ERR_INVALID, &[]);
+            return;
+        }
+        let Some(q) = parse_meta_request(data) else {
+            self.option_reply(option, wire::REP_ERR_INVALID, &[]);
+            return;
+        };
+        let Some(i) = find_export(exports, q.name) else {
+            self.option_reply(option, wire::REP_ERR_UNKNOWN, &[]);
+            return;
+        };
+        let found = if set {
+            q.allocation
+        } else {
+            q.count == 0 || q.allocation || q.base_wildcard
+        };
+        if found {
+            // The id is reserved (zero) in LIST replies.
+            let id: u32 = if set { ALLOCATION_CONTEXT_ID } else { 0 };
+            self.option_reply(
+                option,
+                wire::REP_META_CONTEXT,
+                &[&id.to_be_bytes(), wire::BASE_ALLOCATION.as_bytes()],
+            );
+            if set {
+                self.meta = Some(i);
+            }
+        }
+        self.option_reply(option, wire::REP_ACK, &[]);
+    }
+
     /// proto.md NBD_OPT_EXPORT_NAME: an unknown export MUST end the session.
     fn opt_export_name(&mut self, exports: &[ExportInfo], name: &[u8]) {
         let Some(i) = find_export(exports, name) else {
@@ -788,7 +1205,7 @@ impl Connection {
         let sel = self.select(exports, i);
         let r = ExportNameReplyRepr {
             size: sel.size,
-            flags: exports[i].transmission_flags(),
+            flags: exports[i].transmission_flags(self.structured),
             zeroes: !self.no_zeroes,
         };
         let at = self.ctl_grow(r.buffer_len());
@@ -812,7 +1229,7 @@ impl Connection {
         let mut export = [0u8; 12];
         export[0..2].copy_from_slice(&wire::INFO_EXPORT.to_be_bytes());
         export[2..10].copy_from_slice(&e.size_bytes.to_be_bytes());
-        export[10..12].copy_from_slice(&e.transmission_flags().to_be_bytes());
+        export[10..12].copy_from_slice(&e.transmission_flags(self.structured).to_be_bytes());
         self.option_reply(option, wire::REP_INFO, &[&export]);
         if req.name_wanted {
             let name = clamp_str(&e.name);
@@ -855,6 +1272,8 @@ impl Connection {
             can_flush: e.can_flush && !e.read_only,
             can_trim: e.can_trim && !e.read_only,
             can_write_zeroes: e.can_write_zeroes && !e.read_only,
+            can_fast_zero: e.can_write_zeroes && e.can_trim && !e.read_only,
+            allocation: self.structured && self.meta == Some(i),
         };
         self.selected = Some(sel);
         self.opt_buf = Vec::new();
@@ -870,6 +1289,16 @@ impl Connection {
             self.hard_close();
             return;
         };
+        if self.shutting_down && r.command != Command::Disc {
+            let f = fail(wire::ESHUTDOWN, "the server is shutting down");
+            if r.command == Command::Write {
+                self.refuse_write(&r, f);
+            } else {
+                self.queue_error(&r, f);
+            }
+            return;
+        }
+        let fua = wire::CMD_FLAG_FUA;
         match r.command {
             Command::Disc => {
                 // No reply; finish once outstanding replies are sent.
@@ -879,13 +1308,13 @@ impl Connection {
             Command::Read => match self.check_read(&sel, &r) {
                 Err(f) => self.queue_error(&r, f),
                 Ok(()) => {
-                    let bio =
-                        Bio::with_data(BioCmd::Read, r.offset, SgList::alloc(r.length as usize));
+                    let sg = self.alloc_sg(r.length as usize);
+                    let bio = Bio::with_data(BioCmd::Read, r.offset, sg);
                     self.queue_bio(&r, bio, u64::from(r.length));
                 }
             },
             Command::Write => self.start_write(&sel, &r),
-            Command::Flush => match check_flags(&r, wire::CMD_FLAG_FUA) {
+            Command::Flush => match check_flags(&r, fua) {
                 Err(f) => self.queue_error(&r, f),
                 Ok(()) if !sel.can_flush => {
                     self.queue_error(&r, fail(wire::EINVAL, "flush is not supported"))
@@ -893,15 +1322,19 @@ impl Connection {
                 Ok(()) => self.queue_bio(&r, Bio::flush(), 0),
             },
             Command::Trim => {
-                let checked = check_flags(&r, wire::CMD_FLAG_FUA)
+                let checked = check_flags(&r, fua)
                     .and_then(|()| check_writable(&sel))
                     .and_then(|()| require(sel.can_trim, wire::EINVAL, "trim is not supported"))
                     .and_then(|()| check_range(&sel, &r, wire::EINVAL));
                 self.queue_no_data(&r, checked, BioCmd::Discard);
             }
             Command::WriteZeroes => {
-                // NBD_CMD_FLAG_NO_HOLE is accepted: zeroes read back either way.
-                let checked = check_flags(&r, wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE)
+                let fast = if sel.can_fast_zero {
+                    wire::CMD_FLAG_FAST_ZERO
+                } else {
+                    0
+                };
+                let checked = check_flags(&r, fua | wire::CMD_FLAG_NO_HOLE | fast)
                     .and_then(|()| check_writable(&sel))
                     .and_then(|()| {
                         require(
@@ -910,18 +1343,71 @@ impl Connection {
                             "write zeroes is not supported",
                         )
                     })
-                    .and_then(|()| check_range(&sel, &r, wire::ENOSPC));
-                self.queue_no_data(&r, checked, BioCmd::WriteZeroes);
+                    .and_then(|()| check_range(&sel, &r, wire::ENOSPC))
+                    .and_then(|()| {
+                        // proto.md NBD_CMD_FLAG_FAST_ZERO: fail quickly with
+                        // ENOTSUP unless it is faster than a write. Zeroing
+                        // that must stay allocated may write every byte.
+                        let both = wire::CMD_FLAG_FAST_ZERO | wire::CMD_FLAG_NO_HOLE;
+                        require(
+                            r.flags & both != both,
+                            wire::ENOTSUP,
+                            "zeroing without holes is not known to be fast",
+                        )
+                    });
+                match checked {
+                    Err(f) => self.queue_error(&r, f),
+                    Ok(()) => {
+                        let mut bio =
+                            Bio::no_data(BioCmd::WriteZeroes, r.offset, u64::from(r.length));
+                        bio.no_hole = r.flags & wire::CMD_FLAG_NO_HOLE != 0;
+                        self.queue_bio(&r, bio, 0);
+                    }
+                }
+            }
+            // proto.md NBD_CMD_CACHE: a hint; there is no cache to warm, so
+            // a valid request is answered at once.
+            Command::Cache => {
+                match check_flags(&r, fua).and_then(|()| check_range(&sel, &r, wire::EINVAL)) {
+                    Err(f) => self.queue_error(&r, f),
+                    Ok(()) => {
+                        let idx = self.alloc_slot(&r);
+                        self.slots[idx as usize].state = SlotState::Reply(Reply::default());
+                        self.replies.push_back(idx);
+                    }
+                }
+            }
+            Command::BlockStatus => {
+                let checked = check_flags(&r, fua | wire::CMD_FLAG_REQ_ONE)
+                    .and_then(|()| {
+                        // proto.md "Metadata querying": EINVAL without a
+                        // selected context (which needs structured replies).
+                        require(
+                            sel.allocation && self.structured,
+                            wire::EINVAL,
+                            "no metadata context was selected",
+                        )
+                    })
+                    .and_then(|()| require(r.length > 0, wire::EINVAL, "zero-length query"))
+                    .and_then(|()| check_range(&sel, &r, wire::EINVAL));
+                self.queue_no_data(&r, checked, BioCmd::GetAllocation);
             }
             // proto.md "Error values": EINVAL for an unknown command.
-            Command::Cache | Command::BlockStatus | Command::Unknown(_) => {
+            Command::Unknown(_) => {
                 self.queue_error(&r, fail(wire::EINVAL, "command not supported"))
             }
         }
     }
 
     fn check_read(&self, sel: &Selected, r: &RequestRepr) -> Result<(), Fail> {
-        check_flags(r, wire::CMD_FLAG_FUA)?;
+        // NBD_CMD_FLAG_DF is valid only where NBD_FLAG_SEND_DF was sent,
+        // that is with structured replies; every read is one chunk anyway.
+        let df = if self.structured {
+            wire::CMD_FLAG_DF
+        } else {
+            0
+        };
+        check_flags(r, wire::CMD_FLAG_FUA | df)?;
         if r.length > sel.limits.max_payload {
             // proto.md NBD_CMD_READ: with structured replies a large read may
             // be rejected with EOVERFLOW; simple replies use EINVAL.
@@ -949,28 +1435,34 @@ impl Connection {
             })
             .and_then(|()| check_range(sel, r, wire::ENOSPC));
         if let Err(f) = checked {
-            // Reply only after the payload: a client may not expect a reply
-            // to a request it has not finished sending.
-            let slot = self.alloc_error(r, f);
-            if r.length > 0 {
-                self.rx = Rx::Skip {
-                    left: r.length,
-                    slot,
-                };
-            } else {
-                self.replies.push_back(slot);
-            }
+            self.refuse_write(r, f);
             return;
         }
         let idx = self.alloc_slot(r);
         let held = u64::from(r.length);
         self.slots[idx as usize].held = held;
         self.held_bytes += held;
-        self.slots[idx as usize].state = SlotState::Receiving(SgList::alloc(r.length as usize));
+        let sg = self.alloc_sg(r.length as usize);
+        self.slots[idx as usize].state = SlotState::Receiving(sg);
         if r.length == 0 {
             self.finish_write(idx);
         } else {
             self.rx = Rx::WriteData { slot: idx, got: 0 };
+        }
+    }
+
+    /// Answers a write with an error, skipping its payload unread. The reply
+    /// goes out only after the payload: a client may not expect a reply to
+    /// a request it has not finished sending.
+    fn refuse_write(&mut self, r: &RequestRepr, f: Fail) {
+        let slot = self.alloc_error(r, f);
+        if r.length > 0 {
+            self.rx = Rx::Skip {
+                left: r.length,
+                slot,
+            };
+        } else {
+            self.replies.push_back(slot);
         }
     }
 
@@ -1002,7 +1494,7 @@ impl Connection {
         };
         if let SlotState::Receiving(sg) = mem::take(&mut slot.state) {
             let mut bio = Bio::with_data(BioCmd::Write, slot.offset, sg);
-            bio.fua = slot.fua;
+            bio.fua = slot.flags & wire::CMD_FLAG_FUA != 0;
             slot.state = SlotState::Ready(bio);
             self.ready.push_back(idx);
         }
@@ -1034,9 +1526,9 @@ impl Connection {
     fn alloc_error(&mut self, r: &RequestRepr, f: Fail) -> u32 {
         let idx = self.alloc_slot(r);
         self.slots[idx as usize].state = SlotState::Reply(Reply {
-            bio: None,
             error: f.errno,
             message: f.message,
+            ..Reply::default()
         });
         idx
     }
@@ -1061,7 +1553,7 @@ impl Connection {
             command: r.command,
             offset: r.offset,
             length: r.length,
-            fua: r.flags & wire::CMD_FLAG_FUA != 0,
+            flags: r.flags,
             held: 0,
             state: SlotState::Free,
         };
@@ -1077,9 +1569,14 @@ impl Connection {
             return;
         }
         self.held_bytes -= mem::take(&mut slot.held);
-        slot.state = SlotState::Free;
+        let state = mem::take(&mut slot.state);
         self.live -= 1;
         self.free.push(idx as u32);
+        if let SlotState::Reply(Reply { bio: Some(bio), .. }) = &state {
+            if self.closing.is_none() {
+                self.recycle(&bio.sg);
+            }
+        }
     }
 
     fn hard_close(&mut self) {
@@ -1088,8 +1585,9 @@ impl Connection {
         self.hdr_len = 0;
         self.ctl = Vec::new();
         self.ctl_pos = 0;
-        self.cur = None;
+        self.sending.clear();
         self.replies.clear();
+        self.pool = Vec::new();
         self.ready.clear();
         self.opt_buf = Vec::new();
         for i in 0..self.slots.len() {
@@ -1103,6 +1601,62 @@ impl Connection {
 
     fn ctl_pending(&self) -> usize {
         self.ctl.len() - self.ctl_pos
+    }
+
+    /// Marks `k` control bytes as sent.
+    fn advance_ctl(&mut self, k: usize) {
+        self.ctl_pos += k;
+        if self.ctl_pos >= self.ctl.len() {
+            self.ctl.clear();
+            self.ctl_pos = 0;
+        }
+    }
+
+    /// Builds the headers of up to `want` queued replies; false if none is
+    /// being sent.
+    fn prepare_tx(&mut self, want: usize) -> bool {
+        while self.sending.len() < want {
+            let Some(idx) = self.replies.pop_front() else {
+                break;
+            };
+            if let Some(c) = self.start_reply(idx) {
+                self.sending.push_back(c);
+            }
+        }
+        !self.sending.is_empty()
+    }
+
+    /// Fresh pages for `len` bytes, from the pool where it has some. A
+    /// reused page holds old data; every user overwrites it whole (a
+    /// write's payload, a successful read's data).
+    fn alloc_sg(&mut self, len: usize) -> SgList {
+        let mut sg = SgList::new();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(PAGE_SIZE);
+            let page = self.pool.pop().unwrap_or_else(Page::new_zeroed);
+            sg.push(PageRef {
+                page,
+                offset: 0,
+                len: n as u32,
+            });
+            left -= n;
+        }
+        sg
+    }
+
+    /// Keeps the pages of a finished request for later ones, when nothing
+    /// else holds them and the pool has room.
+    fn recycle(&mut self, sg: &SgList) {
+        let cap = (self.buffer_limit / PAGE_SIZE as u64) as usize;
+        for r in sg.iter() {
+            if self.pool.len() >= cap {
+                break;
+            }
+            if r.page.share_count() == 1 {
+                self.pool.push(r.page.clone());
+            }
+        }
     }
 
     /// Grows the control buffer by `n` zero bytes; returns where they start.
@@ -1158,6 +1712,19 @@ impl Connection {
                 .copy_from_slice(&(msg.len() as u16).to_be_bytes());
             cur.hdr[chunk_len + 6..chunk_len + 6 + msg.len()].copy_from_slice(msg);
             cur.hdr_len = chunk_len + 6 + msg.len();
+        } else if rep.error == 0 && slot.command == Command::BlockStatus {
+            // proto.md NBD_REPLY_TYPE_BLOCK_STATUS: u32 context id, then the
+            // descriptors; one chunk, as one context is ever selected.
+            ChunkRepr {
+                flags: wire::REPLY_FLAG_DONE,
+                chunk_type: wire::REPLY_TYPE_BLOCK_STATUS,
+                cookie: slot.cookie,
+                length: 4 + rep.extents.len() as u32,
+            }
+            .emit(&mut ChunkView::new_unchecked(&mut cur.hdr[..]));
+            cur.hdr[chunk_len..chunk_len + 4].copy_from_slice(&ALLOCATION_CONTEXT_ID.to_be_bytes());
+            cur.hdr_len = chunk_len + 4;
+            cur.data_len = rep.extents.len() as u64;
         } else if rep.error == 0 && slot.command == Command::Read && self.structured {
             if slot.length == 0 {
                 ChunkRepr {
@@ -1275,6 +1842,47 @@ fn message_for(e: BioError) -> &'static str {
     }
 }
 
+/// `base:allocation` descriptors for an `NBD_REPLY_TYPE_BLOCK_STATUS`
+/// chunk (u32 length, u32 flags each) from the runs a provider reported:
+/// cut to the request's `length`, adjacent runs of equal status merged,
+/// only the first with `NBD_CMD_FLAG_REQ_ONE`, at most
+/// [`MAX_REPLY_EXTENTS`]. A range the provider said nothing about is one
+/// data descriptor (flags 0: allocated, contents unknown).
+fn descriptors(runs: &[Extent], length: u32, cmd_flags: u16) -> Vec<u8> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut left = length;
+    for e in runs {
+        if left == 0 {
+            break;
+        }
+        let n = u32::try_from(e.length).unwrap_or(u32::MAX).min(left);
+        if n == 0 {
+            continue;
+        }
+        let hole = if e.hole { wire::STATE_HOLE } else { 0 };
+        let status = hole | if e.zero { wire::STATE_ZERO } else { 0 };
+        let count = out.len();
+        match out.last_mut() {
+            Some(last) if last.1 == status => last.0 += n,
+            _ if count == MAX_REPLY_EXTENTS => break,
+            _ => out.push((n, status)),
+        }
+        left -= n;
+    }
+    if out.is_empty() {
+        out.push((length, 0));
+    }
+    if cmd_flags & wire::CMD_FLAG_REQ_ONE != 0 {
+        out.truncate(1);
+    }
+    let mut bytes = Vec::with_capacity(out.len() * 8);
+    for (n, status) in out {
+        bytes.extend_from_slice(&n.to_be_bytes());
+        bytes.extend_from_slice(&status.to_be_bytes());
+    }
+    bytes
+}
+
 // ---- option helpers ----
 
 /// An export by name; the empty name selects the default export, index 0
@@ -1293,6 +1901,47 @@ fn clamp_str(s: &str) -> &[u8] {
         n -= 1;
     }
     &s.as_bytes()[..n]
+}
+
+/// What the data of a meta context option asks for.
+struct MetaRequest<'a> {
+    name: &'a [u8],
+    /// Number of queries.
+    count: u32,
+    /// `base:allocation` was asked for.
+    allocation: bool,
+    /// `base:` (every context in the namespace) was asked for.
+    base_wildcard: bool,
+}
+
+/// proto.md NBD_OPT_LIST_META_CONTEXT: u32 name length, name, u32 query
+/// count, then each query as u32 length and string. None if malformed (a
+/// length past the data, a string over [`STRING_MAX`], data left over).
+fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
+    fn take_str(data: &[u8]) -> Option<(&[u8], &[u8])> {
+        let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+        if len > STRING_MAX {
+            return None;
+        }
+        let s = data.get(4..4usize.checked_add(len)?)?;
+        Some((s, &data[4 + len..]))
+    }
+    let (name, rest) = take_str(data)?;
+    let count = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?);
+    let mut rest = &rest[4..];
+    let mut req = MetaRequest {
+        name,
+        count,
+        allocation: false,
+        base_wildcard: false,
+    };
+    for _ in 0..count {
+        let (q, r) = take_str(rest)?;
+        req.allocation |= q == wire::BASE_ALLOCATION.as_bytes();
+        req.base_wildcard |= q == b"base:";
+        rest = r;
+    }
+    rest.is_empty().then_some(req)
 }
 
 /// The data of `NBD_OPT_INFO` / `NBD_OPT_GO`.

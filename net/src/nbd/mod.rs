@@ -8,9 +8,9 @@
 //! ```text
 //!            rx slice                                   tx slice
 //!   socket ───────────▶ on_recv ──┐            ┌──▶ fill_tx ───────────▶ socket
-//!                                 ▼            │
+//!      (or readv into rx_pieces)  ▼            │    (or writev of tx_pieces)
 //!                         ┌──────────────────────────┐
-//!                         │        Connection        │
+//!            on_tick ───▶ │        Connection        │
 //!                         │ handshake · requests ·   │
 //!                         │ slots (≤ max_in_flight)  │
 //!                         └──────────────────────────┘
@@ -22,6 +22,7 @@
 //! ```ignore
 //! let mut conn = nbd::Connection::new(nbd::ServerConfig::default());
 //! loop {
+//!     conn.on_tick(now_ms);                        // timeouts
 //!     let used = conn.on_recv(&exports, rx_slice); // may be < rx_slice.len()
 //!     while let Some(req) = conn.next_request() {
 //!         stack.submit(consumer_for[req.export], req.bio, (conn_id << 32) | req.handle);
@@ -31,6 +32,7 @@
 //!         conns[tag >> 32].complete(tag as u32 as u64, bio, result);
 //!     }
 //!     let n = conn.fill_tx(tx_slice);
+//!     if peer_sent_fin { conn.input_closed(); }
 //!     if conn.is_finished() { /* close the socket, drop the connection */ }
 //! }
 //! ```
@@ -45,50 +47,120 @@
 //!   `NBD_INFO_DESCRIPTION` when asked for; `NBD_REP_ERR_UNKNOWN` for an
 //!   unknown export; the empty name is export 0), `ABORT` (ack, then
 //!   finish), `LIST` (one `NBD_REP_SERVER` with name and description per
-//!   export), `STRUCTURED_REPLY`. Any other option gets
-//!   `NBD_REP_ERR_UNSUP`, with its data skipped unread. Data on `LIST` or
-//!   `STRUCTURED_REPLY` gets `NBD_REP_ERR_INVALID`. Data of `EXPORT_NAME`,
-//!   `INFO` or `GO` longer than [`OPTION_DATA_MAX`] closes the connection
-//!   without being buffered.
-//! - **Transmission flags.** `HAS_FLAGS`, and `READ_ONLY`, `SEND_FLUSH` +
-//!   `SEND_FUA`, `SEND_TRIM`, `SEND_WRITE_ZEROES` as true of the export
-//!   (none of the last four on a read-only export);
-//!   `CAN_MULTI_CONN` always, since every connection feeds one stack from
-//!   one event loop: a flush is answered only after every write completed
-//!   before it, from any connection ([`ExportInfo::transmission_flags`]).
-//! - **Requests.** READ, WRITE, FLUSH, TRIM (a Discard bio), WRITE_ZEROES
-//!   (`NO_HOLE` accepted), DISC (finish once outstanding replies are sent).
-//!   FUA sets `bio.fua` on writes. Checked before any bio is made: flags
-//!   (EINVAL), read-only (EPERM), payload above the maximum (EINVAL; a read
-//!   with structured replies gets EOVERFLOW), past the end (ENOSPC for
-//!   writes and write-zeroes, EINVAL otherwise), alignment to the minimum
-//!   block (EINVAL). Unknown commands get EINVAL. A refused WRITE has its
-//!   payload skipped as it arrives, never buffered, and is answered once
+//!   export), `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
+//!   `SET_META_CONTEXT` (below). Any other option, `STARTTLS` included,
+//!   gets `NBD_REP_ERR_UNSUP`, with its data skipped unread. Data on `LIST`
+//!   or `STRUCTURED_REPLY` gets `NBD_REP_ERR_INVALID`. The data of `INFO`,
+//!   `GO` and the meta context options is buffered up to
+//!   [`OPTION_DATA_MAX`]; longer, it is skipped unread and answered
+//!   `NBD_REP_ERR_TOO_BIG`; a longer `EXPORT_NAME` (which has no error
+//!   reply) closes the connection.
+//! - **Metadata contexts.** One is served: `base:allocation`. Both meta
+//!   context options need structured replies first (`NBD_REP_ERR_INVALID`
+//!   otherwise, as qemu-nbd does) and a known export (`NBD_REP_ERR_UNKNOWN`);
+//!   malformed data (a length past the end, a string over 4096 bytes, data
+//!   left over) is `NBD_REP_ERR_INVALID`. `LIST` answers no query, `base:`
+//!   and `base:allocation` with `base:allocation` (context id 0, as the
+//!   spec reserves it there); `SET` selects it when named (id
+//!   [`ALLOCATION_CONTEXT_ID`]). Queries in other namespaces are ignored.
+//!   A `SET` replaces the earlier selection even when it fails, and the
+//!   selection only counts if `GO`/`EXPORT_NAME` then picks the same export.
+//! - **Extended headers** (`NBD_OPT_EXTENDED_HEADERS`) are not offered: the
+//!   clients this server is tested with (Debian's libnbd 1.14 and QEMU 7.2)
+//!   do not speak them, so the option gets `NBD_REP_ERR_UNSUP`.
+//! - **Transmission flags** ([`ExportInfo::transmission_flags`]):
+//!   `HAS_FLAGS`; `READ_ONLY`, `SEND_FLUSH` + `SEND_FUA`, `SEND_TRIM`,
+//!   `SEND_WRITE_ZEROES` as true of the export (none of the last four on a
+//!   read-only export); `SEND_FAST_ZERO` when the export both trims and
+//!   zeroes (the provider deallocates rather than writes); `SEND_DF` only
+//!   with structured replies (the spec forbids it otherwise); `SEND_CACHE`
+//!   always; `CAN_MULTI_CONN` always, since every connection feeds one
+//!   stack from one event loop: a flush is answered only after every write
+//!   completed before it, from any connection.
+//! - **Requests.** READ (`DF` accepted where offered: every read is one
+//!   data chunk anyway), WRITE, FLUSH, TRIM (a Discard bio), WRITE_ZEROES
+//!   (`NO_HOLE` sets `bio.no_hole`; `FAST_ZERO` where offered, with
+//!   `ENOTSUP` when combined with `NO_HOLE`, since zeroing that must stay
+//!   allocated may write every byte), CACHE (answered at once: the stack
+//!   keeps no cache to warm), BLOCK_STATUS (a `GetAllocation` bio; `REQ_ONE`
+//!   honoured), DISC (finish once outstanding replies are sent). FUA sets
+//!   `bio.fua` on writes and is accepted (ignored) on every other command.
+//!   Checked before any bio is made: flags not valid for the command
+//!   (EINVAL), read-only (EPERM), payload above the maximum (EINVAL; a
+//!   read with structured replies gets EOVERFLOW), past the end (ENOSPC
+//!   for writes and write-zeroes, EINVAL otherwise), alignment to the
+//!   minimum block (EINVAL), BLOCK_STATUS without a selected context or of
+//!   length 0 (EINVAL). Unknown commands get EINVAL. A refused WRITE has
+//!   its payload skipped as it arrives, never buffered, and is answered once
 //!   the payload is through (clients such as libnbd drop a connection that
-//!   answers a request before it is fully sent). A bad request magic
-//!   closes the connection.
+//!   answers a request before it is fully sent). A bad request magic closes
+//!   the connection.
+//! - **Block status** reports what the provider knows: the runs in the
+//!   completed bio's `extents` become `NBD_STATE_HOLE`/`NBD_STATE_ZERO`
+//!   descriptors, cut to the request, merged when equal, at most
+//!   [`MAX_REPLY_EXTENTS`] (fewer is allowed: clients ask again from where
+//!   the reply stops); a range the provider said nothing about (a virtio
+//!   disk, a mirror) is one data descriptor, as is a provider that answers
+//!   `NotSupported`. md reports unallocated pages as holes; a hosted file
+//!   disk reports what `SEEK_HOLE` finds.
 //! - **Replies** go out as requests complete, so out of order. Simple
 //!   replies unless structured replies were negotiated; then a READ is one
 //!   `NBD_REPLY_TYPE_OFFSET_DATA` chunk flagged `NBD_REPLY_FLAG_DONE` (or
-//!   `NBD_REPLY_TYPE_NONE` for zero bytes), and every error is an
+//!   `NBD_REPLY_TYPE_NONE` for zero bytes), BLOCK_STATUS one
+//!   `NBD_REPLY_TYPE_BLOCK_STATUS` chunk, and every error an
 //!   `NBD_REPLY_TYPE_ERROR` chunk with a short message.
-//! - **Zero copy, counted.** A write's payload is copied once, from the
-//!   receive slice into the bio's pages; a read's data once, from the bio's
-//!   pages into the send slice. Both land in [`Connection::counters`].
+//! - **Copies, counted.** Through [`Connection::on_recv`] and
+//!   [`Connection::fill_tx`] a write's payload is copied once, from the
+//!   receive slice into the bio's pages, and a read's data once, from the
+//!   pages into the send slice; both land in [`Connection::counters`] (the
+//!   unikernel does this: smoltcp's rings are the slices). A platform with
+//!   vectored I/O can instead take the output as [`TxPiece`]s
+//!   ([`Connection::tx_pieces`], then [`Connection::tx_advance`]): headers
+//!   as bytes and read data as the bios' own pages, for one `writev`; and
+//!   receive a write's payload straight into its pages
+//!   ([`Connection::rx_pieces`], then [`Connection::rx_filled`]). The
+//!   engine then copies no data at all (hosted does this).
+//! - **Page reuse.** Pages of finished reads and writes are kept in a
+//!   per-connection pool (up to the buffer limit) for the next requests,
+//!   instead of being freed and allocated zeroed again; the pool is dropped
+//!   after [`POOL_IDLE_MS`] without traffic. A reused page holds old data
+//!   only until it is overwritten whole (a write's payload, a successful
+//!   read), and the data of a failed read is never sent.
 //! - **Bounded memory and backpressure.** At most `max_in_flight` requests
 //!   are outstanding and at most a budget of payload bytes is held in pages
 //!   ([`Connection::set_buffer_limit`]); beyond that `on_recv` stops
 //!   consuming at the next request header and returns what it took.
-//!   Headers are gathered in a 28-byte buffer; option data up to 64 KiB.
+//!   Headers are gathered in a 28-byte buffer; option data up to 64 KiB. A
+//!   client that stops reading its replies therefore stops being read,
+//!   and holds no more than its budget, while other connections go on.
+//! - **Time.** The platform calls [`Connection::on_tick`] with a monotonic
+//!   clock. A client still negotiating [`HANDSHAKE_TIMEOUT_MS`] (30 s)
+//!   after its first tick is dropped; an idle timeout
+//!   ([`ServerConfig::idle_timeout_ms`], off by default) drops a connection
+//!   in transmission that moved no byte for that long while the stack held
+//!   none of its requests, whether it was idle or had stopped reading.
+//! - **Ending.** [`Connection::input_closed`] (the peer sent FIN): a request
+//!   cut short is dropped, the rest is answered, then the connection
+//!   finishes. [`Connection::begin_shutdown`] (the server is stopping): new
+//!   options get `NBD_REP_ERR_SHUTDOWN` (an `EXPORT_NAME` closes), new
+//!   requests `NBD_ESHUTDOWN`, requests already taken are answered.
+//!   [`Connection::shutdown`]: drop everything, wait only for bios the
+//!   stack still holds.
 //! - **Never panics on input**: lengths and offsets from the wire are
-//!   checked before use and arithmetic on them is checked.
+//!   checked before use and arithmetic on them is checked. The
+//!   `fuzzing` driver (feature `fuzzing`, used by `net/fuzz` and by a
+//!   20 s fuzz run in the test suite) checks this and the bounds above on
+//!   real client transcripts mutated at random.
 
 mod engine;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod wire;
 
 pub use engine::{
-    BlockLimits, Connection, ExportInfo, Request, ServerConfig, MAX_IN_FLIGHT_LIMIT,
-    MAX_PAYLOAD_LIMIT, OPTION_DATA_MAX, STRING_MAX,
+    BlockLimits, Connection, ExportInfo, PageSlice, Request, ServerConfig, TxPiece,
+    ALLOCATION_CONTEXT_ID, HANDSHAKE_TIMEOUT_MS, MAX_IN_FLIGHT_LIMIT, MAX_PAYLOAD_LIMIT,
+    MAX_REPLY_EXTENTS, OPTION_DATA_MAX, POOL_IDLE_MS, STRING_MAX,
 };
 
 #[cfg(test)]

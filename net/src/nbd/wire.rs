@@ -98,6 +98,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// `NBD_REP_INFO`.
 pub const REP_INFO: u32 = 3;
+/// `NBD_REP_META_CONTEXT`.
+pub const REP_META_CONTEXT: u32 = 4;
 /// `NBD_REP_ERR_UNSUP`.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 /// `NBD_REP_ERR_POLICY`.
@@ -212,6 +214,15 @@ pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 /// `NBD_REPLY_TYPE_ERROR_OFFSET`.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+// ---- The `base:allocation` metadata context (proto.md "Metadata querying") ----
+
+/// Name of the `base:allocation` metadata context.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// `NBD_STATE_HOLE`: the extent is not allocated.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `NBD_STATE_ZERO`: the extent reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
 
 // ---- Error values (proto.md "Error values") ----
 

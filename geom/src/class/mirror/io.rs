@@ -45,6 +45,9 @@ impl MirrorGeom {
         }
         match bio.cmd {
             BioCmd::Read => self.start_read(io, bio),
+            // Members may differ while one resyncs: claim no knowledge
+            // (every byte counts as data).
+            BioCmd::GetAllocation => io.deliver(bio, Ok(())),
             BioCmd::Flush => self.fan_out(io, bio),
             BioCmd::Write | BioCmd::Discard | BioCmd::WriteZeroes => {
                 // gmirror's sync collision: a write must not overtake the

@@ -2,13 +2,17 @@
 
 use super::*;
 
+/// Flags of a read-write md export without structured replies.
 const RW_FLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_SEND_FLUSH
     | TFLAG_SEND_FUA
     | TFLAG_SEND_TRIM
     | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_SEND_FAST_ZERO
+    | TFLAG_SEND_CACHE
     | TFLAG_CAN_MULTI_CONN;
-const RO_FLAGS: u16 = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN;
+/// Flags of a read-only md export without structured replies.
+const RO_FLAGS: u16 = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_CACHE | TFLAG_CAN_MULTI_CONN;
 
 fn exports() -> Vec<ExportInfo> {
     alloc::vec![export("disk", false), export("ro", true)]
@@ -274,7 +278,7 @@ fn unsupported_options_get_err_unsup_and_negotiation_goes_on() {
     for (option, data) in [
         (42u32, &b"hello"[..]),
         (OPT_STARTTLS, &[][..]),
-        (OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0][..]),
+        (11, &[][..]),
         (0x7fff_ffff, &[][..]),
     ] {
         let o = opt(option, data);
@@ -303,10 +307,39 @@ fn large_unknown_option_is_skipped_without_buffering() {
 }
 
 #[test]
-fn oversized_option_data_closes_without_buffering() {
+fn oversized_option_data_is_too_big_without_buffering() {
+    let max = super::super::OPTION_DATA_MAX;
+    for option in [
+        OPT_GO,
+        OPT_INFO,
+        OPT_LIST_META_CONTEXT,
+        OPT_SET_META_CONTEXT,
+    ] {
+        let (mut c, e) = fixed();
+        let mut input = Vec::from(IHAVEOPT.to_be_bytes());
+        input.extend_from_slice(&option.to_be_bytes());
+        input.extend_from_slice(&(max + 1).to_be_bytes());
+        assert_eq!(c.on_recv(&e, &input), 16);
+        let chunk = alloc::vec![0u8; 1000];
+        let mut left = max as usize + 1;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            assert!(drain(&mut c).is_empty());
+            assert_eq!(c.on_recv(&e, &chunk[..n]), n);
+            left -= n;
+        }
+        assert_eq!(drain(&mut c), rep(option, REP_ERR_TOO_BIG, &[]));
+        let o = opt(OPT_GO, &go_data("disk", &[]));
+        assert_eq!(c.on_recv(&e, &o), o.len());
+        assert!(drain(&mut c).ends_with(&rep(OPT_GO, REP_ACK, &[])));
+    }
+}
+
+#[test]
+fn oversized_export_name_closes_without_buffering() {
     let (mut c, e) = fixed();
     let mut input = Vec::from(IHAVEOPT.to_be_bytes());
-    input.extend_from_slice(&OPT_GO.to_be_bytes());
+    input.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
     input.extend_from_slice(&(super::super::OPTION_DATA_MAX + 1).to_be_bytes());
     input.extend_from_slice(&[0; 100]);
     assert_eq!(c.on_recv(&e, &input), 16);

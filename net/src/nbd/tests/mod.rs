@@ -1,6 +1,8 @@
 //! Tests of the NBD engine: handshake transcripts, transmission over a
 //! real stack of md disks, and random input.
 
+mod corpus;
+mod features;
 mod fuzz;
 mod handshake;
 mod transmission;
@@ -126,6 +128,19 @@ pub(super) fn handshake_bytes(name: &str, structured: bool) -> Vec<u8> {
     v
 }
 
+/// The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+pub(super) fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
 /// One reply as a client decodes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Reply {
@@ -196,6 +211,13 @@ impl Decoder {
                     data: p[8..].to_vec(),
                     message: String::new(),
                 },
+                // Context id and descriptors, undecoded.
+                REPLY_TYPE_BLOCK_STATUS => Reply {
+                    cookie: c.cookie,
+                    error: 0,
+                    data: p.to_vec(),
+                    message: String::new(),
+                },
                 REPLY_TYPE_ERROR => {
                     let mlen = u16::from_be_bytes([p[4], p[5]]) as usize;
                     assert_eq!(p.len(), 6 + mlen);
@@ -246,6 +268,24 @@ pub(super) struct Harness {
 impl Harness {
     /// A harness whose connection is in transmission on export `name`.
     pub fn new(cfg: ServerConfig, name: &str, structured: bool) -> Harness {
+        Harness::with_handshake(cfg, &handshake_bytes(name, structured), structured)
+    }
+
+    /// A harness with structured replies and `base:allocation` selected,
+    /// in transmission on export `name`.
+    pub fn with_allocation(cfg: ServerConfig, name: &str) -> Harness {
+        let mut hs = Vec::from((FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        hs.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        hs.extend(opt(
+            OPT_SET_META_CONTEXT,
+            &meta_data(name, &[BASE_ALLOCATION]),
+        ));
+        hs.extend(opt(OPT_GO, &go_data(name, &[])));
+        Harness::with_handshake(cfg, &hs, true)
+    }
+
+    /// A harness whose connection has been fed the handshake `hs`.
+    pub fn with_handshake(cfg: ServerConfig, hs: &[u8], structured: bool) -> Harness {
         let mut stack = Stack::new();
         MdGeom::create(&mut stack, "md0", DISK).unwrap();
         MdGeom::create(&mut stack, "md1", DISK).unwrap();
@@ -261,8 +301,7 @@ impl Harness {
             conn: Connection::new(cfg),
             decoder: Decoder::new(structured),
         };
-        let hs = handshake_bytes(name, structured);
-        assert_eq!(h.conn.on_recv(&h.exports, &hs), hs.len());
+        assert_eq!(h.conn.on_recv(&h.exports, hs), hs.len());
         let out = drain(&mut h.conn);
         let ack = rep(OPT_GO, REP_ACK, &[]);
         assert!(out.ends_with(&ack), "GO acknowledged");

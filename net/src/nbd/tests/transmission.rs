@@ -226,7 +226,7 @@ fn refused_write_is_answered_only_after_its_payload() {
 fn unknown_commands_and_flags_are_einval() {
     for structured in [false, true] {
         let mut h = harness(structured);
-        err(&h.one(&req(Command::Cache, 0, 1, 0, 512)), 1, EINVAL);
+        // No metadata context was selected.
         err(&h.one(&req(Command::BlockStatus, 0, 2, 0, 512)), 2, EINVAL);
         err(&h.one(&req(Command::Unknown(200), 0, 3, 0, 0)), 3, EINVAL);
         err(
@@ -234,15 +234,22 @@ fn unknown_commands_and_flags_are_einval() {
             4,
             EINVAL,
         );
+        // DF is only offered with structured replies.
         h.expect_read(5, 512);
+        let r = h.one(&req(Command::Read, CMD_FLAG_DF, 5, 0, 512));
+        if structured {
+            ok(&r, 5);
+        } else {
+            err(&r, 5, EINVAL);
+        }
         err(
-            &h.one(&req(Command::Read, CMD_FLAG_DF, 5, 0, 512)),
-            5,
+            &h.one(&req(Command::Cache, CMD_FLAG_NO_HOLE, 6, 0, 512)),
+            6,
             EINVAL,
         );
         err(
-            &h.one(&req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 6, 0, 512)),
-            6,
+            &h.one(&req(Command::Trim, CMD_FLAG_FAST_ZERO, 8, 0, 512)),
+            8,
             EINVAL,
         );
         ok(&h.one(&req(Command::Flush, 0, 7, 0, 0)), 7);
@@ -425,6 +432,7 @@ fn in_flight_limit_stops_consuming() {
     let cfg = ServerConfig {
         max_in_flight: 2,
         max_payload: 1 << 20,
+        ..ServerConfig::default()
     };
     let mut h = Harness::new(cfg, "disk", false);
     let mut input = Vec::new();
@@ -458,6 +466,7 @@ fn a_write_mid_payload_is_always_accepted() {
     let cfg = ServerConfig {
         max_in_flight: 1,
         max_payload: 1 << 20,
+        ..ServerConfig::default()
     };
     let mut h = Harness::new(cfg, "disk", false);
     let input = write(0, 1, 0, &[3; 4096]);
@@ -579,5 +588,8 @@ fn two_connections_share_one_stack() {
     ok(&r[0], 1);
     ok(&r[1], 2);
     assert_eq!(r[1].data, pattern(512, 4));
-    assert_ne!(a.exports[0].transmission_flags() & TFLAG_CAN_MULTI_CONN, 0);
+    assert_ne!(
+        a.exports[0].transmission_flags(false) & TFLAG_CAN_MULTI_CONN,
+        0
+    );
 }

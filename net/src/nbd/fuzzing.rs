@@ -1,0 +1,177 @@
+//! A driver for fuzzing the NBD engine: client bytes in, a real stack of
+//! md disks behind, and the engine's invariants checked at every step.
+//! Shared by the cargo-fuzz target (`net/fuzz`, feature `fuzzing`) and the
+//! time-bounded fuzz run in the test suite.
+//!
+//! The input is a client's byte stream (a captured transcript, or anything
+//! else). How it is cut into `on_recv` calls, how output is drained (copied
+//! or vectored, and in what sizes), in which order bios go to the stack,
+//! and when the clock ticks or the server shuts down are all derived from
+//! a hash of the input, so one input always runs the same way.
+
+use super::{Connection, ExportInfo, ServerConfig, TxPiece};
+use alloc::string::String;
+use alloc::vec::Vec;
+use geom::bio::ConsumerId;
+use geom::class::md::MdGeom;
+use geom::stack::Stack;
+
+/// Size of each export the driver serves.
+pub const EXPORT_BYTES: u64 = 4 << 20;
+
+/// The exports: `disk` (read-write, the default) and `ro` (read-only), as
+/// the captured transcripts name them.
+pub fn exports() -> Vec<ExportInfo> {
+    ["disk", "ro"]
+        .iter()
+        .map(|&name| ExportInfo {
+            name: String::from(name),
+            description: alloc::format!("{name} (md)"),
+            size_bytes: EXPORT_BYTES,
+            read_only: name == "ro",
+            can_flush: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            min_block: 512,
+            preferred_block: 4096,
+            max_block: 1 << 20,
+        })
+        .collect()
+}
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// FNV-1a over the input: the seed of every choice the driver makes.
+fn seed(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1
+}
+
+/// Drains output: copied into a buffer of a random size, or as pieces
+/// with a random part of them "sent".
+fn drain(conn: &mut Connection, rng: &mut Rng) -> usize {
+    let mut total = 0;
+    for _ in 0..10_000 {
+        let n = if rng.below(2) == 0 {
+            let mut buf = alloc::vec![0u8; 1 + rng.below(70_000) as usize];
+            conn.fill_tx(&mut buf)
+        } else {
+            let mut pieces: Vec<TxPiece<'_>> = Vec::new();
+            let max = 1 + rng.below(600) as usize;
+            conn.tx_pieces(&mut pieces, max, 1 + rng.below(1 << 21) as usize);
+            let offered: usize = pieces.iter().map(|p| p.len()).sum();
+            drop(pieces);
+            let n = if rng.below(4) == 0 {
+                rng.below(offered as u64 + 1) as usize
+            } else {
+                offered
+            };
+            conn.tx_advance(n);
+            n
+        };
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    total
+}
+
+/// Moves bios through the stack, in a random order, and completions back.
+fn pump(conn: &mut Connection, stack: &mut Stack, consumers: &[ConsumerId], rng: &mut Rng) {
+    let mut reqs = Vec::new();
+    while let Some(r) = conn.next_request() {
+        assert!(r.handle < 1 << 32, "handle fits the tag");
+        assert!(r.export < consumers.len(), "export index");
+        reqs.push(r);
+    }
+    while !reqs.is_empty() {
+        let r = reqs.swap_remove(rng.below(reqs.len() as u64) as usize);
+        stack.submit(consumers[r.export], r.bio, r.handle);
+    }
+    stack.run();
+    while let Some((tag, bio, res)) = stack.take_completed() {
+        assert!(conn.complete(tag, bio, res), "completion accepted");
+    }
+}
+
+/// Runs one input through a connection and checks the invariants: no
+/// panic, input never over-consumed, in-flight and buffered bounds kept,
+/// every bio handed back, and the connection finishes once shut down.
+pub fn run(data: &[u8]) {
+    let mut rng = Rng(seed(data));
+    let cfg = ServerConfig {
+        max_in_flight: 1 + rng.below(64) as usize,
+        max_payload: 1 << 20,
+        idle_timeout_ms: rng.below(3) * 1000,
+        ..ServerConfig::default()
+    };
+    let mut stack = Stack::new();
+    MdGeom::create(&mut stack, "md0", EXPORT_BYTES).expect("md0");
+    MdGeom::create(&mut stack, "md1", EXPORT_BYTES).expect("md1");
+    let consumers = [
+        stack.open("md0", true, true, false).expect("open md0"),
+        stack.open("md1", true, false, false).expect("open md1"),
+    ];
+    let exports = exports();
+    let mut conn = Connection::new(cfg);
+    // The budget (twice the payload, at least 16 MiB), one payload more,
+    // and one block status reply.
+    let mp = u64::from(cfg.max_payload);
+    let limit = (2 * mp).max(16 << 20) + mp + 8 * super::MAX_REPLY_EXTENTS as u64;
+    let mut off = 0;
+    let mut now = 0u64;
+    let mut stuck = 0;
+    while off < data.len() && stuck < 4 {
+        let piece = match rng.below(4) {
+            0 => 1 + rng.below(8),
+            1 => 1 + rng.below(600),
+            _ => 1 + rng.below(70_000),
+        } as usize;
+        let end = off.saturating_add(piece).min(data.len());
+        let used = conn.on_recv(&exports, &data[off..end]);
+        assert!(used <= end - off, "consumed more than given");
+        off += used;
+        pump(&mut conn, &mut stack, &consumers, &mut rng);
+        drain(&mut conn, &mut rng);
+        assert!(conn.in_flight() <= cfg.max_in_flight, "in-flight bound");
+        assert!(conn.buffered_bytes() <= limit, "buffer bound");
+        if rng.below(16) == 0 {
+            now += rng.below(40_000);
+            conn.on_tick(now);
+        }
+        if rng.below(512) == 0 {
+            conn.begin_shutdown();
+        }
+        if rng.below(1024) == 0 {
+            conn.input_closed();
+        }
+        if conn.is_finished() {
+            break;
+        }
+        stuck = if used == 0 { stuck + 1 } else { 0 };
+    }
+    // The transport goes away: everything in the stack comes back.
+    pump(&mut conn, &mut stack, &consumers, &mut rng);
+    drain(&mut conn, &mut rng);
+    conn.shutdown();
+    pump(&mut conn, &mut stack, &consumers, &mut rng);
+    assert_eq!(conn.submitted(), 0, "every bio handed back");
+    assert!(conn.is_finished(), "finished after shutdown");
+    assert!(!conn.has_tx());
+}

@@ -1,0 +1,59 @@
+//! NBD protocol scenarios against the appliance booted in QEMU (TCG): only a
+//! booted appliance runs its drivers, smoltcp and event loop.
+
+use strata_tests::{nbd_clients as nbd, Platform::Qemu};
+
+#[test]
+fn multi_conn() {
+    nbd::multi_conn(Qemu);
+}
+
+#[test]
+fn stalled_client() {
+    nbd::stalled_client(Qemu);
+}
+
+#[test]
+fn connection_limit_refuses_cleanly() {
+    nbd::connection_limit_refuses_cleanly(Qemu);
+}
+
+#[test]
+fn handshake_timeout() {
+    nbd::handshake_timeout(Qemu);
+}
+
+#[test]
+fn qemu_img() {
+    nbd::qemu_img(Qemu);
+}
+
+#[test]
+fn qemu_io_commands() {
+    nbd::qemu_io_commands(Qemu);
+}
+
+#[test]
+fn nbdinfo() {
+    nbd::nbdinfo(Qemu);
+}
+
+#[test]
+fn nbdcopy() {
+    nbd::nbdcopy(Qemu);
+}
+
+#[test]
+fn nbdsh_commands() {
+    nbd::nbdsh_commands(Qemu);
+}
+
+#[test]
+fn fio_verify() {
+    nbd::fio_verify(Qemu);
+}
+
+#[test]
+fn malformed_clients() {
+    nbd::malformed_clients(Qemu);
+}
