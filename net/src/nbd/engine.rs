@@ -58,6 +58,10 @@ const REQ_LEN: usize = RequestView::<&[u8]>::LEN;
 /// traffic.
 pub const POOL_IDLE_MS: u64 = 1_000;
 
+/// Most bytes of spare pages a connection keeps (and never more than its
+/// buffer limit): enough for eight 1 MiB requests in flight.
+pub const POOL_MAX_BYTES: u64 = 8 << 20;
+
 /// The id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT` (any
 /// value will do; the client treats it as opaque).
 pub const ALLOCATION_CONTEXT_ID: u32 = 1;
@@ -419,8 +423,8 @@ pub struct Connection {
     ctl_pos: usize,
     /// Replies being sent, headers built, in order.
     sending: VecDeque<TxCur>,
-    /// Pages of finished requests kept for new ones (at most the buffer
-    /// limit; dropped after [`POOL_IDLE_MS`] without traffic).
+    /// Pages of finished requests kept for new ones (at most
+    /// [`POOL_MAX_BYTES`]; dropped after [`POOL_IDLE_MS`] without traffic).
     pool: Vec<Page>,
     counters: DataCounters,
 }
@@ -1648,7 +1652,7 @@ impl Connection {
     /// Keeps the pages of a finished request for later ones, when nothing
     /// else holds them and the pool has room.
     fn recycle(&mut self, sg: &SgList) {
-        let cap = (self.buffer_limit / PAGE_SIZE as u64) as usize;
+        let cap = (self.buffer_limit.min(POOL_MAX_BYTES) / PAGE_SIZE as u64) as usize;
         for r in sg.iter() {
             if self.pool.len() >= cap {
                 break;

@@ -121,7 +121,7 @@
 //!   ([`Connection::rx_pieces`], then [`Connection::rx_filled`]). The
 //!   engine then copies no data at all (hosted does this).
 //! - **Page reuse.** Pages of finished reads and writes are kept in a
-//!   per-connection pool (up to the buffer limit) for the next requests,
+//!   per-connection pool (up to [`POOL_MAX_BYTES`]) for the next requests,
 //!   instead of being freed and allocated zeroed again; the pool is dropped
 //!   after [`POOL_IDLE_MS`] without traffic. A reused page holds old data
 //!   only until it is overwritten whole (a write's payload, a successful
@@ -160,7 +160,7 @@ pub mod wire;
 pub use engine::{
     BlockLimits, Connection, ExportInfo, PageSlice, Request, ServerConfig, TxPiece,
     ALLOCATION_CONTEXT_ID, HANDSHAKE_TIMEOUT_MS, MAX_IN_FLIGHT_LIMIT, MAX_PAYLOAD_LIMIT,
-    MAX_REPLY_EXTENTS, OPTION_DATA_MAX, POOL_IDLE_MS, STRING_MAX,
+    MAX_REPLY_EXTENTS, OPTION_DATA_MAX, POOL_IDLE_MS, POOL_MAX_BYTES, STRING_MAX,
 };
 
 #[cfg(test)]

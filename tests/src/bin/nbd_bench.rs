@@ -13,7 +13,9 @@
 //! on a small shared machine single runs vary by a factor of two.
 //! Environment: `STRATA_BENCH_MB` (file size, default 256),
 //! `STRATA_BENCH_SECS` (seconds per run, default 4), `STRATA_BENCH_ROUNDS`,
-//! `STRATA_BENCH_SKIP_QEMU=1` to leave out the appliance.
+//! `STRATA_BENCH_SKIP_QEMU=1` to leave out the appliance (and the boot
+//! times), `STRATA_BENCH_SERVERS` to pick servers (a comma-separated list
+//! of `qemu-nbd`, `nbdkit`, `hosted`, `appliance`).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -237,6 +239,12 @@ fn main() {
             std::env::set_var("STRATA_KERNEL", path);
         }
     }
+    let wanted = std::env::var("STRATA_BENCH_SERVERS").ok();
+    let want = |name: &str| {
+        wanted
+            .as_deref()
+            .is_none_or(|w| w.split(',').any(|s| s.trim() == name))
+    };
     let dir = TempDir::new("nbdbench");
     let file = dir.path("bench.img");
     fill_random(&file, size_mb);
@@ -244,7 +252,7 @@ fn main() {
     let mut rows = Vec::new();
 
     let port = free_port();
-    if let Some(p) = qemu_nbd(&f, port) {
+    if let Some(p) = want("qemu-nbd").then(|| qemu_nbd(&f, port)).flatten() {
         rows.push(measure(
             "qemu-nbd",
             &format!("nbd://127.0.0.1:{port}/bench"),
@@ -255,7 +263,7 @@ fn main() {
         drop(p);
     }
     let port = free_port();
-    if let Some(p) = nbdkit(&f, port) {
+    if let Some(p) = want("nbdkit").then(|| nbdkit(&f, port)).flatten() {
         rows.push(measure(
             "nbdkit file",
             &format!("nbd://127.0.0.1:{port}/"),
@@ -265,7 +273,8 @@ fn main() {
         ));
         drop(p);
     }
-    match Start::new(Platform::Hosted).disk(&f).spawn() {
+    let hosted = want("hosted").then(|| Start::new(Platform::Hosted).disk(&f).spawn());
+    match hosted.unwrap_or(Err(String::new())) {
         Ok(a) => {
             rows.push(measure(
                 "strata hosted",
@@ -276,10 +285,11 @@ fn main() {
             ));
             let _ = a.stop();
         }
-        Err(e) => eprintln!("nbd_bench: hosted: {e}"),
+        Err(e) if !e.is_empty() => eprintln!("nbd_bench: hosted: {e}"),
+        Err(_) => {}
     }
     let mut boot = Vec::new();
-    if !skip_qemu {
+    if !skip_qemu && want("appliance") {
         match Start::new(Platform::Qemu).disk(&f).spawn() {
             Ok(a) => {
                 rows.push(measure(
