@@ -2,9 +2,11 @@
 //! process with files as disks and std sockets as connections.
 //!
 //! One thread runs one event loop, as in the unikernel: `poll(2)` on the
-//! listeners and connections is the hosted stand-in for virtio interrupts
-//! and smoltcp readiness, and the loop sleeps in it when there is nothing
-//! to do.
+//! listeners, the connections and the disks' eventfd is the hosted
+//! stand-in for virtio interrupts and smoltcp readiness, and the loop
+//! sleeps in it when there is nothing to do. The disks' I/O threads play
+//! the part of the device (see [`disk`]); the stack itself only ever runs
+//! on the loop.
 //!
 //! NBD data moves by address, as a device would move it: replies go out
 //! with `writev(2)` straight from the engine's headers and the bios' pages,
