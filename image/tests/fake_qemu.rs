@@ -141,6 +141,19 @@ impl Fake {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }
+
+    /// The log once it contains `what`, or as it is after 10 s: the fake
+    /// writes its lines on its own schedule, after the tool has moved on.
+    fn log_with(&self, what: &str) -> String {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(what) || Instant::now() > until {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Reads `n` lines from the child's stdout (within 20 s).
@@ -193,10 +206,13 @@ fn ready_lines_after_handshake_and_clean_stop() {
         ]
     );
     // The probe finished its negotiation with NBD_OPT_ABORT.
-    assert!(f.log().contains("probe aborted cleanly"), "{}", f.log());
+    let log = f.log_with("probe aborted cleanly");
+    assert!(log.contains("probe aborted cleanly"), "{log}");
     let (code, e) = terminate(&mut child);
     assert_eq!(code, Some(0), "{e}");
-    assert!(f.log().contains("strata: shutdown: disks flushed"));
+    assert!(f
+        .log_with("strata: shutdown: disks flushed")
+        .contains("strata: shutdown: disks flushed"));
 }
 
 #[test]
