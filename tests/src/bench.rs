@@ -2,7 +2,7 @@
 //! timed `nbdcopy`, and a file of random data (so that nothing on the way
 //! can skip zeroes).
 
-use crate::TempDir;
+use crate::{Platform, Start, TempDir};
 use std::process::Command;
 use std::time::Instant;
 
@@ -44,4 +44,23 @@ pub fn random_file(dir: &TempDir) -> String {
         .expect("run dd");
     assert!(st.success());
     p.display().to_string()
+}
+
+/// Seconds from starting `strata run --machine MACHINE` (TCG, no disk) to
+/// its ready line, or `None` (with the reason on stderr) if it failed.
+pub fn start_to_ready(machine: &str) -> Option<f64> {
+    let mut s = Start::new(Platform::Qemu);
+    s.extra = vec!["--machine".into(), machine.into()];
+    let t = Instant::now();
+    match s.spawn() {
+        Ok(a) => {
+            let secs = t.elapsed().as_secs_f64();
+            drop(a);
+            Some(secs)
+        }
+        Err(e) => {
+            eprintln!("bench: {machine}: {e}");
+            None
+        }
+    }
 }

@@ -10,7 +10,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use strata_tests::bench::{mb, nbdcopy, random_file};
+use strata_tests::bench::{mb, nbdcopy, random_file, start_to_ready};
 use strata_tests::{free_port, strata_bin, Platform, Start, TempDir};
 
 struct Row {
@@ -27,23 +27,6 @@ fn measure(name: &str, uri: &str, src_file: &str) -> Row {
         name: name.into(),
         write_mbs: size / w,
         read_mbs: size / r,
-    }
-}
-
-fn start_to_ready(machine: &str) -> Option<f64> {
-    let mut s = Start::new(Platform::Qemu);
-    s.extra = vec!["--machine".into(), machine.into()];
-    let t = Instant::now();
-    match s.spawn() {
-        Ok(a) => {
-            let secs = t.elapsed().as_secs_f64();
-            drop(a);
-            Some(secs)
-        }
-        Err(e) => {
-            eprintln!("bench: {machine}: {e}");
-            None
-        }
     }
 }
 

@@ -19,6 +19,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use strata_tests::bench::start_to_ready;
 use strata_tests::{free_port, strata_bin, Platform, Start, TempDir};
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -205,23 +206,6 @@ fn fill_random(path: &std::path::Path, mb: u64) {
         .status()
         .expect("dd");
     assert!(st.success());
-}
-
-fn start_to_ready(machine: &str) -> Option<f64> {
-    let mut s = Start::new(Platform::Qemu);
-    s.extra = vec!["--machine".into(), machine.into()];
-    let t = Instant::now();
-    match s.spawn() {
-        Ok(a) => {
-            let secs = t.elapsed().as_secs_f64();
-            drop(a);
-            Some(secs)
-        }
-        Err(e) => {
-            eprintln!("nbd_bench: {machine}: {e}");
-            None
-        }
-    }
 }
 
 fn main() {
