@@ -8,10 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=()
 want() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 
-install_deps() {
+missing_pkgs() {
+    need_pkgs=()
     want qemu-system-x86_64 qemu-system-x86
     if [ "${1:-}" != run ]; then
         want qemu-io qemu-utils
@@ -21,18 +21,31 @@ install_deps() {
         want fio fio
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
     fi
-    if [ ${#need_pkgs[@]} -gt 0 ]; then
+}
+
+install_deps() {
+    # Two passes: installing Debian's QEMU can replace a qemu-utils of
+    # another version (and so take qemu-img, qemu-io and qemu-nbd away),
+    # which the second pass puts back at the matching version.
+    for pass in 1 2; do
+        missing_pkgs "${1:-}"
+        [ ${#need_pkgs[@]} -eq 0 ] && break
         if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
             echo "strata: missing: ${need_pkgs[*]} (install them with: apt-get install -y ${need_pkgs[*]})" >&2
             exit 1
         fi
         echo "strata: installing ${need_pkgs[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >&2
+        [ "$pass" = 1 ] && apt-get update -qq >&2
         apt-get install -y -qq "${need_pkgs[@]}" >&2 || {
             echo "strata: apt-get install ${need_pkgs[*]} failed" >&2
             exit 1
         }
+    done
+    missing_pkgs "${1:-}"
+    if [ ${#need_pkgs[@]} -gt 0 ]; then
+        echo "strata: still missing after apt-get: ${need_pkgs[*]}" >&2
+        exit 1
     fi
     if ! command -v cargo >/dev/null 2>&1; then
         echo "strata: cargo not found: install Rust stable (rustup) first" >&2
