@@ -382,6 +382,31 @@ pub enum Op {
 }
 
 impl Op {
+    /// The same step moved inside a device of `sectors` sectors (at least
+    /// one sector long), so random steps always hit the device.
+    pub fn clip(&self, sectors: u64) -> Op {
+        match *self {
+            Op::Read { at, len } => {
+                let at = at % sectors;
+                Op::Read {
+                    at,
+                    len: len.clamp(1, sectors - at),
+                }
+            }
+            Op::Write { at, len, seed } => {
+                let at = at % sectors;
+                Op::Write {
+                    at,
+                    len: len.clamp(1, sectors - at),
+                    seed,
+                }
+            }
+            Op::Flush => Op::Flush,
+        }
+    }
+}
+
+impl Op {
     fn range(&self, sector: u64) -> Option<(u64, u64)> {
         match *self {
             Op::Read { at, len } | Op::Write { at, len, .. } => {
@@ -426,28 +451,7 @@ pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDisk
         model[at as usize..(at + n) as usize].copy_from_slice(&got);
         at += n;
     }
-    let clip = |op: &Op| -> Op {
-        let sectors = size / sector;
-        match *op {
-            Op::Read { at, len } => {
-                let at = at % sectors;
-                Op::Read {
-                    at,
-                    len: len.clamp(1, sectors - at),
-                }
-            }
-            Op::Write { at, len, seed } => {
-                let at = at % sectors;
-                Op::Write {
-                    at,
-                    len: len.clamp(1, sectors - at),
-                    seed,
-                }
-            }
-            Op::Flush => Op::Flush,
-        }
-    };
-    let ops: Vec<Op> = ops.iter().map(clip).collect();
+    let ops: Vec<Op> = ops.iter().map(|op| op.clip(size / sector)).collect();
     let mut i = 0;
     while i < ops.len() {
         let mut batch: Vec<&Op> = Vec::new();

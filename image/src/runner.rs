@@ -132,6 +132,32 @@ pub fn kvm_usable(dev: &Path) -> Result<(), String> {
     }
 }
 
+/// Sends each line QEMU writes on `pipe` to the supervisor as `line(..)`,
+/// then `closed` once the pipe ends.
+fn forward_lines(
+    pipe: impl io::Read + Send + 'static,
+    tx: Sender<Msg>,
+    line: fn(String) -> Msg,
+    closed: Msg,
+) {
+    thread::spawn(move || {
+        let mut r = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send(line(clean_line(&buf))).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(closed);
+    });
+}
+
 /// What the threads around a QEMU process report.
 enum Msg {
     /// A console line.
@@ -215,40 +241,8 @@ impl Vm {
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let t = tx.clone();
-        thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if t.send(Msg::Console(clean_line(&buf))).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = t.send(Msg::ConsoleClosed);
-        });
-        let t = tx.clone();
-        thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if t.send(Msg::Stderr(clean_line(&buf))).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = t.send(Msg::StderrClosed);
-        });
+        forward_lines(stdout, tx.clone(), Msg::Console, Msg::ConsoleClosed);
+        forward_lines(stderr, tx.clone(), Msg::Stderr, Msg::StderrClosed);
         // Connect to QMP as soon as QEMU listens (QEMU opens the socket
         // before the machine starts).
         let t = tx.clone();

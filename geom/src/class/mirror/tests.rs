@@ -604,24 +604,7 @@ fn run_ops(
     disks: &[FakeDiskHandle],
 ) {
     let sectors = model.len() as u64 / SECTOR;
-    let clip = |op: &Op| match *op {
-        Op::Read { at, len } => {
-            let at = at % sectors;
-            Op::Read {
-                at,
-                len: len.clamp(1, sectors - at),
-            }
-        }
-        Op::Write { at, len, seed } => {
-            let at = at % sectors;
-            Op::Write {
-                at,
-                len: len.clamp(1, sectors - at),
-                seed,
-            }
-        }
-        Op::Flush => Op::Flush,
-    };
+    let clip = |op: &Op| op.clip(sectors);
     let range = |op: &Op| match *op {
         Op::Read { at, len } | Op::Write { at, len, .. } => {
             Some((at * SECTOR, (at + len) * SECTOR))
