@@ -19,6 +19,7 @@ missing_pkgs() {
         want nbdinfo libnbd-bin
         want nbdkit nbdkit
         want fio fio
+        want ss iproute2
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
     fi
 }

@@ -43,6 +43,15 @@ pub const DEFAULT_MD_BYTES: u64 = 256 << 20;
 /// Largest NBD request payload accepted.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
+/// Most NBD connections served at once, on either platform. A connection
+/// attempt within the limit is accepted however many arrive together; one
+/// beyond it is closed at once, before any byte is sent.
+pub const MAX_NBD_CONNECTIONS: usize = 32;
+
+/// Most management connections served at once, on either platform (one
+/// beyond it is closed at once, as for NBD).
+pub const MAX_HTTP_CONNECTIONS: usize = 16;
+
 /// Tag space: the upper 32 bits of a bio tag name the connection; 0 is the
 /// service itself (shutdown flushes).
 const SERVICE_CONN: u64 = 0;
@@ -405,6 +414,11 @@ impl Service {
         self.http.get_mut(&id).map_or(0, |c| c.fill_tx(buf))
     }
 
+    /// True while management connection `id` has bytes to send.
+    pub fn http_has_tx(&self, id: u32) -> bool {
+        self.http.get(&id).is_some_and(|c| c.has_tx())
+    }
+
     /// True once management connection `id` has sent its response.
     pub fn http_finished(&self, id: u32) -> bool {
         self.http.get(&id).is_none_or(|c| c.is_finished())
@@ -498,6 +512,11 @@ impl Service {
     /// Number of open NBD connections.
     pub fn nbd_connections(&self) -> usize {
         self.nbd.len()
+    }
+
+    /// Number of open management connections.
+    pub fn http_connections(&self) -> usize {
+        self.http.len()
     }
 
     /// Applies configuration lines to the running stack, as `POST /geom`

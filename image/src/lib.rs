@@ -1,6 +1,7 @@
 //! The host tool's library: sizes, disk specs, QEMU command lines, the
 //! NBD readiness probe, console lines, and the supervised QEMU run.
 //!
+//! - [`backlog`]: a deeper accept queue for QEMU's forwarded ports;
 //! - [`size`]: `64M`, `1G`, … as bytes;
 //! - [`disk`]: `PATH[,size=SIZE]` and sparse disk files;
 //! - [`qemu`]: the QEMU command line as a typed value; exit statuses;
@@ -13,6 +14,7 @@
 //! - [`runner`]: starting, following and stopping QEMU;
 //! - [`tempdir`]: a scratch directory per run.
 
+pub mod backlog;
 pub mod console;
 pub mod control;
 pub mod disk;

@@ -411,6 +411,7 @@ impl Session<'_> {
                     }
                     ConsoleEvent::Listening { .. } if !self.listening => {
                         self.listening = true;
+                        self.deepen_backlog();
                         self.start_probe();
                     }
                     ConsoleEvent::ConfigError(m) => self.config_error = Some(m),
@@ -430,6 +431,21 @@ impl Session<'_> {
             }
             Msg::Qmp(q) => self.vm.take_qmp(q),
         }
+    }
+
+    /// Gives QEMU's forwarded ports a deep accept queue (see
+    /// [`crate::backlog`]) before any client is told to connect; warns when
+    /// that is not possible.
+    fn deepen_backlog(&self) {
+        let ports = [self.plan.qemu.nbd_port, self.plan.qemu.http_port];
+        let why = match crate::backlog::deepen(self.vm.child.id(), &ports) {
+            Ok(done) if done.len() == ports.len() => return,
+            Ok(done) => format!("found only {done:?} of {ports:?}"),
+            Err(e) => e,
+        };
+        eprintln!(
+            "strata: warning: cannot deepen QEMU's accept queue ({why}): clients that connect in the same instant may hang"
+        );
     }
 
     /// Probes the NBD port from the host until a handshake completes or

@@ -18,6 +18,21 @@ fn connection_limit_refuses_cleanly() {
 }
 
 #[test]
+fn simultaneous_clients() {
+    nbd::simultaneous_clients(Hosted);
+}
+
+#[test]
+fn simultaneous_management() {
+    nbd::simultaneous_management(Hosted);
+}
+
+#[test]
+fn fio_many_jobs() {
+    nbd::fio_many_jobs(Hosted);
+}
+
+#[test]
 fn handshake_timeout() {
     nbd::handshake_timeout(Hosted);
 }

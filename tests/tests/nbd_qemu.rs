@@ -19,6 +19,21 @@ fn connection_limit_refuses_cleanly() {
 }
 
 #[test]
+fn simultaneous_clients() {
+    nbd::simultaneous_clients(Qemu);
+}
+
+#[test]
+fn simultaneous_management() {
+    nbd::simultaneous_management(Qemu);
+}
+
+#[test]
+fn fio_many_jobs() {
+    nbd::fio_many_jobs(Qemu);
+}
+
+#[test]
 fn handshake_timeout() {
     nbd::handshake_timeout(Qemu);
 }

@@ -17,7 +17,7 @@
 
 pub mod disk;
 
-use crate::service::{PlatformStatus, Service};
+use crate::service::{PlatformStatus, Service, MAX_HTTP_CONNECTIONS, MAX_NBD_CONNECTIONS};
 use geom::disk::BlockDevice;
 use net::nbd::TxPiece;
 use std::io::{self, Read, Write};
@@ -54,9 +54,6 @@ const TX_BUF: usize = 64 << 10;
 const MAX_IOV: usize = 512;
 /// Most bytes offered to one `writev`.
 const MAX_WRITEV_BYTES: usize = 8 << 20;
-/// Most NBD connections served at once; a client beyond it is accepted
-/// and closed at once (a clean FIN before any byte is sent).
-pub const MAX_NBD_CONNECTIONS: usize = 64;
 /// How long the loop sleeps in `poll(2)` at most when idle, in ms (the
 /// timeouts of the NBD engine are ticked at least this often).
 const IDLE_POLL_MS: i32 = 200;
@@ -518,8 +515,13 @@ fn accept(l: &TcpListener, kind: Kind, svc: &mut Service, conns: &mut Vec<Conn>)
         match l.accept() {
             Ok((stream, _)) => {
                 any = true;
-                if kind == Kind::Nbd && svc.nbd_connections() >= MAX_NBD_CONNECTIONS {
-                    // Dropping the stream closes it cleanly.
+                let full = match kind {
+                    Kind::Nbd => svc.nbd_connections() >= MAX_NBD_CONNECTIONS,
+                    Kind::Http => svc.http_connections() >= MAX_HTTP_CONNECTIONS,
+                };
+                if full {
+                    // Beyond the limit: dropping the stream closes it with
+                    // a clean FIN before any byte is sent.
                     continue;
                 }
                 let id = match kind {

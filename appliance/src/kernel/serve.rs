@@ -16,7 +16,7 @@
 //! there is no intermediate buffer on either side.
 
 use super::BootInfo;
-use crate::service::{PlatformStatus, Service};
+use crate::service::{PlatformStatus, Service, MAX_HTTP_CONNECTIONS, MAX_NBD_CONNECTIONS};
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -31,18 +31,22 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4C
 pub const NBD_PORT: u16 = 10809;
 /// Guest port of the management endpoint.
 pub const HTTP_PORT: u16 = 8080;
-/// NBD sockets kept listening at once: the number of clients that can
-/// connect in one instant (more are accepted as sockets free up).
-const NBD_LISTENERS: usize = 4;
-/// Management sockets kept listening.
-const HTTP_LISTENERS: usize = 2;
-/// Most NBD connections served at once.
-const NBD_MAX_CONNS: usize = 32;
-/// TCP buffer per NBD socket and direction. Large windows matter under
-/// QEMU user networking; see docs/architecture.md for the measured effect.
-const NBD_SOCKET_BYTES: usize = 512 * 1024;
+/// TCP buffer per NBD socket and direction, at most. Large windows matter
+/// under QEMU user networking; see docs/architecture.md for the measured
+/// effect.
+const NBD_SOCKET_BYTES_MAX: usize = 512 * 1024;
+/// TCP buffer per NBD socket and direction, at least.
+const NBD_SOCKET_BYTES_MIN: usize = 64 * 1024;
 /// TCP buffer per management socket and direction.
 const HTTP_SOCKET_BYTES: usize = 16 * 1024;
+
+/// The TCP buffer per NBD socket and direction for a guest with
+/// `memory_bytes` of RAM: the sockets of a full connection limit take at
+/// most an eighth of it, within the bounds above.
+fn nbd_socket_bytes(memory_bytes: u64) -> usize {
+    let share = memory_bytes / 8 / (MAX_NBD_CONNECTIONS as u64 * 2);
+    (share.min(NBD_SOCKET_BYTES_MAX as u64) as usize).max(NBD_SOCKET_BYTES_MIN)
+}
 
 fn fatal(msg: &str) -> ! {
     log::error!("{msg}");
@@ -219,6 +223,7 @@ pub fn serve(boot: BootInfo) -> ! {
         }
     }
 
+    let nbd_bytes = nbd_socket_bytes(super::memory_stats().total_bytes);
     let mut slots: Vec<Slot> = Vec::new();
     let mut announced = false;
     let mut stopping_since: Option<u64> = None;
@@ -247,7 +252,7 @@ pub fn serve(boot: BootInfo) -> ! {
             }
         }
         if configured && !svc.shutting_down() {
-            top_up_listeners(&mut sockets, &mut slots, &svc);
+            top_up_listeners(&mut sockets, &mut slots, &svc, nbd_bytes);
             if !announced {
                 announced = true;
                 super::console_write(&alloc::format!(
@@ -326,22 +331,39 @@ pub fn serve(boot: BootInfo) -> ! {
     }
 }
 
-/// Keeps a few sockets listening on each port, up to the connection limit.
-fn top_up_listeners(sockets: &mut SocketSet<'static>, slots: &mut Vec<Slot>, svc: &Service) {
-    for (kind, port, want, bytes) in [
-        (Kind::Nbd, NBD_PORT, NBD_LISTENERS, NBD_SOCKET_BYTES),
-        (Kind::Http, HTTP_PORT, HTTP_LISTENERS, HTTP_SOCKET_BYTES),
+/// Keeps a socket listening on each port for every connection the limit
+/// still allows. smoltcp has no accept backlog: a connection attempt that
+/// finds no listening socket is reset, so every attempt within the limit
+/// must find one however many arrive in the same instant. An attempt
+/// beyond the limit is reset, which QEMU's user networking passes on to
+/// the host client as a closed connection.
+fn top_up_listeners(
+    sockets: &mut SocketSet<'static>,
+    slots: &mut Vec<Slot>,
+    svc: &Service,
+    nbd_bytes: usize,
+) {
+    for (kind, port, limit, open, bytes) in [
+        (
+            Kind::Nbd,
+            NBD_PORT,
+            MAX_NBD_CONNECTIONS,
+            svc.nbd_connections(),
+            nbd_bytes,
+        ),
+        (
+            Kind::Http,
+            HTTP_PORT,
+            MAX_HTTP_CONNECTIONS,
+            svc.http_connections(),
+            HTTP_SOCKET_BYTES,
+        ),
     ] {
         let listening = slots
             .iter()
             .filter(|s| s.kind == kind && s.conn.is_none())
             .count();
-        let room = if kind == Kind::Nbd {
-            NBD_MAX_CONNS.saturating_sub(svc.nbd_connections() + listening)
-        } else {
-            usize::MAX
-        };
-        for _ in listening..want.min(listening + room) {
+        for _ in (open + listening)..limit {
             let mut sock = tcp_socket(bytes);
             if sock.listen(port).is_ok() {
                 let handle = sockets.add(sock);
@@ -422,7 +444,9 @@ fn pump_tx(s: &mut Slot, sockets: &mut SocketSet<'static>, svc: &mut Service) ->
             }
             svc.nbd_finished(id)
         }
-        Kind::Http => svc.http_finished(id),
+        // A peer that closed before its request was whole gets nothing:
+        // its connection must not hold a place under the limit.
+        Kind::Http => svc.http_finished(id) || (!sock.may_recv() && !svc.http_has_tx(id)),
     };
     if finished && sock.send_queue() == 0 && sock.state() != tcp::State::Closed {
         if sock.may_send() {

@@ -2,11 +2,14 @@
 //!
 //! One client (fio 3.33 with `ioengine=nbd`, i.e. libnbd) against four
 //! servers serving the same raw file in turn: hosted Strata, `qemu-nbd`
-//! (`-e 8 -x bench --cache=writeback`, plus `-t` so it outlives the
+//! (`-e 32 -x bench --cache=writeback`, plus `-t` so it outlives the
 //! readiness probe), `nbdkit` (file plugin, started with
 //! `setsid`), and the Strata appliance in QEMU (TCG, the file as its
 //! virtio disk). Rows: 1 MiB sequential write and read (queue depth 8),
-//! 4 KiB random read at queue depth 1 and 16. Plus QEMU start → ready.
+//! 4 KiB random read at queue depth 1 and 16, and sixteen jobs (sixteen
+//! connections started together) of mixed random 4–64 KiB reads and
+//! writes at queue depth 8, read and write MB/s summed. Plus QEMU start →
+//! ready.
 //!
 //! Run with `cargo run --release -p strata-tests --bin nbd_bench`.
 //! Each figure is the median of `STRATA_BENCH_ROUNDS` runs (default 3):
@@ -35,16 +38,19 @@ struct Job {
     rw: &'static str,
     bs: &'static str,
     depth: u32,
+    /// fio jobs, one NBD connection each, started together.
+    jobs: u32,
     /// Report IOPS (else MB/s).
     iops: bool,
 }
 
-const JOBS: [Job; 4] = [
+const JOBS: [Job; 5] = [
     Job {
         name: "seq write 1M QD8",
         rw: "write",
         bs: "1M",
         depth: 8,
+        jobs: 1,
         iops: false,
     },
     Job {
@@ -52,6 +58,7 @@ const JOBS: [Job; 4] = [
         rw: "read",
         bs: "1M",
         depth: 8,
+        jobs: 1,
         iops: false,
     },
     Job {
@@ -59,6 +66,7 @@ const JOBS: [Job; 4] = [
         rw: "randread",
         bs: "4k",
         depth: 1,
+        jobs: 1,
         iops: true,
     },
     Job {
@@ -66,7 +74,16 @@ const JOBS: [Job; 4] = [
         rw: "randread",
         bs: "4k",
         depth: 16,
+        jobs: 1,
         iops: true,
+    },
+    Job {
+        name: "16 jobs randrw 4-64K",
+        rw: "randrw",
+        bs: "4k-64k",
+        depth: 8,
+        jobs: 16,
+        iops: false,
     },
 ];
 
@@ -81,9 +98,17 @@ fn fio(uri: &str, job: &Job, size_mb: u64, secs: u64, dir: &TempDir) -> Option<f
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             &format!("--rw={}", job.rw),
-            &format!("--bs={}", job.bs),
+            &if job.bs.contains('-') {
+                format!("--bsrange={}", job.bs)
+            } else {
+                format!("--bs={}", job.bs)
+            },
             &format!("--iodepth={}", job.depth),
-            &format!("--size={size_mb}M"),
+            &format!("--numjobs={}", job.jobs),
+            "--group_reporting",
+            // Each job in its own region of the file.
+            &format!("--size={}M", size_mb / u64::from(job.jobs)),
+            &format!("--offset_increment={}M", size_mb / u64::from(job.jobs)),
             "--time_based",
             &format!("--runtime={secs}"),
             "--ramp_time=1",
@@ -104,17 +129,18 @@ fn fio(uri: &str, job: &Job, size_mb: u64, secs: u64, dir: &TempDir) -> Option<f
     // fio may print a line before its JSON.
     let text = &text[text.find('{')?..];
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let side = if job.rw.contains("write") {
-        "write"
-    } else {
-        "read"
+    // A mixed job counts both directions.
+    let sides: &[&str] = match job.rw {
+        "randrw" | "rw" => &["read", "write"],
+        rw if rw.contains("write") => &["write"],
+        _ => &["read"],
     };
-    let r = &v["jobs"][0][side];
-    if job.iops {
-        r["iops"].as_f64()
-    } else {
-        r["bw_bytes"].as_f64().map(|b| b / 1e6)
-    }
+    let key = if job.iops { "iops" } else { "bw_bytes" };
+    let total: Option<f64> = sides
+        .iter()
+        .map(|side| v["jobs"][0][side][key].as_f64())
+        .sum();
+    total.map(|t| if job.iops { t } else { t / 1e6 })
 }
 
 /// Waits until `port` completes an NBD greeting (or `limit` passes).
@@ -146,7 +172,7 @@ impl Drop for Peer {
 fn qemu_nbd(file: &str, port: u16) -> Option<Peer> {
     let c = Command::new("qemu-nbd")
         .args(["-t", "-f", "raw", "-x", "bench", "-p", &port.to_string()])
-        .args(["-b", "127.0.0.1", "-e", "8", "--cache=writeback", file])
+        .args(["-b", "127.0.0.1", "-e", "32", "--cache=writeback", file])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
