@@ -3,6 +3,11 @@
 //! set up (virtio 1.2 §2.7) straight from memory, which works on the host
 //! because `IdentityHal` hands out process addresses as "physical" ones.
 //! Device behaviour (what a request does) is written by each test.
+//!
+//! Host programs outside this crate (the allocation benchmark in
+//! `tests/`) get it with the `fake` feature. It is for the host only:
+//! [`read_mem`] and [`write_mem`] trust their address to be a buffer the
+//! driver shared with the device, as a device would.
 
 use alloc::rc::Rc;
 use alloc::vec;
