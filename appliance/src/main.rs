@@ -5,6 +5,7 @@
 //! `cargo build --release -p appliance --bin strata-kernel --target
 //! x86_64-unknown-none` and booted with `qemu-system-x86_64 -kernel`.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+#![deny(unsafe_code)]
 
 #[cfg(not(target_os = "none"))]
 fn main() {
@@ -15,6 +16,7 @@ fn main() {
 }
 
 #[cfg(target_os = "none")]
+#[allow(unsafe_code, reason = "the kernel's entry point and panic handler")]
 mod entry {
     use appliance::kernel::start_info::StartInfo;
     use appliance::kernel::{

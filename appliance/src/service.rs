@@ -18,6 +18,8 @@
 //! The platform owns sockets and devices; the service owns everything
 //! else and never blocks.
 
+#![forbid(unsafe_code)]
+
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;

@@ -123,7 +123,7 @@ pub fn blk_check(
             let off = (i * bio_bytes) as u64;
             fill_pattern(&mut buf, off);
             let sg = SgList::alloc(bio_bytes);
-            sg.copy_from_slice(0, &buf, &c);
+            sg.copy_from_slice(0, &buf, &c).expect("pages not lent");
             Bio::with_data(BioCmd::Write, off, sg)
         })
         .collect();
@@ -145,7 +145,7 @@ pub fn blk_check(
         r.map_err(|e| format!("read at {} failed: {e:?}", b.offset))?;
         fill_pattern(&mut buf, b.offset);
         let mut got = vec![0u8; bio_bytes];
-        b.sg.copy_to_slice(0, &mut got, &c);
+        b.sg.copy_to_slice(0, &mut got, &c).expect("pages not lent");
         if got != buf {
             let at = got.iter().zip(&buf).position(|(a, b)| a != b).unwrap_or(0);
             return Err(format!("read back mismatch at {}", b.offset + at as u64));
@@ -175,7 +175,11 @@ pub fn blk_check(
             .1
             .map_err(|e| format!("read after write-zeroes failed: {e:?}"))?;
         let mut got = vec![0u8; quarter as usize];
-        done[0].0.sg.copy_to_slice(0, &mut got, &c);
+        done[0]
+            .0
+            .sg
+            .copy_to_slice(0, &mut got, &c)
+            .expect("pages not lent");
         if got.iter().any(|&b| b != 0) {
             return Err(String::from("write-zeroes range does not read as zeroes"));
         }

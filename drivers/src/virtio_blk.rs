@@ -49,7 +49,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use geom::bio::{Bio, BioCmd, BioError, BioResult};
 use geom::disk::{BlockDevice, DiskInfo};
-use geom::page::PageRef;
+use geom::page::{Lease, PageRef};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::Hal;
@@ -285,9 +285,11 @@ pub struct DataChunk {
 /// or `remaining` bytes are covered, cutting ranges longer than
 /// `max_desc_bytes`. A chunk that does not reach the end is cut back to a
 /// multiple of `align` bytes (the logical block size) so every request
-/// starts on a block. Returns `None` when no whole block fits.
+/// starts on a block. Returns `None` when no whole block fits. `lease`
+/// proves the pages are lent to the device (it gives their addresses).
 pub fn plan_data_chunk(
     segs: &[PageRef],
+    lease: &Lease,
     start: Cursor,
     remaining: u64,
     max_descs: usize,
@@ -308,7 +310,7 @@ pub fn plan_data_chunk(
             continue;
         }
         let take = u64::from(left_in_seg.min(max_desc_bytes)).min(remaining - bytes) as u32;
-        descs.push((r.page.addr() + (r.offset + cur.off) as usize, take));
+        descs.push((r.dma_addr(lease) + cur.off as usize, take));
         bytes += u64::from(take);
         cur.off += take;
         if cur.off == r.len {
@@ -438,6 +440,8 @@ struct BioSlot {
     error: Option<BioError>,
     /// Still in the issue queue (not everything issued yet).
     queued: bool,
+    /// The bio's pages, lent to the device until the bio is handed back.
+    lease: Lease,
 }
 
 /// Counters of one virtio-blk device.
@@ -666,6 +670,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                 let segs = b.bio.sg.iter().as_slice();
                 let Some(chunk) = plan_data_chunk(
                     segs,
+                    &b.lease,
                     b.cursor,
                     b.bio.length - b.issued,
                     limits.max_data_descs,
@@ -774,8 +779,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         // is never moved or freed while the device is set up, and this slot
         // is not touched again until its token is popped; the data
         // addresses are the bio's pages, which the bio (kept in
-        // `self.bios`) holds until completion, and which nothing else
-        // accesses while the bio is at the device (`Page::addr` contract).
+        // `self.bios`) holds until completion, and which are lent to this
+        // device (`BioSlot::lease`), so nothing can map them meanwhile.
         let token = unsafe { self.add_chain(ridx, &req) };
         let token = match token {
             Ok(t) => t,
@@ -904,6 +909,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             Some(e) => Err(e),
             None => Ok(()),
         };
+        b.bio.sg.give_back(b.lease);
         self.done.push_back((b.bio, result));
     }
 
@@ -916,6 +922,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         for slot in 0..self.bios.len() {
             if let Some(b) = self.bios[slot].take() {
                 self.free_bios.push(slot as u16);
+                // The device is reset: it touches the pages no more.
+                b.bio.sg.give_back(b.lease);
                 self.done.push_back((b.bio, Err(BioError::Io)));
             }
         }
@@ -968,9 +976,15 @@ impl<T: Transport, H: Hal> BlockDevice for VirtioBlk<T, H> {
             self.done.push_back((bio, Err(e)));
             return Ok(());
         }
-        let Some(slot) = self.free_bios.pop() else {
+        let Some(&slot) = self.free_bios.last() else {
             return Err(bio);
         };
+        let Ok(lease) = bio.sg.lend() else {
+            // The CPU has one of its pages mapped: a bug above the driver.
+            self.done.push_back((bio, Err(BioError::Io)));
+            return Ok(());
+        };
+        self.free_bios.pop();
         self.stats.bios += 1;
         self.bios[slot as usize] = Some(BioSlot {
             bio,
@@ -980,6 +994,7 @@ impl<T: Transport, H: Hal> BlockDevice for VirtioBlk<T, H> {
             requests: 0,
             error: None,
             queued: true,
+            lease,
         });
         self.issue_q.push_back(slot);
         self.pump();

@@ -88,6 +88,14 @@ impl BioError {
     }
 }
 
+impl From<crate::page::PageBusy> for BioError {
+    /// A class that finds a page it must map still held by a device has
+    /// met a bug below it; the request fails rather than touch the bytes.
+    fn from(_: crate::page::PageBusy) -> BioError {
+        BioError::Io
+    }
+}
+
 /// Result of a bio.
 pub type BioResult = Result<(), BioError>;
 

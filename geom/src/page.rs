@@ -6,11 +6,21 @@
 //! read or write the bytes with the CPU goes through [`SgList::map`] or the
 //! copy helpers built on it, and every such step is counted in a
 //! [`DataCounters`] (the sf_buf idea: mapping is explicit and measured).
+//!
+//! **Who may touch a page.** A page is either free, mapped by the CPU
+//! (inside one `map` call), or lent to one or more devices (from
+//! [`SgList::lend`] until [`SgList::give_back`]). The two exclude each
+//! other: a map of a page that a device holds fails with [`PageBusy`], and
+//! so does lending a page that is mapped. Addresses exist only for lent
+//! pages ([`PageRef::dma_addr`]), so safe code never gets a slice of
+//! memory a device may be writing. Several devices may hold one page at
+//! once: the children of a split bio share pages, each child on its own
+//! byte range.
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes in one page.
 pub const PAGE_SIZE: usize = 4096;
@@ -19,11 +29,27 @@ pub const PAGE_SIZE: usize = 4096;
 #[repr(C, align(4096))]
 pub struct PageData(pub [u8; PAGE_SIZE]);
 
+/// [`PageInner::state`]: the CPU has the page mapped.
+const MAPPED: u32 = 1 << 31;
+
 struct PageInner {
     /// Address of the bytes; identical to the physical address in the
     /// appliance, whose memory is identity-mapped.
     addr: usize,
+    /// [`MAPPED`], or the number of devices the page is lent to.
+    state: AtomicU32,
     data: spin::Mutex<Box<PageData>>,
+}
+
+/// A page was asked for by the CPU while a device holds it, or by a
+/// device while the CPU has it mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageBusy;
+
+impl core::fmt::Display for PageBusy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "page in use by a device")
+    }
 }
 
 /// A reference-counted 4 KiB page.
@@ -40,16 +66,9 @@ impl Page {
         let addr = &*data as *const PageData as usize;
         Page(Arc::new(PageInner {
             addr,
+            state: AtomicU32::new(0),
             data: spin::Mutex::new(data),
         }))
-    }
-
-    /// Address of the page's first byte, for DMA descriptors and vectored
-    /// system calls in platform code. The bytes behind it may only be
-    /// accessed by a device (or the kernel on its behalf) while the bio
-    /// that carries this page is in flight at that device.
-    pub fn addr(&self) -> usize {
-        self.0.addr
     }
 
     /// True when both handles share the same bytes.
@@ -61,6 +80,75 @@ impl Page {
     pub fn share_count(&self) -> usize {
         Arc::strong_count(&self.0)
     }
+
+    /// True while a device holds the page.
+    pub fn is_lent(&self) -> bool {
+        let s = self.0.state.load(Ordering::Acquire);
+        s != 0 && s & MAPPED == 0
+    }
+
+    /// Lends the page to a device (a socket being read into or written
+    /// from, in hosted) for as long as the guard lives; its address is
+    /// [`PageLease::dma_addr`]. Fails while the CPU has the page mapped.
+    pub fn lend(&self) -> Result<PageLease<'_>, PageBusy> {
+        self.lend_raw()?;
+        Ok(PageLease(self))
+    }
+
+    /// Marks the page as held by one more device.
+    fn lend_raw(&self) -> Result<(), PageBusy> {
+        self.0
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s & MAPPED == 0 && s < MAPPED - 1).then_some(s + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| PageBusy)
+    }
+
+    /// A device gave the page back.
+    fn give_back(&self) {
+        let before = self.0.state.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before != 0 && before & MAPPED == 0, "page given back twice");
+    }
+
+    /// Runs `f` on the page's bytes, unless a device holds the page.
+    fn with_bytes<R>(&self, f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R) -> Result<R, PageBusy> {
+        self.0
+            .state
+            .compare_exchange(0, MAPPED, Ordering::AcqRel, Ordering::Acquire)
+            .map_err(|_| PageBusy)?;
+        let r = f(&mut self.0.data.lock().0);
+        self.0.state.store(0, Ordering::Release);
+        Ok(r)
+    }
+}
+
+/// One page lent to a device while the guard lives (see [`Page::lend`]).
+#[derive(Debug)]
+pub struct PageLease<'a>(&'a Page);
+
+impl PageLease<'_> {
+    /// The address of the page's first byte, for platform code.
+    pub fn dma_addr(&self) -> usize {
+        self.0 .0.addr
+    }
+}
+
+impl Drop for PageLease<'_> {
+    fn drop(&mut self) {
+        self.0.give_back();
+    }
+}
+
+/// Proof that the pages of an [`SgList`] are lent to a device: returned
+/// by [`SgList::lend`], it must go back through [`SgList::give_back`] on
+/// the same list once the device is done. A lease that is dropped instead
+/// leaves the pages held, which is safe: they can no longer be mapped.
+#[must_use = "give the pages back with SgList::give_back"]
+#[derive(Debug)]
+pub struct Lease {
+    segments: usize,
 }
 
 impl core::fmt::Debug for Page {
@@ -117,6 +205,18 @@ pub struct PageRef {
     pub len: u32,
 }
 
+impl PageRef {
+    /// The address of the range's first byte, for a DMA descriptor or a
+    /// vectored system call in platform code. Only a lent page has one:
+    /// `lease` is the proof, from [`SgList::lend`] on the list holding
+    /// this range (or on a list sharing its page).
+    pub fn dma_addr(&self, lease: &Lease) -> usize {
+        let _ = lease;
+        debug_assert!(self.page.is_lent(), "dma_addr of a page not lent");
+        self.page.0.addr + self.offset as usize
+    }
+}
+
 /// A scatter-gather list: the ordered page ranges that make up a bio's data.
 #[derive(Clone, Debug, Default)]
 pub struct SgList {
@@ -146,6 +246,25 @@ impl SgList {
             });
             left -= n;
         }
+        sg
+    }
+
+    /// Fresh pages holding a copy of `bytes` (metadata sectors, test
+    /// data); the copy is counted. Cannot fail: nobody else holds the
+    /// pages yet.
+    pub fn from_bytes(bytes: &[u8], counters: &DataCounters) -> SgList {
+        let mut sg = SgList::new();
+        for chunk in bytes.chunks(PAGE_SIZE) {
+            let page = Page::new_zeroed();
+            page.0.data.lock().0[..chunk.len()].copy_from_slice(chunk);
+            counters.add_mapped(chunk.len());
+            sg.push(PageRef {
+                page,
+                offset: 0,
+                len: chunk.len() as u32,
+            });
+        }
+        counters.add_copied(bytes.len());
         sg
     }
 
@@ -207,29 +326,86 @@ impl SgList {
         out
     }
 
-    /// Maps each page range in turn and hands its bytes to `f` with the
-    /// range's offset within the list. Counts the bytes as mapped.
-    pub fn map(&self, counters: &DataCounters, mut f: impl FnMut(u64, &mut [u8])) {
+    /// Lends every page of the list to a device: until [`SgList::give_back`]
+    /// no page of it can be mapped, and [`PageRef::dma_addr`] gives the
+    /// addresses. Fails, lending nothing, if the CPU has one of them mapped.
+    pub fn lend(&self) -> Result<Lease, PageBusy> {
+        for (i, r) in self.segs.iter().enumerate() {
+            if let Err(e) = r.page.lend_raw() {
+                for r in &self.segs[..i] {
+                    r.page.give_back();
+                }
+                return Err(e);
+            }
+        }
+        Ok(Lease {
+            segments: self.segs.len(),
+        })
+    }
+
+    /// What a device does with the pages it holds, for the fake devices of
+    /// tests: runs `f` on each page range (with its offset in the list)
+    /// while the pages stay lent. Counted as mapped in `counters` (the
+    /// device's own, not a provider's).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn device_access(
+        &self,
+        lease: &Lease,
+        counters: &DataCounters,
+        mut f: impl FnMut(u64, &mut [u8]),
+    ) {
+        let _ = lease;
         let mut pos = 0u64;
         for r in &self.segs {
-            let mut guard = r.page.0.data.lock();
+            debug_assert!(r.page.is_lent());
             let start = r.offset as usize;
-            let bytes = &mut guard.0[start..start + r.len as usize];
+            let mut data = r.page.0.data.lock();
+            let bytes = &mut data.0[start..start + r.len as usize];
             counters.add_mapped(bytes.len());
             f(pos, bytes);
             pos += u64::from(r.len);
         }
     }
 
+    /// The device is done with the pages lent by `lease`.
+    pub fn give_back(&self, lease: Lease) {
+        debug_assert_eq!(lease.segments, self.segs.len(), "lease of another list");
+        for r in &self.segs {
+            r.page.give_back();
+        }
+    }
+
+    /// Maps each page range in turn and hands its bytes to `f` with the
+    /// range's offset within the list. Counts the bytes as mapped. Fails,
+    /// at the first such page, when a device holds one of them.
+    pub fn map(
+        &self,
+        counters: &DataCounters,
+        mut f: impl FnMut(u64, &mut [u8]),
+    ) -> Result<(), PageBusy> {
+        let mut pos = 0u64;
+        for r in &self.segs {
+            let start = r.offset as usize;
+            r.page.with_bytes(|page| {
+                let bytes = &mut page[start..start + r.len as usize];
+                counters.add_mapped(bytes.len());
+                f(pos, bytes);
+            })?;
+            pos += u64::from(r.len);
+        }
+        Ok(())
+    }
+
     /// Maps only the ranges overlapping `[offset, offset + len)` and hands
     /// `f` each overlapping piece with its offset relative to `offset`.
+    /// Fails as [`SgList::map`] does.
     pub fn map_range(
         &self,
         offset: u64,
         len: u64,
         counters: &DataCounters,
         mut f: impl FnMut(u64, &mut [u8]),
-    ) {
+    ) -> Result<(), PageBusy> {
         let end = offset + len;
         let mut pos = 0u64;
         for r in &self.segs {
@@ -237,42 +413,57 @@ impl SgList {
             if rend > offset && pos < end {
                 let from = offset.max(pos) - pos;
                 let to = end.min(rend) - pos;
-                let mut guard = r.page.0.data.lock();
                 let start = r.offset as usize;
-                let bytes = &mut guard.0[start + from as usize..start + to as usize];
-                counters.add_mapped(bytes.len());
-                f(pos + from - offset, bytes);
+                r.page.with_bytes(|page| {
+                    let bytes = &mut page[start + from as usize..start + to as usize];
+                    counters.add_mapped(bytes.len());
+                    f(pos + from - offset, bytes);
+                })?;
             }
             pos = rend;
             if pos >= end {
                 break;
             }
         }
+        Ok(())
     }
 
     /// Copies `src` into the list starting at byte `offset`.
-    pub fn copy_from_slice(&self, offset: u64, src: &[u8], counters: &DataCounters) {
+    pub fn copy_from_slice(
+        &self,
+        offset: u64,
+        src: &[u8],
+        counters: &DataCounters,
+    ) -> Result<(), PageBusy> {
         self.map_range(offset, src.len() as u64, counters, |at, dst| {
             let at = at as usize;
             dst.copy_from_slice(&src[at..at + dst.len()]);
-        });
+        })?;
         counters.add_copied(src.len());
+        Ok(())
     }
 
     /// Copies bytes starting at `offset` of the list into `dst`.
-    pub fn copy_to_slice(&self, offset: u64, dst: &mut [u8], counters: &DataCounters) {
+    pub fn copy_to_slice(
+        &self,
+        offset: u64,
+        dst: &mut [u8],
+        counters: &DataCounters,
+    ) -> Result<(), PageBusy> {
         let n = dst.len();
         self.map_range(offset, n as u64, counters, |at, src| {
             let at = at as usize;
             dst[at..at + src.len()].copy_from_slice(src);
-        });
+        })?;
         counters.add_copied(n);
+        Ok(())
     }
 
     /// Fills the whole list with zeroes.
-    pub fn zero(&self, counters: &DataCounters) {
-        self.map(counters, |_, b| b.fill(0));
+    pub fn zero(&self, counters: &DataCounters) -> Result<(), PageBusy> {
+        self.map(counters, |_, b| b.fill(0))?;
         counters.add_copied(self.len_bytes as usize);
+        Ok(())
     }
 }
 
@@ -286,7 +477,9 @@ mod tests {
         let sg = SgList::alloc(10_000);
         assert_eq!(sg.len_bytes(), 10_000);
         assert_eq!(sg.segments(), 3);
-        assert!(sg.iter().all(|r| r.page.addr() % PAGE_SIZE == 0));
+        let lease = sg.lend().unwrap();
+        assert!(sg.iter().all(|r| r.dma_addr(&lease) % PAGE_SIZE == 0));
+        sg.give_back(lease);
     }
 
     #[test]
@@ -294,7 +487,7 @@ mod tests {
         let c = DataCounters::new();
         let sg = SgList::alloc(3 * PAGE_SIZE);
         let data: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
-        sg.copy_from_slice(0, &data, &c);
+        sg.copy_from_slice(0, &data, &c).unwrap();
         let before = (c.bytes_mapped(), c.bytes_copied());
         let part = sg.slice(1000, 5000);
         assert_eq!(part.len_bytes(), 5000);
@@ -307,7 +500,7 @@ mod tests {
             .same(&sg.iter().next().unwrap().page));
         assert_eq!((c.bytes_mapped(), c.bytes_copied()), before);
         let mut out = alloc::vec![0u8; 5000];
-        part.copy_to_slice(0, &mut out, &c);
+        part.copy_to_slice(0, &mut out, &c).unwrap();
         assert_eq!(&out[..], &data[1000..6000]);
     }
 
@@ -319,7 +512,8 @@ mod tests {
         sg.map_range(4000, 200, &c, |at, b| {
             assert_eq!(at as usize, seen);
             seen += b.len();
-        });
+        })
+        .unwrap();
         assert_eq!(seen, 200);
         assert_eq!(c.bytes_mapped(), 200);
         assert_eq!(c.bytes_copied(), 0);
@@ -329,12 +523,41 @@ mod tests {
     fn copies_are_counted() {
         let c = DataCounters::new();
         let sg = SgList::alloc(100);
-        sg.copy_from_slice(10, &[7; 50], &c);
+        sg.copy_from_slice(10, &[7; 50], &c).unwrap();
         let mut out = [0u8; 100];
-        sg.copy_to_slice(0, &mut out, &c);
+        sg.copy_to_slice(0, &mut out, &c).unwrap();
         assert_eq!(&out[10..60], &[7; 50]);
         assert_eq!(out[9], 0);
         assert_eq!(c.bytes_copied(), 150);
         assert_eq!(c.bytes_mapped(), 150);
+    }
+
+    #[test]
+    fn a_lent_page_cannot_be_mapped_and_a_mapped_one_cannot_be_lent() {
+        let c = DataCounters::new();
+        let sg = SgList::alloc(2 * PAGE_SIZE);
+        // A child sharing the second page, as a split bio's would.
+        let child = sg.slice(PAGE_SIZE as u64, 512);
+        let lease = child.lend().unwrap();
+        // The first page is free; the second is at the "device".
+        assert_eq!(sg.map_range(0, 512, &c, |_, b| b[0] = 1), Ok(()));
+        assert_eq!(sg.copy_from_slice(0, &[0; 8192], &c), Err(PageBusy));
+        assert_eq!(sg.zero(&c), Err(PageBusy));
+        // A second device may hold it too (another child's range).
+        let other = sg.slice(PAGE_SIZE as u64 + 512, 512).lend().unwrap();
+        child.give_back(lease);
+        assert_eq!(sg.zero(&c), Err(PageBusy), "still lent once");
+        sg.slice(PAGE_SIZE as u64 + 512, 512).give_back(other);
+        assert_eq!(sg.zero(&c), Ok(()));
+        // Mapped: lending fails and lends nothing.
+        let mut nested = None;
+        sg.map_range(0, 1, &c, |_, _| {
+            nested = Some(sg.lend().map(|l| l.segments))
+        })
+        .unwrap();
+        assert_eq!(nested, Some(Err(PageBusy)));
+        let lease = sg.lend().unwrap();
+        sg.give_back(lease);
+        assert_eq!(sg.zero(&c), Ok(()));
     }
 }

@@ -319,8 +319,7 @@ impl Stack {
             let _ = self.core.detach(c);
             return Err(e);
         }
-        let sg = SgList::alloc(sector);
-        sg.copy_from_slice(0, &bytes[..sector], &self.core.meta_counters);
+        let sg = SgList::from_bytes(&bytes[..sector], &self.core.meta_counters);
         let mut bio = Bio::with_data(BioCmd::Write, at, sg);
         bio.fua = true;
         let cookie = self.stack_io(StackIo::Write(provider, c));
@@ -354,7 +353,13 @@ impl Stack {
                     return;
                 }
                 let mut buf = vec![0u8; bio.length as usize];
-                bio.sg.copy_to_slice(0, &mut buf, &self.core.meta_counters);
+                if bio
+                    .sg
+                    .copy_to_slice(0, &mut buf, &self.core.meta_counters)
+                    .is_err()
+                {
+                    return;
+                }
                 match MetaRepr::from_bytes(&buf) {
                     Ok(meta) => self.tasted(p, meta),
                     Err(MetaError::NoMagic) => {}

@@ -16,7 +16,7 @@
 
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId};
 use crate::disk::{vtbd_name, BlockDevice, DiskGeom, DiskInfo};
-use crate::page::{DataCounters, SgList};
+use crate::page::{DataCounters, Lease, PageBusy, SgList};
 use crate::stack::Stack;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -50,7 +50,10 @@ struct State {
     info: DiskInfo,
     data: Vec<u8>,
     durable: Vec<u8>,
-    queue: Vec<Bio>,
+    /// Bios at the "device", each with the lease on its pages (the device
+    /// holds them as a DMA engine would, so a class that maps a page of a
+    /// bio still in flight gets `PageBusy` and the model tests see it).
+    queue: Vec<(Bio, Result<Lease, PageBusy>)>,
     rng: XorShiftRng,
     reorder: bool,
     depth: usize,
@@ -64,7 +67,7 @@ struct State {
 }
 
 impl State {
-    fn execute(&mut self, bio: &Bio) -> BioResult {
+    fn execute(&mut self, bio: &Bio, lease: &Lease) -> BioResult {
         if self.dead || (self.fail_writes && bio.cmd.is_write()) {
             self.stats.failed += 1;
             return Err(BioError::Io);
@@ -81,11 +84,17 @@ impl State {
         match bio.cmd {
             BioCmd::Read => {
                 self.stats.reads += 1;
-                bio.sg.copy_from_slice(0, &self.data[o..o + n], &self.dma);
+                let data = &self.data[o..o + n];
+                bio.sg.device_access(lease, &self.dma, |at, dst| {
+                    dst.copy_from_slice(&data[at as usize..at as usize + dst.len()]);
+                });
             }
             BioCmd::Write => {
                 self.stats.writes += 1;
-                bio.sg.copy_to_slice(0, &mut self.data[o..o + n], &self.dma);
+                let data = &mut self.data[o..o + n];
+                bio.sg.device_access(lease, &self.dma, |at, src| {
+                    data[at as usize..at as usize + src.len()].copy_from_slice(src);
+                });
             }
             BioCmd::Flush => {
                 self.stats.flushes += 1;
@@ -159,7 +168,8 @@ impl BlockDevice for FakeDisk {
         if st.queue.len() >= st.depth {
             return Err(bio);
         }
-        st.queue.push(bio);
+        let lease = bio.sg.lend();
+        st.queue.push((bio, lease));
         st.stats.max_queued = st.stats.max_queued.max(st.queue.len());
         Ok(())
     }
@@ -182,8 +192,16 @@ impl BlockDevice for FakeDisk {
                 } else {
                     0
                 };
-                let bio = st.queue.remove(i);
-                let r = st.execute(&bio);
+                let (bio, lease) = st.queue.remove(i);
+                let r = match lease {
+                    Ok(lease) => {
+                        let r = st.execute(&bio, &lease);
+                        bio.sg.give_back(lease);
+                        r
+                    }
+                    // Pages the CPU had mapped when they were submitted.
+                    Err(e) => Err(e.into()),
+                };
                 finished.push((bio, r));
             }
         }
@@ -317,15 +335,15 @@ fn client() -> DataCounters {
 
 /// A write bio carrying `data`.
 pub fn write_bio(offset: u64, data: &[u8]) -> Bio {
-    let sg = SgList::alloc(data.len());
-    sg.copy_from_slice(0, data, &client());
-    Bio::with_data(BioCmd::Write, offset, sg)
+    Bio::with_data(BioCmd::Write, offset, SgList::from_bytes(data, &client()))
 }
 
 /// The bytes a completed read carries.
 pub fn bio_bytes(bio: &Bio) -> Vec<u8> {
     let mut out = vec![0; bio.length as usize];
-    bio.sg.copy_to_slice(0, &mut out, &client());
+    bio.sg
+        .copy_to_slice(0, &mut out, &client())
+        .expect("a completed bio's pages are free");
     out
 }
 

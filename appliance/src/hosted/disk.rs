@@ -19,6 +19,7 @@
 
 use geom::bio::{Bio, BioCmd, BioError, BioResult, Extent, MAX_EXTENTS};
 use geom::disk::{BlockDevice, DiskInfo};
+use geom::page::Lease;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -90,7 +91,7 @@ pub struct FileDisk {
     /// Bios done on the loop, delivered on the next poll.
     done: VecDeque<(Bio, BioResult)>,
     /// Work for the I/O threads (`None` without them: all inline).
-    jobs: Option<mpsc::Sender<Bio>>,
+    jobs: Option<mpsc::Sender<(Bio, Option<Lease>)>>,
     finished: mpsc::Receiver<(Bio, BioResult)>,
 }
 
@@ -105,7 +106,7 @@ impl FileDisk {
         let (done_tx, finished) = mpsc::channel();
         let jobs = match waker {
             Some(waker) => {
-                let (jobs, queue) = mpsc::channel::<Bio>();
+                let (jobs, queue) = mpsc::channel::<(Bio, Option<Lease>)>();
                 let queue = Arc::new(Mutex::new(queue));
                 for i in 0..IO_THREADS {
                     let (queue, backing, done_tx, waker) = (
@@ -118,14 +119,14 @@ impl FileDisk {
                         .name(format!("strata-io{i}"))
                         .spawn(move || loop {
                             // Ends when the disk (the sender) is dropped.
-                            let Ok(bio) = queue
+                            let Ok((bio, lease)) = queue
                                 .lock()
                                 .map_err(|_| ())
                                 .and_then(|q| q.recv().map_err(|_| ()))
                             else {
                                 return;
                             };
-                            let r = backing.execute(&bio);
+                            let r = backing.execute(&bio, lease);
                             if done_tx.send((bio, r)).is_err() {
                                 return;
                             }
@@ -147,20 +148,21 @@ impl FileDisk {
 }
 
 impl Backing {
-    fn iovecs(bio: &Bio) -> Vec<libc::iovec> {
+    fn iovecs(bio: &Bio, lease: &Lease) -> Vec<libc::iovec> {
         bio.sg
             .iter()
             .map(|r| libc::iovec {
-                iov_base: (r.page.addr() + r.offset as usize) as *mut libc::c_void,
+                iov_base: r.dma_addr(lease) as *mut libc::c_void,
                 iov_len: r.len as usize,
             })
             .collect()
     }
 
-    /// Moves the bio's data between the file and its pages.
-    fn transfer(&self, bio: &Bio) -> io::Result<()> {
+    /// Moves the bio's data between the file and its pages, which are
+    /// lent to this device by `lease`.
+    fn transfer(&self, bio: &Bio, lease: &Lease) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
-        let mut iov = Backing::iovecs(bio);
+        let mut iov = Backing::iovecs(bio, lease);
         let mut at = 0usize;
         let mut offset = bio.offset;
         let mut left = bio.length as usize;
@@ -168,8 +170,9 @@ impl Backing {
             let cnt = (iov.len() - at).min(libc::UIO_MAXIOV as usize) as libc::c_int;
             // SAFETY: every iovec points into a live page owned by the bio
             // (the bio, and so its pages, outlive this call), within the
-            // page's bounds as the sg list guarantees; no Rust reference to
-            // those bytes exists while the bio is at this device.
+            // page's bounds as the sg list guarantees; the pages are lent
+            // to this device (`lease`), so no Rust reference to those
+            // bytes can be made until they are given back.
             let n = unsafe {
                 match bio.cmd {
                     BioCmd::Read => {
@@ -259,10 +262,46 @@ impl Backing {
         u64::try_from(r).map_err(|_| io::Error::last_os_error())
     }
 
-    fn execute(&self, bio: &Bio) -> BioResult {
-        let r = match bio.cmd {
+    /// Carries out `bio`, whose pages `lease` lends to this device (for
+    /// reads and writes), and gives them back.
+    fn execute(&self, bio: &Bio, lease: Option<Lease>) -> BioResult {
+        let r = match (bio.cmd, lease) {
             // FUA arrives as a write followed by a flush from the disk class.
-            BioCmd::Read | BioCmd::Write => self.transfer(bio),
+            (BioCmd::Read | BioCmd::Write, Some(lease)) => {
+                let r = self.transfer(bio, &lease);
+                bio.sg.give_back(lease);
+                r
+            }
+            // Pages the CPU had mapped when the bio came.
+            (BioCmd::Read | BioCmd::Write, None) => return Err(BioError::Io),
+            (_, lease) => {
+                if let Some(l) = lease {
+                    bio.sg.give_back(l);
+                }
+                self.execute_other(bio)
+            }
+        };
+        r.map_err(|e| Backing::error(bio, e))
+    }
+
+    /// What a failed system call means for the bio.
+    fn error(bio: &Bio, e: io::Error) -> BioError {
+        log::warn!(
+            "hosted disk: {} at {} failed: {e}",
+            bio.cmd.name(),
+            bio.offset
+        );
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => BioError::NotSupported,
+            Some(libc::ENOSPC) => BioError::OutOfRange,
+            _ => BioError::Io,
+        }
+    }
+
+    /// Commands without data.
+    fn execute_other(&self, bio: &Bio) -> io::Result<()> {
+        match bio.cmd {
+            BioCmd::Read | BioCmd::Write => Err(io::Error::from_raw_os_error(libc::EINVAL)),
             BioCmd::Flush => self.file.sync_data(),
             // TRIM is advisory: a file system that cannot punch holes
             // keeps the data, which is allowed (NBD proto.md NBD_CMD_TRIM).
@@ -279,19 +318,7 @@ impl Backing {
             BioCmd::WriteZeroes => self.zero(bio),
             // Answered by the disk geom through `allocation`.
             BioCmd::GetAllocation => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
-        };
-        r.map_err(|e| {
-            log::warn!(
-                "hosted disk: {} at {} failed: {e}",
-                bio.cmd.name(),
-                bio.offset
-            );
-            match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) => BioError::NotSupported,
-                Some(libc::ENOSPC) => BioError::OutOfRange,
-                _ => BioError::Io,
-            }
-        })
+        }
     }
 }
 
@@ -309,14 +336,16 @@ impl BlockDevice for FileDisk {
 
     fn submit(&mut self, bio: Bio) -> Result<(), Bio> {
         let inline = bio.cmd.has_data() && bio.length <= INLINE_MAX;
-        let bio = match &self.jobs {
-            Some(jobs) if !inline => match jobs.send(bio) {
+        // The pages belong to this device until the bio completes.
+        let lease = bio.sg.lend().ok();
+        let (bio, lease) = match &self.jobs {
+            Some(jobs) if !inline => match jobs.send((bio, lease)) {
                 Ok(()) => return Ok(()),
-                Err(mpsc::SendError(bio)) => bio,
+                Err(mpsc::SendError(job)) => job,
             },
-            _ => bio,
+            _ => (bio, lease),
         };
-        let r = self.backing.execute(&bio);
+        let r = self.backing.execute(&bio, lease);
         self.done.push_back((bio, r));
         Ok(())
     }

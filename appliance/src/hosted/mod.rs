@@ -206,23 +206,28 @@ impl Conn {
         let mut pieces = Vec::new();
         let room = svc.nbd_rx_pieces(self.id, &mut pieces, MAX_IOV);
         self.iov.clear();
+        // The socket writes into the pages as a device would: they are
+        // lent to it for the call.
+        let mut leases = Vec::with_capacity(pieces.len());
         for p in &pieces {
+            let Ok(lease) = p.page.lend() else {
+                return Err(io::Error::other("a page of the request is mapped"));
+            };
             self.iov.push(libc::iovec {
-                iov_base: (p.page.addr() + p.offset) as *mut libc::c_void,
+                iov_base: (lease.dma_addr() + p.offset) as *mut libc::c_void,
                 iov_len: p.len,
             });
+            leases.push(lease);
         }
-        drop(pieces);
         let buffered = self.rx.len().min(NBD_RX_READ);
         self.iov.push(libc::iovec {
             iov_base: self.rx.as_mut_ptr() as *mut libc::c_void,
             iov_len: buffered,
         });
         // SAFETY: each iovec covers live memory we may write: a range of a
-        // page of the write being received (the engine keeps that bio's
-        // pages alive and touches none of its bytes until told with
-        // `nbd_rx_filled`, as a device would own a DMA buffer), or the
-        // whole receive buffer, which is empty and borrowed by nothing.
+        // page of the write being received (lent to this socket by
+        // `leases`, so nothing can map it during the call), or the whole
+        // receive buffer, which is empty and borrowed by nothing.
         let n = io_result(unsafe {
             libc::readv(
                 self.stream.as_raw_fd(),
@@ -230,6 +235,8 @@ impl Conn {
                 self.iov.len() as libc::c_int,
             )
         })?;
+        drop(leases);
+        drop(pieces);
         let direct = n.min(room);
         if direct > 0 {
             svc.nbd_rx_filled(self.id, direct);
@@ -261,10 +268,19 @@ impl Conn {
             }
             self.iov.clear();
             let mut total = 0;
+            let mut leases = Vec::new();
             for p in &pieces {
                 let (base, len) = match p {
                     TxPiece::Bytes(b) => (b.as_ptr() as usize, b.len()),
-                    TxPiece::Page(s) => (s.page.addr() + s.offset, s.len),
+                    TxPiece::Page(s) => {
+                        let Ok(lease) = s.page.lend() else {
+                            self.broken = true;
+                            return progress;
+                        };
+                        let base = lease.dma_addr() + s.offset;
+                        leases.push(lease);
+                        (base, s.len)
+                    }
                 };
                 total += len;
                 self.iov.push(libc::iovec {
@@ -272,12 +288,11 @@ impl Conn {
                     iov_len: len,
                 });
             }
-            drop(pieces);
             // SAFETY: every iovec points into memory the service owns and
             // keeps unchanged until `nbd_tx_advance` (the engine's header
             // and control buffers, and the pages of bios holding read data
-            // waiting to be sent, which nothing maps meanwhile); the kernel
-            // only reads it.
+            // waiting to be sent, lent to this socket by `leases` so that
+            // nothing maps them meanwhile); the kernel only reads it.
             let r = io_result(unsafe {
                 libc::writev(
                     self.stream.as_raw_fd(),
@@ -285,6 +300,8 @@ impl Conn {
                     self.iov.len() as libc::c_int,
                 )
             });
+            drop(leases);
+            drop(pieces);
             match r {
                 Ok(n) => {
                     svc.nbd_tx_advance(self.id, n);

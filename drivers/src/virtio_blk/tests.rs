@@ -9,14 +9,23 @@ use std::vec::Vec;
 
 // ---- pure helpers ----
 
-fn page_refs(lens: &[(u32, u32)]) -> Vec<PageRef> {
-    lens.iter()
+/// Page ranges of the given (offset, length), and a lease on them (the
+/// planner needs one for their addresses).
+fn page_refs(lens: &[(u32, u32)]) -> (Vec<PageRef>, Lease) {
+    let refs: Vec<PageRef> = lens
+        .iter()
         .map(|&(offset, len)| PageRef {
             page: Page::new_zeroed(),
             offset,
             len,
         })
-        .collect()
+        .collect();
+    let mut sg = SgList::new();
+    for r in &refs {
+        sg.push(r.clone());
+    }
+    let lease = sg.lend().unwrap();
+    (refs, lease)
 }
 
 #[test]
@@ -40,11 +49,11 @@ fn ring_descriptor_counts() {
 
 #[test]
 fn chunk_takes_one_descriptor_per_page_range() {
-    let segs = page_refs(&[(0, 4096), (512, 1024), (0, 4096)]);
-    let c = plan_data_chunk(&segs, Cursor::default(), 9216, 126, u32::MAX, 512).unwrap();
+    let (segs, lease) = page_refs(&[(0, 4096), (512, 1024), (0, 4096)]);
+    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 9216, 126, u32::MAX, 512).unwrap();
     assert_eq!(c.bytes, 9216);
     assert_eq!(c.descs.len(), 3);
-    assert_eq!(c.descs[1], (segs[1].page.addr() + 512, 1024));
+    assert_eq!(c.descs[1], (segs[1].dma_addr(&lease), 1024));
     assert_eq!(c.next, Cursor { seg: 3, off: 0 });
 }
 
@@ -52,35 +61,35 @@ fn chunk_takes_one_descriptor_per_page_range() {
 fn chunk_respects_seg_max_and_block_alignment() {
     // Ranges of 1000/3096 bytes: a cut after 3 ranges (1000+3096+1000)
     // is not on a 512-byte block and must be pulled back.
-    let segs = page_refs(&[(0, 1000), (1000, 3096), (0, 1000), (1000, 3096)]);
-    let c = plan_data_chunk(&segs, Cursor::default(), 8192, 3, u32::MAX, 512).unwrap();
+    let (segs, lease) = page_refs(&[(0, 1000), (1000, 3096), (0, 1000), (1000, 3096)]);
+    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 8192, 3, u32::MAX, 512).unwrap();
     assert_eq!(c.bytes, 4608);
     assert_eq!(c.descs.len(), 3);
     assert_eq!(c.descs[2].1, 512);
     assert_eq!(c.next, Cursor { seg: 2, off: 512 });
-    let d = plan_data_chunk(&segs, c.next, 8192 - c.bytes, 3, u32::MAX, 512).unwrap();
+    let d = plan_data_chunk(&segs, &lease, c.next, 8192 - c.bytes, 3, u32::MAX, 512).unwrap();
     assert_eq!(d.bytes, 3584);
-    assert_eq!(d.descs[0], (segs[2].page.addr() + 512, 488));
+    assert_eq!(d.descs[0], (segs[2].dma_addr(&lease) + 512, 488));
     assert_eq!(d.next, Cursor { seg: 4, off: 0 });
 }
 
 #[test]
 fn chunk_splits_ranges_above_size_max() {
-    let segs = page_refs(&[(0, 4096)]);
-    let c = plan_data_chunk(&segs, Cursor::default(), 4096, 126, 1024, 512).unwrap();
+    let (segs, lease) = page_refs(&[(0, 4096)]);
+    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 4096, 126, 1024, 512).unwrap();
     assert_eq!(c.descs.len(), 4);
     assert!(c.descs.iter().all(|d| d.1 == 1024));
     // Only two descriptors allowed: half the page now, half later.
-    let c = plan_data_chunk(&segs, Cursor::default(), 4096, 2, 1024, 512).unwrap();
+    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 4096, 2, 1024, 512).unwrap();
     assert_eq!(c.bytes, 2048);
     assert_eq!(c.next, Cursor { seg: 0, off: 2048 });
 }
 
 #[test]
 fn chunk_fails_when_no_whole_block_fits() {
-    let segs = page_refs(&[(0, 100), (0, 100), (0, 312)]);
+    let (segs, lease) = page_refs(&[(0, 100), (0, 100), (0, 312)]);
     assert_eq!(
-        plan_data_chunk(&segs, Cursor::default(), 512, 2, u32::MAX, 512),
+        plan_data_chunk(&segs, &lease, Cursor::default(), 512, 2, u32::MAX, 512),
         None
     );
 }
@@ -308,13 +317,15 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 
 fn write_bio(offset: u64, data: &[u8]) -> Bio {
     let sg = SgList::alloc(data.len());
-    sg.copy_from_slice(0, data, &geom::page::DataCounters::new());
+    sg.copy_from_slice(0, data, &geom::page::DataCounters::new())
+        .expect("pages not lent");
     Bio::with_data(BioCmd::Write, offset, sg)
 }
 
 fn bio_bytes(b: &Bio) -> Vec<u8> {
     let mut v = std::vec![0u8; b.length as usize];
-    b.sg.copy_to_slice(0, &mut v, &geom::page::DataCounters::new());
+    b.sg.copy_to_slice(0, &mut v, &geom::page::DataCounters::new())
+        .expect("pages not lent");
     v
 }
 
@@ -414,7 +425,8 @@ fn big_bio_is_split_by_seg_max_and_completes_once() {
         }
     }
     assert_eq!(sg.len_bytes(), 20480);
-    sg.copy_from_slice(0, &data, &geom::page::DataCounters::new());
+    sg.copy_from_slice(0, &data, &geom::page::DataCounters::new())
+        .expect("pages not lent");
     assert!(drv.submit(Bio::with_data(BioCmd::Write, 4096, sg)).is_ok());
     dev.complete(false);
     let done = poll_all(&mut drv);
@@ -443,7 +455,8 @@ fn unaligned_ranges_split_on_block_boundaries() {
         }
     }
     let data = pattern(8192, 9);
-    sg.copy_from_slice(0, &data, &geom::page::DataCounters::new());
+    sg.copy_from_slice(0, &data, &geom::page::DataCounters::new())
+        .expect("pages not lent");
     assert!(drv.submit(Bio::with_data(BioCmd::Write, 0, sg)).is_ok());
     dev.complete(false);
     assert!(poll_all(&mut drv)[0].1.is_ok());

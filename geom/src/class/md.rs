@@ -125,7 +125,7 @@ impl Geom for MdGeom {
         match bio.cmd {
             BioCmd::Read => {
                 let pages = &self.pages;
-                bio.sg.map(counters, |at, dst| {
+                let mapped = bio.sg.map(counters, |at, dst| {
                     MdGeom::pieces(bio.offset + at, dst.len() as u64, |idx, within, pos, n| {
                         let out = &mut dst[pos as usize..pos as usize + n];
                         match &pages[idx] {
@@ -134,11 +134,15 @@ impl Geom for MdGeom {
                         }
                     });
                 });
+                if let Err(e) = mapped {
+                    io.deliver(bio, Err(e.into()));
+                    return;
+                }
                 counters.add_copied(bio.length as usize);
             }
             BioCmd::Write => {
                 let pages = &mut self.pages;
-                bio.sg.map(counters, |at, src| {
+                let mapped = bio.sg.map(counters, |at, src| {
                     MdGeom::pieces(bio.offset + at, src.len() as u64, |idx, within, pos, n| {
                         let page =
                             pages[idx].get_or_insert_with(|| Box::new(PageData([0; PAGE_SIZE])));
@@ -146,6 +150,10 @@ impl Geom for MdGeom {
                             .copy_from_slice(&src[pos as usize..pos as usize + n]);
                     });
                 });
+                if let Err(e) = mapped {
+                    io.deliver(bio, Err(e.into()));
+                    return;
+                }
                 counters.add_copied(bio.length as usize);
             }
             BioCmd::WriteZeroes if bio.no_hole => self.zero_range(bio.offset, bio.length),
@@ -186,8 +194,7 @@ mod tests {
     }
 
     fn write_bytes(offset: u64, data: &[u8]) -> Bio {
-        let sg = SgList::alloc(data.len());
-        sg.copy_from_slice(0, data, &crate::page::DataCounters::new());
+        let sg = SgList::from_bytes(data, &crate::page::DataCounters::new());
         Bio::with_data(BioCmd::Write, offset, sg)
     }
 
@@ -201,7 +208,8 @@ mod tests {
         r.unwrap();
         let mut out = alloc::vec![0; len];
         bio.sg
-            .copy_to_slice(0, &mut out, &crate::page::DataCounters::new());
+            .copy_to_slice(0, &mut out, &crate::page::DataCounters::new())
+            .unwrap();
         out
     }
 

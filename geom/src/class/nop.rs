@@ -284,8 +284,13 @@ impl Geom for NopGeom {
             let at = self.rng.next_u64() % bio.length;
             let bit = self.rng.next_u32() % 8;
             let counters = &io.stats(self.provider).data;
-            bio.sg.map_range(at, 1, counters, |_, b| b[0] ^= 1 << bit);
-            self.counters.corruptions += 1;
+            if bio
+                .sg
+                .map_range(at, 1, counters, |_, b| b[0] ^= 1 << bit)
+                .is_ok()
+            {
+                self.counters.corruptions += 1;
+            }
         }
         io.deliver(bio, result);
     }

@@ -675,8 +675,16 @@ impl Connection {
                     match &rep.bio {
                         // The only copy of read data: pages → send buffer.
                         Some(bio) => {
-                            bio.sg
+                            if bio
+                                .sg
                                 .copy_to_slice(cur.data_pos, &mut tx[n..n + k], &self.counters)
+                                .is_err()
+                            {
+                                // A page still held by a device: a bug
+                                // below; the reply cannot be sent.
+                                self.hard_close();
+                                return n;
+                            }
                         }
                         None => {
                             let at = cur.data_pos as usize;
@@ -1481,7 +1489,13 @@ impl Connection {
         };
         let k = ((slot.length - got) as usize).min(input.len());
         // The only copy of write data: receive buffer → pages.
-        sg.copy_from_slice(u64::from(got), &input[..k], &self.counters);
+        if sg
+            .copy_from_slice(u64::from(got), &input[..k], &self.counters)
+            .is_err()
+        {
+            self.hard_close();
+            return 0;
+        }
         let got = got + k as u32;
         if got == slot.length {
             self.finish_write(idx);

@@ -106,8 +106,7 @@ impl MirrorGeom {
                 self.members[i].meta_wanted = false;
                 continue;
             };
-            let sg = SgList::alloc(sector as usize);
-            sg.copy_from_slice(0, &bytes, io.meta_counters());
+            let sg = SgList::from_bytes(&bytes, io.meta_counters());
             let mut bio = Bio::with_data(BioCmd::Write, at, sg);
             bio.fua = true;
             let m = &mut self.members[i];

@@ -508,14 +508,17 @@ impl Geom for VolatileDisk {
         match bio.cmd {
             BioCmd::Write => {
                 let mut buf = alloc::vec![0; len];
-                bio.sg.copy_to_slice(0, &mut buf, counters);
+                bio.sg.copy_to_slice(0, &mut buf, counters).unwrap();
                 m.cache[at..at + len].copy_from_slice(&buf);
                 if bio.fua {
                     let c = m.cache[at..at + len].to_vec();
                     m.stable[at..at + len].copy_from_slice(&c);
                 }
             }
-            BioCmd::Read => bio.sg.copy_from_slice(0, &m.cache[at..at + len], counters),
+            BioCmd::Read => bio
+                .sg
+                .copy_from_slice(0, &m.cache[at..at + len], counters)
+                .unwrap(),
             BioCmd::Flush => {
                 let c = m.cache.clone();
                 m.stable = c;
@@ -635,7 +638,8 @@ fn piece_bytes(p: &crate::nbd::TxPiece<'_>) -> Vec<u8> {
                 len: s.len as u32,
             });
             let mut out = alloc::vec![0; s.len];
-            sg.copy_to_slice(0, &mut out, &geom::page::DataCounters::new());
+            sg.copy_to_slice(0, &mut out, &geom::page::DataCounters::new())
+                .unwrap();
             out
         }
     }
@@ -717,7 +721,8 @@ fn write_payload_received_straight_into_pages() {
                 len: k as u32,
             });
             let at = placed + (n - left);
-            sg.copy_from_slice(0, &data[at..at + k], &geom::page::DataCounters::new());
+            sg.copy_from_slice(0, &data[at..at + k], &geom::page::DataCounters::new())
+                .unwrap();
             left -= k;
         }
         drop(pieces);
