@@ -8,7 +8,6 @@
 //! - [`virtio`]: feature negotiation shared by the drivers;
 //! - [`virtio_blk`]: the block driver (implements `geom::disk::BlockDevice`);
 //! - [`virtio_net`]: the network driver (implements `smoltcp::phy::Device`);
-//! - [`selftest`]: bring-up checks and throughput runs inside the appliance;
 //! - [`probe_all`]: finds and starts every disk and NIC, in stable order.
 #![no_std]
 extern crate alloc;
@@ -20,7 +19,6 @@ mod fake;
 pub mod hal;
 pub mod mmio;
 pub mod pci;
-pub mod selftest;
 pub mod virtio;
 pub mod virtio_blk;
 pub mod virtio_net;
