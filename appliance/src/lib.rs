@@ -15,9 +15,15 @@ extern crate alloc;
 pub mod service;
 
 #[cfg(not(target_os = "none"))]
-#[allow(unsafe_code, reason = "system calls on page addresses, signals, poll(2)")]
+#[allow(
+    unsafe_code,
+    reason = "system calls on page addresses, signals, poll(2)"
+)]
 pub mod hosted;
 
 #[cfg(target_os = "none")]
-#[allow(unsafe_code, reason = "the unikernel platform: boot, memory, interrupts, devices")]
+#[allow(
+    unsafe_code,
+    reason = "the unikernel platform: boot, memory, interrupts, devices"
+)]
 pub mod kernel;

@@ -1,5 +1,6 @@
-//! Kernel entry: `kernel_start` brings the platform up in order and hands
-//! over to the appliance program (`appliance::kernel::run::main`).
+//! Kernel entry: `kernel_start` brings the platform up in order, runs the
+//! self-tests the command line asks for, and hands over to the appliance
+//! (`appliance::kernel::serve::serve`).
 //!
 //! On the host this binary is only a stub: the kernel is built with
 //! `cargo build --release -p appliance --bin strata-kernel --target
@@ -84,7 +85,7 @@ mod entry {
 
         selftest::run(info.cmdline);
 
-        kernel::run::main(BootInfo {
+        kernel::serve::serve(BootInfo {
             cmdline: info.cmdline,
             config,
             rsdp,

@@ -8,7 +8,6 @@
 //! - [`virtio`]: feature negotiation shared by the drivers;
 //! - [`virtio_blk`]: the block driver (implements `geom::disk::BlockDevice`);
 //! - [`virtio_net`]: the network driver (implements `smoltcp::phy::Device`);
-//! - [`selftest`]: bring-up checks and throughput runs inside the appliance;
 //! - [`probe`] ([`probe_all`]): finds and starts every disk and NIC, in
 //!   stable order.
 //!
@@ -22,7 +21,10 @@ extern crate alloc;
 extern crate std;
 
 #[cfg(any(test, feature = "fake"))]
-#[allow(unsafe_code, reason = "the fake device reads and writes guest memory by address")]
+#[allow(
+    unsafe_code,
+    reason = "the fake device reads and writes guest memory by address"
+)]
 pub mod fake;
 #[allow(unsafe_code, reason = "DMA addresses for virtio-drivers")]
 pub mod hal;
@@ -32,7 +34,6 @@ pub mod mmio;
 pub mod pci;
 #[allow(unsafe_code, reason = "probing hardware and acknowledging interrupts")]
 pub mod probe;
-pub mod selftest;
 pub mod virtio;
 #[allow(unsafe_code, reason = "descriptor chains over lent pages")]
 pub mod virtio_blk;
@@ -40,4 +41,3 @@ pub mod virtio_blk;
 pub mod virtio_net;
 
 pub use probe::*;
-

@@ -2,12 +2,12 @@
 //! window, each device's transport and driver, and its interrupt
 //! acknowledgement, in stable order (vtbd0, vtbd1, …).
 
+use crate::hal::IdentityHal;
+use crate::virtio::InitError;
 use crate::{mmio, pci, virtio_blk, virtio_net};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use crate::hal::IdentityHal;
-use crate::virtio::InitError;
 use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 use virtio_drivers::transport::{DeviceType, SomeTransport};
 

@@ -63,8 +63,6 @@ pub struct NetConfig {
     pub rx_buffers: usize,
     /// Transmit buffers (frames in flight; at most [`QUEUE_SIZE`]).
     pub tx_buffers: usize,
-    /// smoltcp's `max_burst_size` (frames); `None` for no limit.
-    pub max_burst_size: Option<usize>,
 }
 
 impl Default for NetConfig {
@@ -72,7 +70,6 @@ impl Default for NetConfig {
         NetConfig {
             rx_buffers: QUEUE_SIZE,
             tx_buffers: QUEUE_SIZE,
-            max_burst_size: None,
         }
     }
 }
@@ -291,7 +288,6 @@ pub struct VirtioNet<T: Transport, H: Hal = IdentityHal> {
     mac: [u8; 6],
     mtu: usize,
     features: u64,
-    config: NetConfig,
 }
 
 impl<T: Transport, H: Hal> VirtioNet<T, H> {
@@ -374,7 +370,6 @@ impl<T: Transport, H: Hal> VirtioNet<T, H> {
             mac,
             mtu,
             features,
-            config,
         })
     }
 
@@ -521,7 +516,6 @@ impl<T: Transport, H: Hal> phy::Device for VirtioNet<T, H> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
-        caps.max_burst_size = self.config.max_burst_size;
         caps
     }
 }

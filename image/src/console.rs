@@ -10,7 +10,9 @@
 //!
 //! Every other line is ordinary console output. A line may carry the
 //! kernel logger's prefix, `[   0.012345] INFO strata: boot`; a panic line
-//! `strata: PANIC at FILE:LINE:COL: MESSAGE` counts as fatal.
+//! `strata: PANIC at FILE:LINE:COL: MESSAGE` and an exception report's
+//! first line `strata: EXCEPTION NAME (vector N) error_code=E` count as
+//! fatal.
 
 use std::collections::VecDeque;
 
@@ -73,7 +75,7 @@ pub fn parse_line(line: &str) -> ConsoleEvent {
     if let Some(msg) = rest.strip_prefix("fatal: ") {
         return ConsoleEvent::Fatal(msg.to_string());
     }
-    if rest.starts_with("PANIC") {
+    if rest.starts_with("PANIC") || rest.starts_with("EXCEPTION ") {
         return ConsoleEvent::Fatal(rest.to_string());
     }
     let w: Vec<&str> = rest.split_ascii_whitespace().collect();
@@ -204,6 +206,14 @@ mod tests {
     }
 
     #[test]
+    fn exception_is_fatal() {
+        assert_eq!(
+            parse_line("strata: EXCEPTION invalid opcode (#UD) (vector 6) error_code=0x0"),
+            ConsoleEvent::Fatal("EXCEPTION invalid opcode (#UD) (vector 6) error_code=0x0".into())
+        );
+    }
+
+    #[test]
     fn other_lines() {
         for l in [
             "",
@@ -213,6 +223,7 @@ mod tests {
             "strata: listening nbd x http 8080",
             "strata: export vol",
             "xstrata: boot",
+            "strata: EXCEPTIONAL",
         ] {
             assert_eq!(parse_line(l), ConsoleEvent::Other, "{l:?}");
         }

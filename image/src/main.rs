@@ -143,6 +143,11 @@ struct RunArgs {
     /// Append the guest console to FILE instead of writing it on stderr.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+    /// Add WORD to the kernel command line (repeatable): loglevel=debug,
+    /// strata.tsc=cpuid|pit2|pm|pit0, strata.selftest=NAME[,NAME...]
+    /// (idle, heap, pagefault, ud, stackoverflow, panic).
+    #[arg(long = "kernel-arg", value_name = "WORD", value_parser = parse_kernel_arg)]
+    kernel_args: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -160,6 +165,14 @@ enum MachineArg {
 
 fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     DiskSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// One word of the kernel command line: printable, no spaces.
+fn parse_kernel_arg(s: &str) -> Result<String, String> {
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("expected one word of printable ASCII without spaces".into());
+    }
+    Ok(s.to_string())
 }
 
 /// Reads the config file and checks it with the appliance's own parser.
@@ -247,6 +260,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
         qemu: QemuConfig {
             kernel,
             initrd: config_file.as_ref().map(MemFile::path),
+            kernel_args: a.kernel_args,
             machine: match a.machine {
                 MachineArg::Q35 => Machine::Q35,
                 MachineArg::Microvm => Machine::Microvm,

@@ -76,6 +76,9 @@ pub struct QemuConfig {
     pub kernel: PathBuf,
     /// The configuration file handed over as PVH module 0 (`-initrd`).
     pub initrd: Option<PathBuf>,
+    /// Words of the kernel command line (`-append`, joined by spaces),
+    /// such as `loglevel=debug` or `strata.selftest=idle,heap`.
+    pub kernel_args: Vec<String>,
     /// Machine type.
     pub machine: Machine,
     /// Accelerator.
@@ -129,6 +132,9 @@ impl QemuConfig {
         push(&["-kernel", &self.kernel.to_string_lossy()]);
         if let Some(i) = &self.initrd {
             push(&["-initrd", &i.to_string_lossy()]);
+        }
+        if !self.kernel_args.is_empty() {
+            push(&["-append", &self.kernel_args.join(" ")]);
         }
         if self.machine == Machine::Microvm {
             // Modern (virtio 1.x) virtio-mmio, like disable-legacy=on on PCI
@@ -233,6 +239,7 @@ mod tests {
         QemuConfig {
             kernel: PathBuf::from("/k/strata-kernel"),
             initrd: None,
+            kernel_args: Vec::new(),
             machine,
             accel,
             memory_mib: 512,
@@ -266,6 +273,7 @@ mod tests {
         assert_eq!(values(&a, "-serial"), ["stdio"]);
         assert_eq!(values(&a, "-kernel"), ["/k/strata-kernel"]);
         assert!(values(&a, "-initrd").is_empty());
+        assert!(values(&a, "-append").is_empty());
         assert!(values(&a, "-qmp").is_empty());
         assert_eq!(
             values(&a, "-drive"),
@@ -307,6 +315,18 @@ mod tests {
         assert_eq!(
             values(&a, "-netdev"),
             ["user,id=n0,hostfwd=tcp:127.0.0.1:20000-:10809,hostfwd=tcp:127.0.0.1:20001-:8080"]
+        );
+    }
+
+    #[test]
+    fn kernel_args_become_one_append() {
+        let mut c = base(Machine::Q35, Accel::Tcg);
+        c.kernel_args = vec!["strata.selftest=idle,heap".into(), "loglevel=debug".into()];
+        let a = c.args();
+        // One argument, commas kept: -append is not QEMU's option syntax.
+        assert_eq!(
+            values(&a, "-append"),
+            ["strata.selftest=idle,heap loglevel=debug"]
         );
     }
 

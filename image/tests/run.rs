@@ -436,6 +436,19 @@ fn bad_disk_spec_is_a_usage_error() {
 }
 
 #[test]
+fn kernel_arg_must_be_one_word() {
+    for bad in ["two words", "", "tab\there"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["run", "--kernel-arg", bad])
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(stderr(&out).contains("one word"), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn creates_disks_sparse_before_booting() {
     if !have_qemu() {
         return;

@@ -86,6 +86,28 @@ pub enum Platform {
     Hosted,
 }
 
+/// Reads `r` to its end on a thread.
+fn read_all(r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(r).read_to_string(&mut s);
+        s
+    })
+}
+
+/// How a run that ended by itself went ([`Start::run_to_exit`]).
+#[derive(Debug)]
+pub struct Exited {
+    /// The tool's exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+    /// The guest console (QEMU: its `--log` file).
+    pub console: String,
+}
+
 /// A running Strata and what it said when it became ready.
 pub struct Appliance {
     child: Option<Child>,
@@ -163,6 +185,48 @@ impl<'a> Start<'a> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
+    }
+
+    /// Adds a word to the kernel command line (`--kernel-arg WORD`).
+    pub fn kernel_arg(mut self, word: impl Into<String>) -> Self {
+        self.extra.push("--kernel-arg".into());
+        self.extra.push(word.into());
+        self
+    }
+
+    /// Runs it until the tool exits by itself, for boots that are meant to
+    /// end (a failing self-test, a refused config); kills it after
+    /// `limit`.
+    pub fn run_to_exit(self, limit: Duration) -> Exited {
+        let dir = TempDir::new("exit");
+        let log = dir.path("console.log");
+        let mut child = self
+            .command(&dir, free_port(), free_port(), &log)
+            .spawn()
+            .expect("start strata");
+        let out = read_all(child.stdout.take().unwrap());
+        let err = read_all(child.stderr.take().unwrap());
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "strata did not exit within {limit:?}; console: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Exited {
+            code: status.code(),
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+            console: std::fs::read_to_string(&log).unwrap_or_default(),
+        }
     }
 
     /// Starts it and waits for its ready lines (or its failure).

@@ -1,5 +1,6 @@
 //! The unikernel platform for x86_64 (QEMU/KVM, PVH boot): boot, memory,
-//! time, interrupts, console, and the hand-over to [`run::main`].
+//! time, interrupts, console, boot-time self-tests ([`selftest`]), and the
+//! appliance itself ([`serve::serve`]).
 //!
 //! All of the kernel's `unsafe` lives in this module tree. What the rest of
 //! the appliance needs is re-exported here:
@@ -22,7 +23,6 @@ pub mod interrupts;
 pub mod logger;
 pub mod mem;
 pub mod paging;
-pub mod run;
 pub mod selftest;
 pub mod serial;
 pub mod serve;
@@ -93,7 +93,7 @@ pub fn detect_machine(cmdline: &str) -> Machine {
     }
 }
 
-/// What the platform hands to [`run::main`].
+/// What the platform hands to [`serve::serve`].
 #[derive(Clone, Copy, Debug)]
 pub struct BootInfo {
     /// Kernel command line (QEMU `-append`), empty if none.

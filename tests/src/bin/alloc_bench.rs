@@ -432,7 +432,9 @@ fn readv(sock: &mut ByteQueue, pieces: &[PageSlice<'_>], room: usize, buf: &mut 
     let src = sock.pending();
     let direct = src.len().min(room);
     if direct > 0 {
-        sg_of(pieces.iter().copied()).copy_from_slice(0, &src[..direct], &DataCounters::new());
+        sg_of(pieces.iter().copied())
+            .copy_from_slice(0, &src[..direct], &DataCounters::new())
+            .expect("the request's pages are free");
     }
     let k = (src.len() - direct).min(buf.len());
     buf[..k].copy_from_slice(&src[direct..direct + k]);
@@ -450,11 +452,9 @@ fn writev(sock: &mut ByteQueue, pieces: &[TxPiece<'_>]) -> usize {
             TxPiece::Page(s) => {
                 let at = sock.buf.len();
                 sock.buf.resize(at + s.len, 0);
-                sg_of(std::iter::once(*s)).copy_to_slice(
-                    0,
-                    &mut sock.buf[at..],
-                    &DataCounters::new(),
-                );
+                sg_of(std::iter::once(*s))
+                    .copy_to_slice(0, &mut sock.buf[at..], &DataCounters::new())
+                    .expect("the reply's pages are free");
             }
         }
         n += p.len();
