@@ -2,31 +2,35 @@
 //! from the management endpoint alike), and the topology as JSON.
 //!
 //! ```text
-//!  config line ─▶ config::parse_line ─▶ Statement ─▶ ctl::apply(stack, stmt)
-//!                                                     │ md create, CLASS destroy, CLASS clear: here
-//!                                                     │ anything else: the registered Class::ctl
-//!                                                     ▼
-//!                                   stack.settle(): new providers tasted,
-//!                                   metadata written, before apply returns
+//!  config line ─▶ config::parse_line ─▶ Statement::Geom ─▶ ctl::start(stack, stmt)
+//!                                                           │ the class's Command::apply
+//!                                                           ▼
+//!                          Settling: tasting of new providers and metadata
+//!                          writes go on as events of the stack; the caller
+//!                          checks Settling::check on each turn of its loop
 //! ```
 //!
-//! Export and net statements belong to the service; [`apply`] refuses them
-//! with [`CtlError::NotGeom`].
+//! Nothing here waits by spinning the stack: the service keeps running
+//! every other client while a statement's metadata I/O completes, and
+//! answers the statement (or goes on to the next config line) once
+//! [`Settling::check`] says it is done. [`apply`] runs the stack itself
+//! until then, for tests and tools that have no loop of their own.
+//!
+//! Export and net statements belong to the service; [`start`] refuses
+//! them with [`CtlError::NotGeom`].
 
 use crate::bio::GeomId;
-use crate::class::{concat::ConcatClass, md::MdGeom, nop::NopClass, stripe::StripeClass};
 use crate::config::{ConfigError, Line, Statement};
 use crate::meta::MetaError;
-use crate::stack::{ProviderStats, Stack, StackError};
-use alloc::boxed::Box;
+use crate::stack::{Access, ProviderStats, Stack, StackError};
 use alloc::format;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use core::fmt::Write as _;
+use serde_json::{json, Value};
 
-/// Rounds of [`Stack::run`] [`apply`] waits for tasting and metadata
-/// writes before it gives up (devices complete asynchronously; a round
-/// with nothing to do is a few microseconds).
+/// Rounds of [`Stack::run`] [`apply`] runs while waiting for tasting and
+/// metadata writes before it gives up (a round with nothing to do is a few
+/// microseconds).
 pub const SETTLE_ROUNDS: u32 = 1 << 22;
 
 /// Why a statement could not be carried out.
@@ -79,15 +83,6 @@ impl core::fmt::Display for CtlError {
     }
 }
 
-/// Registers the standard classes (nop, concat, stripe) in `stack`, so
-/// they taste and take their statements. Safe to call more than once.
-pub fn register_classes(stack: &mut Stack) {
-    stack.register_class(Box::new(NopClass));
-    stack.register_class(Box::new(ConcatClass));
-    stack.register_class(Box::new(StripeClass));
-    stack.register_class(Box::new(crate::class::mirror::MirrorClass));
-}
-
 /// Looks up a provider by name, as a control error when it is missing.
 pub fn provider(stack: &Stack, name: &str) -> Result<crate::bio::ProviderId, CtlError> {
     stack
@@ -105,50 +100,65 @@ pub fn geom(stack: &Stack, class: &str, name: &str) -> Result<GeomId, CtlError> 
         })
 }
 
-/// Carries out one statement on the stack, then runs the stack until new
-/// providers are tasted and metadata is written.
+/// A statement carried out, whose metadata I/O may still be running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "check it until the statement's I/O is done"]
+pub struct Settling {
+    write_errors: u64,
+}
+
+impl Settling {
+    /// Waiting for whatever tasting and metadata I/O the stack has going
+    /// now (at boot: the disks' taste reads, so labelled geoms assemble
+    /// before the first config line).
+    pub fn now(stack: &Stack) -> Settling {
+        Settling {
+            write_errors: stack.meta_write_errors(),
+        }
+    }
+
+    /// `None` while the stack still tastes new providers or writes
+    /// metadata; then whether every metadata write succeeded.
+    pub fn check(&self, stack: &Stack) -> Option<Result<(), CtlError>> {
+        if stack.tasting() {
+            return None;
+        }
+        Some(if stack.meta_write_errors() > self.write_errors {
+            Err(CtlError::Invalid(String::from(
+                "writing metadata failed (see the taste log)",
+            )))
+        } else {
+            Ok(())
+        })
+    }
+}
+
+/// Carries out one geom statement on the stack. Tasting and metadata I/O
+/// it starts go on as events; [`Settling::check`] says when they are done.
+pub fn start(stack: &mut Stack, stmt: &Statement) -> Result<Settling, CtlError> {
+    let Statement::Geom(g) = stmt else {
+        return Err(CtlError::NotGeom);
+    };
+    let settling = Settling {
+        write_errors: stack.meta_write_errors(),
+    };
+    g.command.apply(stack)?;
+    Ok(settling)
+}
+
+/// [`start`], then runs the stack until the statement's I/O is done (for
+/// tests and tools without a loop of their own).
 pub fn apply(stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
-    register_classes(stack);
-    let class = stmt.class().ok_or(CtlError::NotGeom)?;
-    let write_errors = stack.meta_write_errors();
-    match stmt {
-        Statement::MdCreate { name, size_bytes } => {
-            MdGeom::create(stack, name, *size_bytes)?;
-        }
-        Statement::Destroy { class, name, force } => {
-            let g = geom(stack, class, name)?;
-            stack.destroy_geom(g, *force)?;
-        }
-        Statement::Clear { providers, .. } => {
-            let ids = providers
-                .iter()
-                .map(|p| provider(stack, p))
-                .collect::<Result<Vec<_>, _>>()?;
-            for (&p, name) in ids.iter().zip(providers) {
-                if !stack.provider(p).access.is_zero() {
-                    return Err(CtlError::Stack(StackError::Busy(name.clone())));
-                }
-            }
-            for p in ids {
-                stack.write_meta(p, None)?;
-            }
-        }
-        _ => {
-            let r = stack.with_class(class, |c, s| c.ctl(s, stmt));
-            r.ok_or_else(|| CtlError::NoClass(String::from(class)))??;
+    let settling = start(stack, stmt)?;
+    for _ in 0..SETTLE_ROUNDS {
+        stack.run();
+        if let Some(r) = settling.check(stack) {
+            return r;
         }
     }
-    if !stack.settle(SETTLE_ROUNDS) {
-        return Err(CtlError::Invalid(String::from(
-            "metadata I/O did not complete (a device is not answering)",
-        )));
-    }
-    if stack.meta_write_errors() > write_errors {
-        return Err(CtlError::Invalid(String::from(
-            "writing metadata failed (see the taste log)",
-        )));
-    }
-    Ok(())
+    Err(CtlError::Invalid(String::from(
+        "metadata I/O did not complete (a device is not answering)",
+    )))
 }
 
 /// [`apply`] for a config line: the error carries the line number.
@@ -160,24 +170,8 @@ pub fn apply_line(stack: &mut Stack, line: &Line) -> Result<(), ConfigError> {
     })
 }
 
-/// Escapes a string for a JSON string literal.
-pub fn json_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn access_json(out: &mut String, a: crate::stack::Access) {
-    let _ = write!(out, "{{\"r\":{},\"w\":{},\"e\":{}}}", a.r, a.w, a.e);
+fn access_json(a: Access) -> Value {
+    json!({"r": a.r, "w": a.w, "e": a.e})
 }
 
 /// The topology as JSON, like `geom list` (FreeBSD's confxml):
@@ -195,112 +189,86 @@ fn access_json(out: &mut String, a: crate::stack::Access) {
 ///  "taste_log":["vtbd0: member 0 of 2 stripe/st1", …],
 ///  "now_ns":..}
 /// ```
-pub fn topology_json(stack: &Stack) -> String {
+pub fn topology(stack: &Stack) -> Value {
     let mut classes: Vec<&'static str> = Vec::new();
-    for g in stack.geoms() {
-        let c = stack.geom_class(g);
+    let registered = crate::class::CLASSES.iter().map(|c| c.name());
+    for c in stack.geoms().map(|g| stack.geom_class(g)).chain(registered) {
         if !classes.contains(&c) {
             classes.push(c);
         }
     }
-    for c in stack.class_names() {
-        if !classes.contains(&c) {
-            classes.push(c);
-        }
-    }
-    let mut s = String::from("{\"classes\":[");
-    for (ci, class) in classes.iter().enumerate() {
-        if ci > 0 {
-            s.push(',');
-        }
-        let _ = write!(s, "{{\"name\":\"{}\",\"geoms\":[", json_escape(class));
-        let geoms: Vec<GeomId> = stack
-            .geoms()
-            .filter(|&g| stack.geom_class(g) == *class)
-            .collect();
-        for (gi, &g) in geoms.iter().enumerate() {
-            if gi > 0 {
-                s.push(',');
-            }
-            let _ = write!(
-                s,
-                "{{\"name\":\"{}\",\"state\":\"{}\",\"config\":{{",
-                json_escape(stack.geom_name(g)),
-                stack.geom_state(g).name()
-            );
-            stack.dumpconf(g, &mut s);
-            s.push_str("},\"providers\":[");
-            for (pi, p) in stack.geom_providers(g).into_iter().enumerate() {
-                if pi > 0 {
-                    s.push(',');
-                }
-                let p = stack.provider(p);
-                let _ = write!(
-                    s,
-                    "{{\"name\":\"{}\",\"media_size\":{},\"sector_size\":{},\"stripe_size\":{},\"stripe_offset\":{},\"access\":",
-                    json_escape(&p.spec.name),
-                    p.spec.media_size,
-                    p.spec.sector_size,
-                    p.spec.stripe_size,
-                    p.spec.stripe_offset
-                );
-                access_json(&mut s, p.access);
-                let st = &p.stats;
-                let g = ProviderStats::get;
-                let _ = write!(
-                    s,
-                    ",\"state\":\"{}\",\"in_flight\":{},\"stats\":{{\"reads\":{},\"writes\":{},\"flushes\":{},\"frees\":{},\"bytes_read\":{},\"bytes_written\":{},\"errors\":{},\"read_ns\":{},\"write_ns\":{},\"bytes_mapped\":{},\"bytes_copied\":{}}}}}",
-                    if p.orphaned { "orphaned" } else { "ok" },
-                    p.in_flight,
-                    g(&st.reads),
-                    g(&st.writes),
-                    g(&st.flushes),
-                    g(&st.frees),
-                    g(&st.bytes_read),
-                    g(&st.bytes_written),
-                    g(&st.errors),
-                    g(&st.read_ns),
-                    g(&st.write_ns),
-                    st.data.bytes_mapped(),
-                    st.data.bytes_copied()
-                );
-            }
-            s.push_str("],\"consumers\":[");
-            for (ki, c) in stack.geom_consumers(g).into_iter().enumerate() {
-                if ki > 0 {
-                    s.push(',');
-                }
-                let c = stack.consumer(c);
-                let pname = stack
-                    .get_provider(c.provider)
-                    .map_or("", |p| p.spec.name.as_str());
-                let _ = write!(s, "{{\"provider\":\"{}\",\"access\":", json_escape(pname));
-                access_json(&mut s, c.access);
-                let _ = write!(s, ",\"in_flight\":{}}}", c.in_flight);
-            }
-            s.push_str("]}");
-        }
-        s.push_str("]}");
-    }
-    s.push_str("],\"waiting\":[");
-    for (i, (class, name, have, want)) in stack.incomplete_geoms().into_iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        let _ = write!(
-            s,
-            "{{\"class\":\"{}\",\"name\":\"{}\",\"members\":{have},\"of\":{want}}}",
-            json_escape(&class),
-            json_escape(&name)
-        );
-    }
-    s.push_str("],\"taste_log\":[");
-    for (i, line) in stack.taste_log().enumerate() {
-        let sep = if i > 0 { "," } else { "" };
-        let _ = write!(s, "{sep}\"{}\"", json_escape(line));
-    }
-    let _ = write!(s, "],\"now_ns\":{}}}", stack.now_ns());
-    s
+    let provider = |p: crate::bio::ProviderId| {
+        let p = stack.provider(p);
+        let st = &p.stats;
+        let g = ProviderStats::get;
+        json!({
+            "name": p.spec.name,
+            "media_size": p.spec.media_size,
+            "sector_size": p.spec.sector_size,
+            "stripe_size": p.spec.stripe_size,
+            "stripe_offset": p.spec.stripe_offset,
+            "access": access_json(p.access),
+            "state": if p.orphaned { "orphaned" } else { "ok" },
+            "in_flight": p.in_flight,
+            "stats": {
+                "reads": g(&st.reads),
+                "writes": g(&st.writes),
+                "flushes": g(&st.flushes),
+                "frees": g(&st.frees),
+                "bytes_read": g(&st.bytes_read),
+                "bytes_written": g(&st.bytes_written),
+                "errors": g(&st.errors),
+                "read_ns": g(&st.read_ns),
+                "write_ns": g(&st.write_ns),
+                "bytes_mapped": st.data.bytes_mapped(),
+                "bytes_copied": st.data.bytes_copied(),
+            },
+        })
+    };
+    let consumer = |c: crate::bio::ConsumerId| {
+        let c = stack.consumer(c);
+        let pname = stack
+            .get_provider(c.provider)
+            .map_or("", |p| p.spec.name.as_str());
+        json!({"provider": pname, "access": access_json(c.access), "in_flight": c.in_flight})
+    };
+    let classes: Vec<Value> = classes
+        .iter()
+        .map(|&class| {
+            let geoms: Vec<Value> = stack
+                .geoms()
+                .filter(|&g| stack.geom_class(g) == class)
+                .map(|g| {
+                    json!({
+                        "name": stack.geom_name(g),
+                        "state": stack.geom_state(g).name(),
+                        "config": stack.dumpconf(g),
+                        "providers": stack.geom_providers(g).into_iter().map(provider).collect::<Vec<_>>(),
+                        "consumers": stack.geom_consumers(g).into_iter().map(consumer).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({"name": class, "geoms": geoms})
+        })
+        .collect();
+    let waiting: Vec<Value> = stack
+        .incomplete_geoms()
+        .into_iter()
+        .map(|(class, name, have, want)| {
+            json!({"class": class, "name": name, "members": have, "of": want})
+        })
+        .collect();
+    json!({
+        "classes": classes,
+        "waiting": waiting,
+        "taste_log": stack.taste_log().collect::<Vec<_>>(),
+        "now_ns": stack.now_ns(),
+    })
+}
+
+/// [`topology`] as text.
+pub fn topology_json(stack: &Stack) -> String {
+    topology(stack).to_string()
 }
 
 #[cfg(test)]
@@ -322,7 +290,9 @@ mod tests {
             &mut s,
             "md create -s 1m md0\nnop create -r 5 --seed 3 vtbd0\nstripe label -s 64k st0 vtbd0.nop vtbd1\nconcat create c0 stripe/st0 vtbd2\n",
         );
-        let c = s.open("concat/c0", true, true, false).unwrap();
+        let c = s
+            .open("concat/c0", crate::stack::Access::READ_WRITE)
+            .unwrap();
         testing::write(&mut s, c, 0, &[1; 4096]).unwrap();
         let v: serde_json::Value = serde_json::from_str(&topology_json(&s)).unwrap();
         let classes = v["classes"].as_array().unwrap();
@@ -375,7 +345,9 @@ mod tests {
     fn clear_wipes_metadata_and_refuses_open_providers() {
         let (mut s, disks) = testing::stack_with_disks(2, 1 << 20, 512);
         apply_all(&mut s, "stripe label -s 4k st0 vtbd0 vtbd1\n");
-        let c = s.open("stripe/st0", true, true, false).unwrap();
+        let c = s
+            .open("stripe/st0", crate::stack::Access::READ_WRITE)
+            .unwrap();
         let cl = &parse("stripe clear vtbd0 vtbd1").unwrap().lines[0];
         assert!(apply_line(&mut s, cl).is_err());
         s.close(c).unwrap();
@@ -398,7 +370,7 @@ mod tests {
         assert_eq!(s.provider(p).spec.media_size, 2 * (64 << 10) - 1024);
         // Destroy is refused only while open: a geom merely consuming
         // md0 is told it is gone (FreeBSD's orphan), and withers.
-        let c = s.open("concat/c0", true, false, false).unwrap();
+        let c = s.open("concat/c0", crate::stack::Access::READ).unwrap();
         assert!(apply(&mut s, &parse("md destroy md0").unwrap().lines[0].stmt).is_err());
         s.close(c).unwrap();
         apply_all(&mut s, "md destroy md0\nmd create -s 32k md0\n");

@@ -16,7 +16,6 @@ use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
-use core::fmt::Write as _;
 use hashbrown::HashMap;
 
 /// What a block device reports about itself.
@@ -228,16 +227,14 @@ impl Geom for DiskGeom {
         n > 0
     }
 
-    fn dumpconf(&self, out: &mut String) {
-        let _ = write!(
-            out,
-            "\"read_only\":{},\"errors\":{},\"errors_in_a_row\":{},\"error_limit\":{},\"queued\":{}",
-            self.info.read_only,
-            self.errors_total,
-            self.errors_in_a_row,
-            self.error_limit,
-            self.waiting.len()
-        );
+    fn dumpconf(&self) -> serde_json::Value {
+        serde_json::json!({
+            "read_only": self.info.read_only,
+            "errors": self.errors_total,
+            "errors_in_a_row": self.errors_in_a_row,
+            "error_limit": self.error_limit,
+            "queued": self.waiting.len(),
+        })
     }
 }
 

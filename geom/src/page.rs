@@ -112,6 +112,34 @@ impl Page {
         debug_assert!(before != 0 && before & MAPPED == 0, "page given back twice");
     }
 
+    /// Copies `dst.len()` bytes from `offset` of the page into `dst` (a
+    /// counted map and copy). Fails while a device holds the page.
+    pub fn copy_out(
+        &self,
+        offset: usize,
+        dst: &mut [u8],
+        counters: &DataCounters,
+    ) -> Result<(), PageBusy> {
+        self.with_bytes(|page| dst.copy_from_slice(&page[offset..offset + dst.len()]))?;
+        counters.add_mapped(dst.len());
+        counters.add_copied(dst.len());
+        Ok(())
+    }
+
+    /// Copies `src` into the page at `offset` (a counted map and copy).
+    /// Fails while a device holds the page.
+    pub fn copy_in(
+        &self,
+        offset: usize,
+        src: &[u8],
+        counters: &DataCounters,
+    ) -> Result<(), PageBusy> {
+        self.with_bytes(|page| page[offset..offset + src.len()].copy_from_slice(src))?;
+        counters.add_mapped(src.len());
+        counters.add_copied(src.len());
+        Ok(())
+    }
+
     /// Runs `f` on the page's bytes, unless a device holds the page.
     fn with_bytes<R>(&self, f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R) -> Result<R, PageBusy> {
         self.0
@@ -184,13 +212,21 @@ impl DataCounters {
         self.copied.load(Ordering::Relaxed)
     }
 
-    fn add_mapped(&self, n: usize) {
+    /// Records `n` bytes mapped (used by code that maps through its own
+    /// means, or moves counts from one set of counters to another).
+    pub fn add_mapped(&self, n: usize) {
         self.mapped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Records `n` bytes copied (used by code that copies through a map).
     pub fn add_copied(&self, n: usize) {
         self.copied.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Adds every count of `other` to these.
+    pub fn add(&self, other: &DataCounters) {
+        self.add_mapped(other.bytes_mapped() as usize);
+        self.add_copied(other.bytes_copied() as usize);
     }
 }
 

@@ -93,11 +93,11 @@ pub trait Geom {
         io.wither();
     }
 
-    /// Writes class-specific state for the topology document as JSON
-    /// object members without braces, e.g. `"reads":3,"failures":1`
-    /// (FreeBSD's dumpconf). The default writes nothing.
-    fn dumpconf(&self, out: &mut String) {
-        let _ = out;
+    /// Class-specific state for the topology document, as a JSON object
+    /// such as `{"reads":3,"failures":1}` (FreeBSD's dumpconf). The
+    /// default has nothing.
+    fn dumpconf(&self) -> serde_json::Value {
+        serde_json::Value::Object(serde_json::Map::new())
     }
 
     /// The geom as `Any`, so its class's control code can reach it with
@@ -222,6 +222,13 @@ pub struct Access {
 }
 
 impl Access {
+    /// Open for reading.
+    pub const READ: Access = Access { r: 1, w: 0, e: 0 };
+    /// Open for reading and writing.
+    pub const READ_WRITE: Access = Access { r: 1, w: 1, e: 0 };
+    /// Open for reading and writing, and keep other writers out.
+    pub const EXCLUSIVE: Access = Access { r: 1, w: 1, e: 1 };
+
     /// True when nobody has it open.
     pub fn is_zero(&self) -> bool {
         self.r == 0 && self.w == 0 && self.e == 0
@@ -860,18 +867,12 @@ impl Stack {
     }
 
     /// Opens `name` for the external user (an export) with the given access.
-    pub fn open(
-        &mut self,
-        name: &str,
-        read: bool,
-        write: bool,
-        exclusive: bool,
-    ) -> Result<ConsumerId, StackError> {
+    pub fn open(&mut self, name: &str, mode: Access) -> Result<ConsumerId, StackError> {
         let p = self
             .find_provider(name)
             .ok_or_else(|| StackError::NoSuchProvider(String::from(name)))?;
         let c = self.attach(None, p);
-        if let Err(e) = self.access(c, i32::from(read), i32::from(write), i32::from(exclusive)) {
+        if let Err(e) = self.access(c, mode.r, mode.w, mode.e) {
             self.core.consumers[c.0 as usize] = None;
             return Err(e);
         }
@@ -984,10 +985,11 @@ impl Stack {
         self.core.consumers_of(g)
     }
 
-    /// The class-specific JSON members of a geom (see [`Geom::dumpconf`]).
-    pub fn dumpconf(&self, g: GeomId, out: &mut String) {
-        if let Some(geom) = self.geoms[g.0 as usize].as_ref() {
-            geom.dumpconf(out);
+    /// The class-specific state of a geom (see [`Geom::dumpconf`]).
+    pub fn dumpconf(&self, g: GeomId) -> serde_json::Value {
+        match self.geoms[g.0 as usize].as_ref() {
+            Some(geom) => geom.dumpconf(),
+            None => serde_json::Value::Null,
         }
     }
 

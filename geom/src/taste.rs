@@ -25,18 +25,16 @@
 //! Labelling is the other direction: [`Stack::write_meta`] writes a record
 //! into a provider's last sector (FUA, so it is stable when it completes).
 //!
-//! To add a class with metadata: implement [`Class`] (only `name` and
-//! `assemble` are required), register it with [`Stack::register_class`]
-//! (the standard set is registered by [`crate::ctl::register_classes`]),
-//! and write its records with [`Stack::write_meta`] from its label command.
+//! A class with metadata implements [`Class::assemble`] (and, when it can
+//! run degraded, [`Class::ready`] and [`Class::join`]) and writes its
+//! records with [`Stack::write_meta`] from its label command; every class
+//! in [`crate::class::CLASSES`] is asked about the records naming it.
 
 use crate::bio::{Bio, BioCmd, BioResult, ConsumerId, GeomId, Owner, ProviderId};
-use crate::config::Statement;
-use crate::ctl::CtlError;
+use crate::class;
 use crate::meta::{MetaError, MetaRepr};
 use crate::page::SgList;
 use crate::stack::{GeomState, Stack, StackError};
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
@@ -71,52 +69,6 @@ pub fn all_present(members: &[Member]) -> bool {
     (0..n).all(|i| members.iter().any(|m| m.meta.member_index == i))
 }
 
-/// A GEOM class as the stack sees it: its name, how it tastes, how it
-/// assembles from metadata, and its control commands.
-pub trait Class {
-    /// The class name, as written in metadata and in config lines.
-    fn name(&self) -> &'static str;
-
-    /// Decides whether `provider`, whose last sector holds `meta` naming
-    /// this class, is a member. The default accepts it when the provider's
-    /// size and sector size are the ones recorded at label time.
-    fn taste(&mut self, stack: &Stack, provider: ProviderId, meta: &MetaRepr) -> TasteAction {
-        let spec = &stack.provider(provider).spec;
-        if spec.media_size == meta.member_size && spec.sector_size == meta.sector_size {
-            TasteAction::Member
-        } else {
-            TasteAction::Ignore
-        }
-    }
-
-    /// Whether the members gathered so far (one per index; of equal index
-    /// the highest generation is kept) are enough to assemble. `settled`
-    /// is true once no taste read is outstanding. The default wants all.
-    fn ready(&self, members: &[Member], settled: bool) -> bool {
-        let _ = settled;
-        all_present(members)
-    }
-
-    /// Builds the geom from its members (sorted by member index).
-    fn assemble(&mut self, stack: &mut Stack, members: &[Member]) -> Result<GeomId, StackError>;
-
-    /// A member of a geom that is already live (assembled, or labelled
-    /// in this session: any live geom of this class with the record's
-    /// name, so compare `member.meta.id` if it matters) has appeared. The
-    /// default ignores it (the same disk seen through a pass-through geom,
-    /// for instance).
-    fn join(&mut self, stack: &mut Stack, geom: GeomId, member: Member) {
-        let _ = (stack, geom, member);
-    }
-
-    /// Carries out a config statement for this class (see
-    /// [`crate::ctl::apply`]). The default refuses.
-    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
-        let _ = (stack, stmt);
-        Err(CtlError::NotSupported(String::from(self.name())))
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct GroupKey {
     class: String,
@@ -141,7 +93,6 @@ const LOG_LINES: usize = 64;
 /// waiting for members, and a short log.
 #[derive(Default)]
 pub(crate) struct TasteState {
-    classes: Vec<Option<Box<dyn Class>>>,
     io: Vec<Option<StackIo>>,
     groups: Vec<Group>,
     assembled: Vec<(GroupKey, GeomId)>,
@@ -166,53 +117,6 @@ impl TasteState {
 }
 
 impl Stack {
-    /// Registers a class: it will taste every provider that appears from
-    /// now on, and [`crate::ctl::apply`] sends it its statements. Providers
-    /// that exist already are tasted again on the next run.
-    pub fn register_class(&mut self, class: Box<dyn Class>) {
-        if self.class_index(class.name()).is_some() {
-            return;
-        }
-        self.taste.classes.push(Some(class));
-        let listed: Vec<ProviderId> = self.providers().map(|(id, _)| id).collect();
-        for p in listed {
-            if !self.core.new_providers.contains(&p) {
-                self.core.new_providers.push(p);
-            }
-        }
-    }
-
-    fn class_index(&self, name: &str) -> Option<usize> {
-        self.taste
-            .classes
-            .iter()
-            .position(|c| c.as_ref().is_some_and(|c| c.name() == name))
-    }
-
-    /// Names of the registered classes.
-    pub fn class_names(&self) -> Vec<&'static str> {
-        self.taste
-            .classes
-            .iter()
-            .flatten()
-            .map(|c| c.name())
-            .collect()
-    }
-
-    /// Runs `f` with the registered class `name` taken out of the stack,
-    /// so it can change the stack; `None` if there is no such class.
-    pub fn with_class<R>(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(&mut dyn Class, &mut Stack) -> R,
-    ) -> Option<R> {
-        let i = self.class_index(name)?;
-        let mut class = self.taste.classes[i].take()?;
-        let r = f(class.as_mut(), self);
-        self.taste.classes[i] = Some(class);
-        Some(r)
-    }
-
     /// Recent tasting and labelling events, oldest first.
     pub fn taste_log(&self) -> impl Iterator<Item = &str> {
         self.taste.log.iter().map(|s| s.as_str())
@@ -226,8 +130,7 @@ impl Stack {
     /// True while the stack's own reads and writes (tasting, labelling)
     /// are outstanding or providers wait to be tasted.
     pub fn tasting(&self) -> bool {
-        !self.core.new_providers.is_empty() && !self.taste.classes.is_empty()
-            || self.taste.io.iter().any(|s| s.is_some())
+        !self.core.new_providers.is_empty() || self.taste.io.iter().any(|s| s.is_some())
     }
 
     /// Runs the stack until tasting and labelling are done, at most
@@ -258,10 +161,6 @@ impl Stack {
     /// Returns true if any was started.
     pub(crate) fn taste_new_providers(&mut self) -> bool {
         if self.core.new_providers.is_empty() {
-            return false;
-        }
-        if self.taste.classes.is_empty() {
-            self.core.new_providers.clear();
             return false;
         }
         let mut any = false;
@@ -380,7 +279,7 @@ impl Stack {
     fn tasted(&mut self, p: ProviderId, meta: MetaRepr) {
         let pname = self.provider_name(p);
         let class_name = meta.class.clone();
-        let action = self.with_class(&class_name, |class, stack| class.taste(stack, p, &meta));
+        let action = class::find(&class_name).map(|class| class.taste(self, p, &meta));
         match action {
             None => {
                 self.taste
@@ -416,7 +315,9 @@ impl Stack {
             .map(|(_, g)| *g)
             .or_else(|| self.find_geom(&key.class, &key.name));
         if let Some(g) = live {
-            self.with_class(&class_name, |class, stack| class.join(stack, g, member));
+            if let Some(class) = class::find(&class_name) {
+                class.join(self, g, member);
+            }
             return;
         }
         let gi = match self.taste.groups.iter().position(|g| g.key == key) {
@@ -448,16 +349,12 @@ impl Stack {
     fn try_assemble(&mut self, gi: usize, settled: bool) -> bool {
         let class_name = self.taste.groups[gi].key.class.clone();
         let members = self.taste.groups[gi].members.clone();
-        let ready = self
-            .with_class(&class_name, |class, _| class.ready(&members, settled))
-            .unwrap_or(false);
+        let ready = class::find(&class_name).is_some_and(|class| class.ready(&members, settled));
         if !ready {
             return false;
         }
         let group = self.taste.groups.remove(gi);
-        let result = self.with_class(&class_name, |class, stack| {
-            class.assemble(stack, &group.members)
-        });
+        let result = class::find(&class_name).map(|class| class.assemble(self, &group.members));
         match result {
             Some(Ok(g)) => {
                 self.taste

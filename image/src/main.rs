@@ -186,7 +186,7 @@ fn load_config(path: Option<&Path>) -> Result<Option<String>, Failure> {
 
 /// Checks a configuration text; the error reads `line L, column C: message`.
 fn validate_config(text: &str) -> Result<(), String> {
-    geom::config::parse(text)
+    appliance::service::parse_config(text)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -306,8 +306,7 @@ fn cmd_hosted(a: CommonArgs) -> Result<(), Failure> {
     let opts = appliance::hosted::HostedOptions {
         config_text,
         disks,
-        nbd_port: a.nbd_port,
-        http_port: a.http_port,
+        ports: vec![("nbd".into(), a.nbd_port), ("http".into(), a.http_port)],
     };
     appliance::hosted::run(&opts).map_err(Failure::runtime)
 }

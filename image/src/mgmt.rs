@@ -242,7 +242,10 @@ fn config_lines(out: &mut String, g: &Value) {
     let Some(cfg) = g.get("config").and_then(Value::as_object) else {
         return;
     };
-    for (k, v) in cfg {
+    // In key order, whatever order the document has them in.
+    let mut keys: Vec<(&String, &Value)> = cfg.iter().collect();
+    keys.sort_by_key(|(k, _)| *k);
+    for (k, v) in keys {
         match k.as_str() {
             "state" => {}
             // Per-member objects are shown with the consumers.

@@ -1,159 +1,163 @@
-//! A minimal sans-I/O HTTP/1.1 server engine for the management endpoint.
+//! A sans-I/O HTTP/1.1 server engine for the management endpoint, as a
+//! [`Session`].
 //!
-//! One request per connection: the engine collects the request head (and a
-//! body when Content-Length says so), hands the caller a [`Request`], and
-//! sends the caller's [`Response`] with `Connection: close`. A client that
-//! sends `Expect: 100-continue` gets the interim `100 Continue` before its
-//! body (RFC 9110 §10.1.1). Heads over
-//! [`MAX_HEAD`] bytes and bodies over [`MAX_BODY`] are refused with 413.
+//! One request per connection: the engine collects the request head
+//! (parsed by `httparse`) and a body when Content-Length says so, hands the
+//! service a [`ControlRequest`], and sends its [`ControlResponse`] with
+//! `Connection: close`. A client that sends `Expect: 100-continue` gets the
+//! interim `100 Continue` before its body (RFC 9110 §10.1.1). Heads over
+//! [`MAX_HEAD`] bytes, bodies over [`MAX_BODY`] and chunked bodies are
+//! refused (413, 413, 411); malformed heads get 400.
 
+use crate::session::{
+    ControlRequest, ControlResponse, ExportInfo, Session, TxPiece, TxPieces, Work,
+};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use geom::page::DataCounters;
 
 /// Largest request head accepted, in bytes.
 pub const MAX_HEAD: usize = 8192;
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Most header fields in a request head.
+const MAX_HEADERS: usize = 32;
 
-/// A parsed request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Request {
-    /// `GET`, `POST`, …
-    pub method: String,
-    /// The path, without the query string.
-    pub path: String,
-    /// The body (empty unless Content-Length was given).
-    pub body: Vec<u8>,
-}
-
-/// A response to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Content-Type header value.
-    pub content_type: &'static str,
-    /// Body bytes.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// A response with a body of the given type.
-    pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
-        Response {
-            status,
-            content_type,
-            body: body.into(),
-        }
-    }
-
-    /// A plain-text error response.
-    pub fn error(status: u16, message: &str) -> Response {
-        Response::new(status, "text/plain; charset=utf-8", format!("{message}\n"))
-    }
-
-    fn reason(&self) -> &'static str {
-        match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            409 => "Conflict",
-            413 => "Payload Too Large",
-            500 => "Internal Server Error",
-            503 => "Service Unavailable",
-            _ => "Error",
-        }
-    }
-
-    /// The response as bytes on the wire.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.status,
-            self.reason(),
-            self.content_type,
-            self.body.len()
-        )
-        .into_bytes();
-        out.extend_from_slice(&self.body);
-        out
+/// The reason phrase of a status code.
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
     }
 }
 
+/// A response as bytes on the wire.
+pub fn response_bytes(r: &ControlResponse) -> Vec<u8> {
+    let auth = if r.status == 401 {
+        "WWW-Authenticate: Bearer\r\n"
+    } else {
+        ""
+    };
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
+        r.status,
+        reason(r.status),
+        r.content_type,
+        r.body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&r.body);
+    out
+}
+
+#[derive(Debug)]
 enum State {
+    /// Collecting the head.
     Head,
-    Body { req: Request, want: usize },
-    Ready(Request),
+    /// Collecting `want` body bytes.
+    Body { req: ControlRequest, want: usize },
+    /// The request is whole; the service has not taken it yet.
+    Ready(ControlRequest),
+    /// Taken; waiting for the service's answer.
+    Waiting,
+    /// Sending the response.
     Sending { bytes: Vec<u8>, sent: usize },
+    /// Sent (or given up).
     Done,
 }
 
+/// What a complete head says.
+struct Head {
+    req: ControlRequest,
+    length: usize,
+    expect_continue: bool,
+}
+
+/// Parses a complete head (`head` ends with the blank line).
+fn parse_head(head: &[u8]) -> Result<Head, ControlResponse> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) | Err(_) => {
+            return Err(ControlResponse::error(400, "malformed request head"))
+        }
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Err(ControlResponse::error(400, "malformed request line"));
+    };
+    if !target.starts_with('/') {
+        return Err(ControlResponse::error(400, "malformed request line"));
+    }
+    let mut length = 0usize;
+    let mut expect_continue = false;
+    let mut bearer = None;
+    for h in parsed.headers.iter() {
+        let value = core::str::from_utf8(h.value)
+            .map_err(|_| ControlResponse::error(400, "header value is not UTF-8"))?
+            .trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = value
+                .parse()
+                .map_err(|_| ControlResponse::error(400, "bad Content-Length"))?;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(ControlResponse::error(411, "send a Content-Length"));
+        } else if h.name.eq_ignore_ascii_case("expect")
+            && value.eq_ignore_ascii_case("100-continue")
+        {
+            expect_continue = true;
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            let mut words = value.splitn(2, ' ');
+            if let (Some(scheme), Some(token)) = (words.next(), words.next()) {
+                if scheme.eq_ignore_ascii_case("bearer") {
+                    bearer = Some(String::from(token.trim()));
+                }
+            }
+        }
+    }
+    if length > MAX_BODY {
+        return Err(ControlResponse::error(413, "request body too large"));
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    Ok(Head {
+        req: ControlRequest {
+            method: String::from(method),
+            path: String::from(path),
+            body: Vec::new(),
+            bearer,
+        },
+        length,
+        expect_continue,
+    })
+}
+
 /// One management connection.
+#[derive(Debug)]
 pub struct Connection {
     buf: Vec<u8>,
     state: State,
     /// An interim response still to send (`100 Continue`).
     interim: &'static [u8],
+    /// The peer sent FIN.
+    input_closed: bool,
+    counters: DataCounters,
 }
 
 impl Default for Connection {
     fn default() -> Self {
         Connection::new()
     }
-}
-
-/// A parsed head: the request without its body, the body length, and
-/// whether the client waits for `100 Continue`.
-struct Head {
-    req: Request,
-    length: usize,
-    expect_continue: bool,
-}
-
-fn parse_head(head: &[u8]) -> Result<Head, Response> {
-    let text = core::str::from_utf8(head)
-        .map_err(|_| Response::error(400, "request head is not UTF-8"))?;
-    let mut lines = text.split("\r\n");
-    let first = lines.next().unwrap_or("");
-    let mut parts = first.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v)) if !m.is_empty() && t.starts_with('/') => (m, t, v),
-        _ => return Err(Response::error(400, "malformed request line")),
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(Response::error(400, "unsupported HTTP version"));
-    }
-    let mut length = 0usize;
-    let mut expect_continue = false;
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                length = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| Response::error(400, "bad Content-Length"))?;
-            } else if k.trim().eq_ignore_ascii_case("expect")
-                && v.trim().eq_ignore_ascii_case("100-continue")
-            {
-                expect_continue = true;
-            }
-        }
-    }
-    if length > MAX_BODY {
-        return Err(Response::error(413, "request body too large"));
-    }
-    let path = target.split('?').next().unwrap_or(target);
-    Ok(Head {
-        req: Request {
-            method: String::from(method),
-            path: String::from(path),
-            body: Vec::new(),
-        },
-        length,
-        expect_continue,
-    })
 }
 
 impl Connection {
@@ -163,6 +167,8 @@ impl Connection {
             buf: Vec::new(),
             state: State::Head,
             interim: b"",
+            input_closed: false,
+            counters: DataCounters::new(),
         }
     }
 
@@ -174,13 +180,13 @@ impl Connection {
                 self.buf.extend_from_slice(&data[..take]);
                 let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                     if self.buf.len() >= MAX_HEAD {
-                        self.respond(Response::error(413, "request head too large"));
+                        self.respond(ControlResponse::error(413, "request head too large"));
                     }
                     return take;
                 };
                 let rest = self.buf.split_off(end + 4);
                 let head = core::mem::take(&mut self.buf);
-                match parse_head(&head[..end]) {
+                match parse_head(&head) {
                     Ok(Head { req, length: 0, .. }) => self.state = State::Ready(req),
                     Ok(Head {
                         req,
@@ -202,12 +208,15 @@ impl Connection {
                 let take = (*want - req.body.len()).min(data.len());
                 req.body.extend_from_slice(&data[..take]);
                 if req.body.len() == *want {
-                    let body = core::mem::take(&mut req.body);
-                    let req = Request {
-                        method: core::mem::take(&mut req.method),
-                        path: core::mem::take(&mut req.path),
-                        body,
-                    };
+                    let req = core::mem::replace(
+                        req,
+                        ControlRequest {
+                            method: String::new(),
+                            path: String::new(),
+                            body: Vec::new(),
+                            bearer: None,
+                        },
+                    );
                     self.state = State::Ready(req);
                 }
                 take
@@ -217,15 +226,25 @@ impl Connection {
         }
     }
 
-    /// The request, once it has fully arrived; the caller answers with
+    /// The request, once it has fully arrived; answer with
     /// [`Connection::respond`].
-    pub fn take_request(&mut self) -> Option<Request> {
-        if let State::Ready(_) = self.state {
-            if let State::Ready(req) = core::mem::replace(&mut self.state, State::Done) {
-                return Some(req);
+    pub fn take_request(&mut self) -> Option<ControlRequest> {
+        match core::mem::replace(&mut self.state, State::Waiting) {
+            State::Ready(req) => Some(req),
+            other => {
+                self.state = other;
+                None
             }
         }
-        None
+    }
+
+    /// Queues the response; the connection finishes once it is sent.
+    pub fn respond(&mut self, resp: ControlResponse) {
+        self.interim = b"";
+        self.state = State::Sending {
+            bytes: response_bytes(&resp),
+            sent: 0,
+        };
     }
 
     /// True while there are bytes to send.
@@ -233,49 +252,86 @@ impl Connection {
         !self.interim.is_empty() || matches!(self.state, State::Sending { .. })
     }
 
-    /// Queues the response; the connection finishes once it is sent.
-    pub fn respond(&mut self, resp: Response) {
-        self.state = State::Sending {
-            bytes: resp.to_bytes(),
-            sent: 0,
-        };
+    /// True once the response is sent, or the peer left before its
+    /// request was whole.
+    pub fn is_finished(&self) -> bool {
+        match self.state {
+            State::Done => true,
+            State::Head | State::Body { .. } => self.input_closed,
+            _ => false,
+        }
+    }
+}
+
+impl Session for Connection {
+    fn recv(&mut self, _exports: &[ExportInfo], data: &[u8]) -> usize {
+        self.on_recv(data)
     }
 
-    /// Copies pending response bytes into `buf`; returns how many.
-    pub fn fill_tx(&mut self, buf: &mut [u8]) -> usize {
+    fn tx_pieces<'a>(&'a mut self, out: &mut TxPieces<'a>, _max_bytes: usize) {
         if !self.interim.is_empty() {
-            let n = self.interim.len().min(buf.len());
-            buf[..n].copy_from_slice(&self.interim[..n]);
-            self.interim = &self.interim[n..];
-            return n;
+            out.push(TxPiece::Bytes(self.interim));
+        } else if let State::Sending { bytes, sent } = &self.state {
+            out.push(TxPiece::Bytes(&bytes[*sent..]));
         }
+    }
+
+    fn tx_advance(&mut self, mut n: usize) {
+        let k = n.min(self.interim.len());
+        self.interim = &self.interim[k..];
+        n -= k;
         if let State::Sending { bytes, sent } = &mut self.state {
-            let n = (bytes.len() - *sent).min(buf.len());
-            buf[..n].copy_from_slice(&bytes[*sent..*sent + n]);
-            *sent += n;
+            *sent = (*sent + n).min(bytes.len());
             if *sent == bytes.len() {
                 self.state = State::Done;
             }
-            return n;
         }
-        0
     }
 
-    /// True once the response is sent (or the connection is dead).
-    pub fn is_finished(&self) -> bool {
-        matches!(self.state, State::Done)
+    fn next_work(&mut self) -> Option<Work> {
+        self.take_request().map(Work::Control)
+    }
+
+    fn respond(&mut self, response: ControlResponse) {
+        Connection::respond(self, response)
+    }
+
+    fn input_closed(&mut self) {
+        self.input_closed = true;
+    }
+
+    fn shutdown(&mut self) {
+        self.interim = b"";
+        self.state = State::Done;
+    }
+
+    fn wants_recv(&self) -> bool {
+        matches!(self.state, State::Head | State::Body { .. })
+    }
+
+    fn has_tx(&self) -> bool {
+        Connection::has_tx(self)
+    }
+
+    fn is_finished(&self) -> bool {
+        Connection::is_finished(self)
+    }
+
+    fn counters(&self) -> &DataCounters {
+        &self.counters
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::copy_out;
 
     fn drain(c: &mut Connection) -> String {
         let mut out = Vec::new();
         let mut buf = [0u8; 7];
         loop {
-            let n = c.fill_tx(&mut buf);
+            let n = copy_out(c, &mut buf);
             if n == 0 {
                 break;
             }
@@ -293,7 +349,8 @@ mod tests {
         }
         let r = c.take_request().unwrap();
         assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/status"));
-        c.respond(Response::new(200, "application/json", "{}"));
+        assert_eq!(r.bearer, None);
+        c.respond(ControlResponse::new(200, "application/json", "{}"));
         let text = drain(&mut c);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("Content-Length: 2\r\n"));
@@ -302,13 +359,16 @@ mod tests {
     }
 
     #[test]
-    fn post_with_body() {
+    fn post_with_body_and_credential() {
         let mut c = Connection::new();
-        c.on_recv(b"POST /geom HTTP/1.1\r\nContent-Length: 6\r\n\r\nmd cr");
+        c.on_recv(
+            b"POST /geom HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nContent-Length: 6\r\n\r\nmd cr",
+        );
         assert!(c.take_request().is_none());
         c.on_recv(b"eate");
         let r = c.take_request().unwrap();
         assert_eq!(r.body, b"md cre");
+        assert_eq!(r.bearer.as_deref(), Some("s3cret"));
     }
 
     #[test]
@@ -319,7 +379,7 @@ mod tests {
         assert_eq!(drain(&mut c), "HTTP/1.1 100 Continue\r\n\r\n");
         c.on_recv(b"abcd");
         assert_eq!(c.take_request().unwrap().body, b"abcd");
-        c.respond(Response::new(200, "text/plain", "ok"));
+        c.respond(ControlResponse::new(200, "text/plain", "ok"));
         assert!(drain(&mut c).starts_with("HTTP/1.1 200 OK\r\n"));
         // A body sent along with the head needs no interim reply.
         let mut c = Connection::new();
@@ -339,5 +399,17 @@ mod tests {
         let mut c = Connection::new();
         c.on_recv(b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n");
         assert!(drain(&mut c).starts_with("HTTP/1.1 413"));
+        let mut c = Connection::new();
+        c.on_recv(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(drain(&mut c).starts_with("HTTP/1.1 411"));
+    }
+
+    #[test]
+    fn a_peer_that_leaves_early_finishes_the_connection() {
+        let mut c = Connection::new();
+        c.on_recv(b"GET /sta");
+        assert!(!c.is_finished());
+        Session::input_closed(&mut c);
+        assert!(c.is_finished());
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! The same engines run on smoltcp sockets in the appliance and on std
 //! sockets in the hosted build, and are tested and fuzzed on the host.
+//! - [`session`]: the one interface every engine offers the service;
 //! - [`nbd`]: the NBD server (doc/proto.md of the NBD project);
 //! - [`http`]: the management endpoint's HTTP/1.1 engine.
 #![no_std]
@@ -12,3 +13,4 @@ extern crate std;
 
 pub mod http;
 pub mod nbd;
+pub mod session;

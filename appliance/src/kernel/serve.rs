@@ -6,19 +6,22 @@
 //!        ▲                                             │
 //!        │                                   smoltcp poll (frames ⇄ sockets)
 //!   idle_wait(poll_delay)                              │
-//!        ▲                              socket rx ─▶ Service::nbd_recv (bytes → bios)
+//!        ▲                              Link::receive (socket ring → pages, session)
 //!        │                                             │
-//!        └── no progress ◀── socket tx ◀── Service::poll (stack run, virtio-blk completions)
+//!        └── no progress ◀── Link::send ◀── Service::poll (stack run, virtio-blk completions)
 //! ```
 //!
-//! Data moves between smoltcp's socket buffers and bio pages inside the
-//! NBD engine (`recv`/`send` closures hand it the socket's own ring), so
-//! there is no intermediate buffer on either side.
+//! Connections go through the service's [`Link`], the same receive and
+//! send path hosted uses; this platform's [`Transport`] copies between
+//! smoltcp's socket rings and the sessions' pieces (write payload straight
+//! into its pages, read data straight out of them). Every byte also
+//! crossed smoltcp's own copy between frames and rings, and both copies
+//! are counted.
 
 use super::BootInfo;
-use crate::service::{PlatformStatus, Service, MAX_HTTP_CONNECTIONS, MAX_NBD_CONNECTIONS};
+use crate::service::{Link, Phase, PlatformStatus, Service, PROTOCOLS};
+use crate::smol::{tcp_socket, Smol};
 use alloc::boxed::Box;
-use alloc::vec;
 use alloc::vec::Vec;
 use geom::config::{Config, NetConfig};
 use geom::disk::BlockDevice;
@@ -27,25 +30,16 @@ use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-/// Guest port of the NBD server (the host tool forwards to it).
-pub const NBD_PORT: u16 = 10809;
-/// Guest port of the management endpoint.
-pub const HTTP_PORT: u16 = 8080;
-/// TCP buffer per NBD socket and direction, at most. Large windows matter
-/// under QEMU user networking; see docs/architecture.md for the measured
-/// effect.
-const NBD_SOCKET_BYTES_MAX: usize = 512 * 1024;
-/// TCP buffer per NBD socket and direction, at least.
-const NBD_SOCKET_BYTES_MIN: usize = 64 * 1024;
-/// TCP buffer per management socket and direction.
-const HTTP_SOCKET_BYTES: usize = 16 * 1024;
+/// TCP buffer per socket and direction, at least (a protocol asks for
+/// more; see [`crate::service::Protocol::buffer_bytes`]).
+const SOCKET_BYTES_MIN: usize = 16 * 1024;
 
-/// The TCP buffer per NBD socket and direction for a guest with
-/// `memory_bytes` of RAM: the sockets of a full connection limit take at
-/// most an eighth of it, within the bounds above.
-fn nbd_socket_bytes(memory_bytes: u64) -> usize {
-    let share = memory_bytes / 8 / (MAX_NBD_CONNECTIONS as u64 * 2);
-    (share.min(NBD_SOCKET_BYTES_MAX as u64) as usize).max(NBD_SOCKET_BYTES_MIN)
+/// The TCP buffer per socket and direction for protocol `p` in a guest
+/// with `memory_bytes` of RAM: what it asks for, but so that the sockets
+/// of a full connection limit take at most an eighth of the memory.
+fn socket_bytes(p: &crate::service::Protocol, memory_bytes: u64) -> usize {
+    let share = memory_bytes / 8 / (p.max_connections as u64 * 2);
+    (share.min(p.buffer_bytes as u64) as usize).max(SOCKET_BYTES_MIN)
 }
 
 fn fatal(msg: &str) -> ! {
@@ -75,7 +69,7 @@ fn config_from_boot(boot: &BootInfo) -> (Config, &'static str) {
             super::exit_qemu(false)
         }
     };
-    match geom::config::parse(text) {
+    match crate::service::parse_config(text) {
         Ok(c) => (c, text),
         Err(e) => {
             super::console_write(&alloc::format!("strata: config error: {e}\n"));
@@ -84,29 +78,15 @@ fn config_from_boot(boot: &BootInfo) -> (Config, &'static str) {
     }
 }
 
-fn tcp_socket(bytes: usize) -> tcp::Socket<'static> {
-    let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; bytes]),
-        tcp::SocketBuffer::new(vec![0u8; bytes]),
-    );
-    // Delayed ACKs with few segments in flight stall the sender, and Nagle
-    // would hold small replies back behind unacknowledged data.
-    s.set_ack_delay(None);
-    s.set_nagle_enabled(false);
-    s
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Nbd,
-    Http,
-}
-
+/// One TCP socket: listening for, or carrying, a connection of one
+/// protocol.
 struct Slot {
-    kind: Kind,
+    /// Index in [`PROTOCOLS`].
+    protocol: usize,
     handle: SocketHandle,
-    /// The service's connection id once the socket is established.
-    conn: Option<u32>,
+    /// The link, once the socket is established and the service took the
+    /// connection.
+    link: Option<Link>,
 }
 
 fn now() -> Instant {
@@ -166,21 +146,20 @@ pub fn serve(boot: BootInfo) -> ! {
     // The TSC under the clock differs from boot to boot: good enough to
     // keep labelled geoms' ids apart.
     let seed = super::now_ns() ^ boot.tsc_hz.rotate_left(32);
-    let mut svc = match Service::with_seed(&config, disks, seed) {
-        Ok(s) => s,
-        Err(e) => {
-            let e = crate::service::locate_error(config_text, e);
-            super::console_write(&alloc::format!("strata: config error: {e}\n"));
-            super::exit_qemu(false)
-        }
+    let config_error = |e| -> ! {
+        let e = crate::service::locate_error(config_text, e);
+        super::console_write(&alloc::format!("strata: config error: {e}\n"));
+        super::exit_qemu(false)
     };
-    for e in svc.exports() {
-        super::console_write(&alloc::format!(
-            "strata: export {} size {}\n",
-            e.name,
-            e.size_bytes
-        ));
-    }
+    let mut svc = match Service::boot(&config, disks, seed) {
+        Ok(s) => s,
+        Err(e) => config_error(e),
+    };
+    svc.set_platform(Box::new(status));
+    let buffers: Vec<usize> = PROTOCOLS
+        .iter()
+        .map(|p| socket_bytes(p, super::memory_stats().total_bytes))
+        .collect();
 
     let mac = nic.device.mac();
     let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
@@ -223,7 +202,6 @@ pub fn serve(boot: BootInfo) -> ! {
         }
     }
 
-    let nbd_bytes = nbd_socket_bytes(super::memory_stats().total_bytes);
     let mut slots: Vec<Slot> = Vec::new();
     let mut announced = false;
     let mut stopping_since: Option<u64> = None;
@@ -251,43 +229,41 @@ pub fn serve(boot: BootInfo) -> ! {
                 }
             }
         }
-        if configured && !svc.shutting_down() {
-            top_up_listeners(&mut sockets, &mut slots, &svc, nbd_bytes);
-            if !announced {
-                announced = true;
-                super::console_write(&alloc::format!(
-                    "strata: listening nbd {NBD_PORT} http {HTTP_PORT}\n"
-                ));
+        match svc.phase() {
+            Phase::Failed(e) => config_error(e.clone()),
+            Phase::Serving if configured && !svc.shutting_down() => {
+                top_up_listeners(&mut sockets, &mut slots, &svc, &buffers);
+                if !announced {
+                    announced = true;
+                    announce(&svc);
+                }
             }
+            _ => {}
         }
 
         svc.set_now_ns(super::now_ns());
         nic.device.service();
         progress |= iface.poll(now(), &mut nic.device, &mut sockets)
             == smoltcp::iface::PollResult::SocketStateChanged;
-        let st = status();
-        svc.nbd_tick(st.uptime_ms);
+        svc.tick(super::uptime_ms());
         for s in slots.iter_mut() {
-            progress |= pump_rx(s, &mut sockets, &mut svc, &st);
+            progress |= receive(s, &mut sockets, &mut svc);
         }
         progress |= svc.poll();
         for s in slots.iter_mut() {
-            progress |= pump_tx(s, &mut sockets, &mut svc);
+            progress |= send(s, &mut sockets, &mut svc);
             // Input held back by backpressure may fit now.
-            progress |= pump_rx(s, &mut sockets, &mut svc, &st);
+            progress |= receive(s, &mut sockets, &mut svc);
         }
         slots.retain(|s| {
             let sock = sockets.get::<tcp::Socket<'_>>(s.handle);
-            let gone = match s.conn {
+            let gone = match s.link {
                 Some(_) => !sock.is_open(),
                 None => !sock.is_open() && sock.state() != tcp::State::Listen,
             };
             if gone {
-                if let Some(id) = s.conn {
-                    match s.kind {
-                        Kind::Nbd => svc.nbd_close(id),
-                        Kind::Http => svc.http_close(id),
-                    }
+                if let Some(l) = &s.link {
+                    svc.close(l.id());
                 }
                 sockets.remove(s.handle);
             }
@@ -296,14 +272,14 @@ pub fn serve(boot: BootInfo) -> ! {
         progress |= iface.poll(now(), &mut nic.device, &mut sockets)
             == smoltcp::iface::PollResult::SocketStateChanged;
 
-        if svc.shutting_down() {
+        if svc.stopped() {
             let t = super::now_ns();
             let since = *stopping_since.get_or_insert(t);
-            // Let the management reply reach the host before stopping.
-            let replies_out = slots.iter().all(|s| {
-                s.kind != Kind::Http || sockets.get::<tcp::Socket<'_>>(s.handle).send_queue() == 0
-            });
-            if svc.shutdown_done() && (replies_out || t - since > 2_000_000_000) {
+            // Let the replies reach the host before stopping.
+            let replies_out = slots
+                .iter()
+                .all(|s| sockets.get::<tcp::Socket<'_>>(s.handle).send_queue() == 0);
+            if replies_out || t - since > crate::service::SHUTDOWN_GRACE_MS * 1_000_000 {
                 log::info!("shutdown: disks flushed");
                 super::console_write("strata: shutdown: disks flushed\n");
                 super::exit_qemu(true);
@@ -331,124 +307,92 @@ pub fn serve(boot: BootInfo) -> ! {
     }
 }
 
-/// Keeps a socket listening on each port for every connection the limit
-/// still allows. smoltcp has no accept backlog: a connection attempt that
-/// finds no listening socket is reset, so every attempt within the limit
-/// must find one however many arrive in the same instant. An attempt
-/// beyond the limit is reset, which QEMU's user networking passes on to
-/// the host client as a closed connection.
+/// Says what is served on the console, for the host tool: an export line
+/// each, then the listening line it waits for.
+fn announce(svc: &Service) {
+    for e in svc.exports() {
+        super::console_write(&alloc::format!(
+            "strata: export {} size {}\n",
+            e.info.name,
+            e.info.size_bytes
+        ));
+    }
+    let mut line = alloc::string::String::from("strata: listening");
+    for p in PROTOCOLS {
+        line.push_str(&alloc::format!(" {} {}", p.name, p.guest_port));
+    }
+    line.push('\n');
+    super::console_write(&line);
+}
+
+/// Keeps a socket listening on each protocol's port for every
+/// connection its limit still allows. smoltcp has no accept backlog: a
+/// connection attempt that finds no listening socket is reset, so every
+/// attempt within the limit must find one however many arrive in the same
+/// instant. An attempt beyond the limit is reset, which QEMU's user
+/// networking passes on to the host client as a closed connection.
 fn top_up_listeners(
     sockets: &mut SocketSet<'static>,
     slots: &mut Vec<Slot>,
     svc: &Service,
-    nbd_bytes: usize,
+    buffers: &[usize],
 ) {
-    for (kind, port, limit, open, bytes) in [
-        (
-            Kind::Nbd,
-            NBD_PORT,
-            MAX_NBD_CONNECTIONS,
-            svc.nbd_connections(),
-            nbd_bytes,
-        ),
-        (
-            Kind::Http,
-            HTTP_PORT,
-            MAX_HTTP_CONNECTIONS,
-            svc.http_connections(),
-            HTTP_SOCKET_BYTES,
-        ),
-    ] {
+    for (i, p) in PROTOCOLS.iter().enumerate() {
         let listening = slots
             .iter()
-            .filter(|s| s.kind == kind && s.conn.is_none())
+            .filter(|s| s.protocol == i && s.link.is_none())
             .count();
-        for _ in (open + listening)..limit {
-            let mut sock = tcp_socket(bytes);
-            if sock.listen(port).is_ok() {
+        for _ in (svc.connections(i) + listening)..p.max_connections {
+            let mut sock = tcp_socket(buffers[i]);
+            if sock.listen(p.guest_port).is_ok() {
                 let handle = sockets.add(sock);
                 slots.push(Slot {
-                    kind,
+                    protocol: i,
                     handle,
-                    conn: None,
+                    link: None,
                 });
             }
         }
     }
 }
 
-fn pump_rx(
-    s: &mut Slot,
-    sockets: &mut SocketSet<'static>,
-    svc: &mut Service,
-    st: &PlatformStatus,
-) -> bool {
+/// Receives on one socket: an established socket without a link yet
+/// gets one (or is closed when the service has no room).
+fn receive(s: &mut Slot, sockets: &mut SocketSet<'static>, svc: &mut Service) -> bool {
     let sock = sockets.get_mut::<tcp::Socket<'_>>(s.handle);
-    if s.conn.is_none() {
+    if s.link.is_none() {
         if !sock.is_active()
             || sock.state() == tcp::State::Listen
             || sock.state() == tcp::State::SynReceived
         {
             return false;
         }
-        s.conn = Some(match s.kind {
-            Kind::Nbd => svc.nbd_open(),
-            Kind::Http => svc.http_open(),
-        });
-    }
-    let id = s.conn.unwrap_or(0);
-    let mut progress = false;
-    while sock.can_recv() {
-        let used = sock
-            .recv(|buf| {
-                let n = match s.kind {
-                    Kind::Nbd => svc.nbd_recv(id, buf),
-                    Kind::Http => svc.http_recv(id, buf, st),
-                };
-                (n, n)
-            })
-            .unwrap_or(0);
-        if used == 0 {
-            break;
+        match svc.open(s.protocol) {
+            Some(id) => s.link = Some(Link::new(id)),
+            None => {
+                sock.close();
+                return true;
+            }
         }
-        progress = true;
     }
-    progress
+    let Some(link) = s.link.as_mut() else {
+        return false;
+    };
+    link.receive(svc, &mut Smol(sock))
 }
 
-fn pump_tx(s: &mut Slot, sockets: &mut SocketSet<'static>, svc: &mut Service) -> bool {
-    let Some(id) = s.conn else { return false };
-    let sock = sockets.get_mut::<tcp::Socket<'_>>(s.handle);
-    let mut progress = false;
-    while sock.can_send() {
-        let n = sock
-            .send(|buf| {
-                let n = match s.kind {
-                    Kind::Nbd => svc.nbd_fill_tx(id, buf),
-                    Kind::Http => svc.http_fill_tx(id, buf),
-                };
-                (n, n)
-            })
-            .unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        progress = true;
-    }
-    let finished = match s.kind {
-        Kind::Nbd => {
-            // The peer's FIN, with every byte before it fed: requests cut
-            // short are dropped, replies owed still go out.
-            if !sock.may_recv() && sock.recv_queue() == 0 {
-                svc.nbd_input_closed(id);
-            }
-            svc.nbd_finished(id)
-        }
-        // A peer that closed before its request was whole gets nothing:
-        // its connection must not hold a place under the limit.
-        Kind::Http => svc.http_finished(id) || (!sock.may_recv() && !svc.http_has_tx(id)),
+/// Sends on one socket, and closes it once its connection is over and
+/// every byte is out.
+fn send(s: &mut Slot, sockets: &mut SocketSet<'static>, svc: &mut Service) -> bool {
+    let Some(link) = s.link.as_mut() else {
+        return false;
     };
-    if finished && sock.send_queue() == 0 && sock.state() != tcp::State::Closed {
+    let sock = sockets.get_mut::<tcp::Socket<'_>>(s.handle);
+    if sock.can_send() {
+        link.writable();
+    }
+    let mut progress = link.send(svc, &mut Smol(sock));
+    if link.finished(svc) && sock.send_queue() == 0 && sock.state() != tcp::State::Closed {
         if sock.may_send() {
             sock.close();
         } else {

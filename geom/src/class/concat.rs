@@ -16,20 +16,30 @@
 //! so the geom reassembles by tasting after a restart whatever order the
 //! disks come in. If a member dies the concat withers: `concat/NAME` is
 //! orphaned and its users get EIO.
+//!
+//! ```text
+//! concat create|label NAME PROVIDER...   # provider concat/NAME
+//! concat destroy [-f] NAME
+//! concat clear PROVIDER...               # wipe metadata sectors
+//! ```
 
+use super::{
+    member_verb, resolve_members, tasted_members, unknown_verb, usable_bytes, write_labels, Class,
+    Command, MemberVerb,
+};
 use crate::bio::{Bio, BioCmd, BioResult, ConsumerId, GeomId, ProviderId};
-use crate::class::{resolve_members, tasted_members, usable_bytes, write_labels};
-use crate::config::Statement;
+use crate::config::{Args, ConfigError};
 use crate::ctl::CtlError;
 use crate::fanout::Fanout;
 use crate::meta::PARAMS;
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
-use crate::taste::{Class, Member};
+use crate::taste::Member;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::fmt::Write as _;
+use serde_json::{json, Value};
 
 /// One member: where it sits in the concat.
 struct Part {
@@ -162,58 +172,109 @@ impl Geom for ConcatGeom {
         self.fan.done(io, cookie, result);
     }
 
-    fn dumpconf(&self, out: &mut String) {
-        let _ = write!(
-            out,
-            "\"labelled\":{},\"id\":{},\"members\":[",
-            self.labelled, self.id
-        );
-        for (i, p) in self.parts.iter().enumerate() {
-            let sep = if i > 0 { "," } else { "" };
-            let _ = write!(
-                out,
-                "{sep}{{\"provider\":\"{}\",\"start\":{},\"size\":{}}}",
-                crate::ctl::json_escape(&p.name),
-                p.start,
-                p.size
-            );
-        }
-        out.push(']');
+    fn dumpconf(&self) -> Value {
+        let members: Vec<Value> = self
+            .parts
+            .iter()
+            .map(|p| json!({"provider": p.name, "start": p.start, "size": p.size}))
+            .collect();
+        json!({"labelled": self.labelled, "id": self.id, "members": members})
     }
 }
 
 /// The concat class: `concat create|label`, and assembly from metadata.
 pub struct ConcatClass;
 
+/// The concat class's registry entry.
+pub static CLASS: ConcatClass = ConcatClass;
+
+/// `concat create|label NAME PROVIDER...`: provider `concat/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConcatCreate {
+    /// Geom name.
+    pub name: String,
+    /// Members in order.
+    pub providers: Vec<String>,
+    /// Write metadata (`label`) or not (`create`).
+    pub label: bool,
+}
+
+impl Command for ConcatCreate {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        ConcatGeom::create(stack, &self.name, &self.providers, self.label)?;
+        Ok(())
+    }
+
+    fn creates(&self) -> Option<(String, String)> {
+        Some((format!("concat/{}", self.name), self.name.clone()))
+    }
+}
+
 impl Class for ConcatClass {
     fn name(&self) -> &'static str {
         "concat"
     }
 
-    fn assemble(&mut self, stack: &mut Stack, members: &[Member]) -> Result<GeomId, StackError> {
+    fn parse(&self, args: &mut Args<'_>) -> Result<Arc<dyn Command>, ConfigError> {
+        const VERBS: &str = "create, label, destroy or clear";
+        let label = match member_verb("concat", args, VERBS)? {
+            MemberVerb::Create { label, .. } => label,
+            MemberVerb::Parsed(c) => return Ok(c),
+            MemberVerb::Other(verb) => return Err(unknown_verb(args, "concat", &verb, VERBS)),
+        };
+        if let Some(w) = args.option() {
+            return Err(args.err(w.column, format!("unknown concat option '{}'", w.text)));
+        }
+        let name = args.geom_name("concat")?;
+        let providers = args.providers(1)?;
+        Ok(Arc::new(ConcatCreate {
+            name,
+            providers,
+            label,
+        }))
+    }
+
+    fn assemble(&self, stack: &mut Stack, members: &[Member]) -> Result<GeomId, StackError> {
         let first = &members[0].meta;
         let (name, id) = (first.name.clone(), first.id);
         let resolved = tasted_members(stack, members);
         Ok(ConcatGeom::build(stack, &name, &resolved, true, id)?.0)
     }
-
-    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
-        match stmt {
-            Statement::ConcatCreate {
-                name,
-                providers,
-                label,
-            } => {
-                ConcatGeom::create(stack, name, providers, *label)?;
-                Ok(())
-            }
-            _ => Err(CtlError::NotSupported(String::from("concat"))),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::class::{parse_test, Clear};
+
+    #[test]
+    fn statements_parse() {
+        assert_eq!(
+            parse_test::cmd::<ConcatCreate>("concat create c0 md0 md1"),
+            ConcatCreate {
+                name: "c0".into(),
+                providers: vec!["md0".into(), "md1".into()],
+                label: false
+            }
+        );
+        assert_eq!(
+            parse_test::cmd::<Clear>("concat clear vtbd0 vtbd1"),
+            Clear {
+                class: "concat",
+                providers: vec!["vtbd0".into(), "vtbd1".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn statement_errors_name_the_column() {
+        let (c, m) = parse_test::err("concat create c0 vtbd0 vtbd0");
+        assert_eq!(c, 24);
+        assert!(m.contains("twice"), "{m}");
+        assert_eq!(parse_test::err("concat create a/b vtbd0").0, 15);
+        assert_eq!(parse_test::err("concat frob c0").0, 8);
+        assert_eq!(parse_test::err("concat insert c0 vtbd0").0, 8);
+    }
+
     use super::*;
     use crate::bio::BioError;
     use crate::config::parse_line;
@@ -244,7 +305,7 @@ mod tests {
     fn create_joins_members_end_to_end() {
         let (mut s, disks) = three();
         apply(&mut s, "concat create c0 vtbd0 vtbd1 vtbd2").unwrap();
-        let c = s.open("concat/c0", true, true, false).unwrap();
+        let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
         assert_eq!(
             s.provider(s.consumer_provider(c)).spec.media_size,
             192 << 10
@@ -289,7 +350,7 @@ mod tests {
     fn labelled_images() -> (Vec<Vec<u8>>, Vec<u8>) {
         let (mut s, disks) = three();
         apply(&mut s, "concat label c0 vtbd0 vtbd1 vtbd2").unwrap();
-        let c = s.open("concat/c0", true, true, false).unwrap();
+        let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
         let size = s.provider(s.consumer_provider(c)).spec.media_size;
         let data = testing::pattern(9, 0, size as usize);
         testing::write(&mut s, c, 0, &data).unwrap();
@@ -302,9 +363,8 @@ mod tests {
         for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
             let imgs: Vec<Vec<u8>> = order.iter().map(|&i| images[i].clone()).collect();
             let (mut s, _) = testing::stack_from_images(&imgs, 512);
-            ctl::register_classes(&mut s);
             assert!(s.settle(1000));
-            let c = s.open("concat/c0", true, true, false).unwrap();
+            let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
             assert_eq!(testing::read(&mut s, c, 0, data.len()).unwrap(), data);
         }
     }
@@ -313,7 +373,6 @@ mod tests {
     fn a_missing_member_keeps_the_geom_waiting_until_it_appears() {
         let (images, data) = labelled_images();
         let (mut s, _) = testing::stack_from_images(&images[..2], 512);
-        ctl::register_classes(&mut s);
         assert!(s.settle(1000));
         assert_eq!(s.find_provider("concat/c0"), None);
         let json = ctl::topology_json(&s);
@@ -328,7 +387,7 @@ mod tests {
         h.write_at(0, &images[2]);
         DiskGeom::create(&mut s, "vtbd7", Box::new(d)).unwrap();
         assert!(s.settle(1000));
-        let c = s.open("concat/c0", true, true, false).unwrap();
+        let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
         assert_eq!(testing::read(&mut s, c, 0, data.len()).unwrap(), data);
     }
 
@@ -339,7 +398,6 @@ mod tests {
         let meta = images[1][images[1].len() - 512..].to_vec();
         images[1].extend_from_slice(&meta);
         let (mut s, _) = testing::stack_from_images(&images, 512);
-        ctl::register_classes(&mut s);
         assert!(s.settle(1000));
         assert_eq!(s.find_provider("concat/c0"), None);
         assert!(s.taste_log().any(|l| l.contains("ignored")));
@@ -349,7 +407,7 @@ mod tests {
     fn destroy_and_member_loss() {
         let (mut s, disks) = three();
         apply(&mut s, "concat create c0 vtbd0 vtbd1 vtbd2").unwrap();
-        let c = s.open("concat/c0", true, true, false).unwrap();
+        let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
         assert!(apply(&mut s, "concat destroy c0").is_err());
         disks[2].set_dead(true);
         let last = (192 << 10) - 512;
@@ -363,7 +421,7 @@ mod tests {
         assert_eq!(s.find_provider("concat/c0"), None);
         // vtbd0 and vtbd1 are free again.
         apply(&mut s, "concat create c1 vtbd0 vtbd1").unwrap();
-        let c = s.open("concat/c1", true, true, false).unwrap();
+        let c = s.open("concat/c1", crate::stack::Access::READ_WRITE).unwrap();
         testing::write(&mut s, c, 0, &[1; 512]).unwrap();
         s.close(c).unwrap();
         apply(&mut s, "concat destroy c1").unwrap();
@@ -396,7 +454,7 @@ mod tests {
             let (mut s, disks) = three();
             let verb = if label { "label" } else { "create" };
             apply(&mut s, &format!("concat {verb} c0 vtbd0 vtbd1 vtbd2")).unwrap();
-            let c = s.open("concat/c0", true, true, false).unwrap();
+            let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
             testing::run_model(&mut s, c, &ops, &disks);
             for name in ["concat/c0", "vtbd0", "vtbd1", "vtbd2"] {
                 let st = &s.provider(s.find_provider(name).unwrap()).stats;
@@ -410,7 +468,7 @@ mod tests {
     fn four_k_sectors() {
         let (mut s, disks) = testing::stack_with_disks(2, 64 << 10, 4096);
         apply(&mut s, "concat label c0 vtbd0 vtbd1").unwrap();
-        let c = s.open("concat/c0", true, true, false).unwrap();
+        let c = s.open("concat/c0", crate::stack::Access::READ_WRITE).unwrap();
         assert_eq!(
             s.provider(s.consumer_provider(c)).spec.media_size,
             120 << 10

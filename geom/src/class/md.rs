@@ -3,14 +3,91 @@
 //! Storage is a sparse array of pages, allocated on first write and freed
 //! by DISCARD and WRITE_ZEROES (unless the zeroing asks to keep the range
 //! allocated), so an untouched md costs no memory and reads back zeroes.
-//! GET_ALLOCATION reports unallocated pages as holes that read as zeroes. md computes on data, so it maps: every byte it moves
-//! is counted as mapped and copied on its provider.
+//! GET_ALLOCATION reports unallocated pages as holes that read as zeroes.
+//! md computes on data, so it maps: every byte it moves is counted as
+//! mapped and copied on its provider.
+//!
+//! ```text
+//! md create -s SIZE NAME       # provider NAME, SIZE a non-zero multiple of 512
+//! md destroy [-f] NAME
+//! ```
 
+use super::{unknown_verb, Class, Command, Destroy};
 use crate::bio::{Bio, BioCmd, Extent, ProviderId, MAX_EXTENTS};
+use crate::config::{Args, ConfigError};
+use crate::ctl::CtlError;
 use crate::page::{PageData, PAGE_SIZE};
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
 use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+
+/// The md class.
+pub struct MdClass;
+
+/// The md class's registry entry.
+pub static CLASS: MdClass = MdClass;
+
+/// `md create -s SIZE NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MdCreate {
+    /// Provider name.
+    pub name: String,
+    /// Size in bytes (a multiple of 512).
+    pub size_bytes: u64,
+}
+
+impl Command for MdCreate {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        MdGeom::create(stack, &self.name, self.size_bytes)?;
+        Ok(())
+    }
+
+    fn creates(&self) -> Option<(String, String)> {
+        Some((self.name.clone(), self.name.clone()))
+    }
+}
+
+impl Class for MdClass {
+    fn name(&self) -> &'static str {
+        "md"
+    }
+
+    fn parse(&self, args: &mut Args<'_>) -> Result<Arc<dyn Command>, ConfigError> {
+        let verb = args.next("'create' or 'destroy'")?;
+        match verb.text {
+            "create" => {}
+            "destroy" => return Destroy::parse("md", args, |n| String::from(n)),
+            _ => return Err(unknown_verb(args, "md", &verb, "create or destroy")),
+        }
+        let mut size = None;
+        let mut name = None;
+        while let Some(w) = args.peek() {
+            match w.text {
+                "-s" => {
+                    args.next("-s")?;
+                    let (bytes, column) = args.size("a size after -s")?;
+                    if bytes == 0 || bytes % 512 != 0 {
+                        return Err(
+                            args.err(column, "md size must be a non-zero multiple of 512 bytes")
+                        );
+                    }
+                    size = Some(bytes);
+                }
+                t if t.starts_with('-') => {
+                    return Err(args.err(w.column, alloc::format!("unknown md option '{t}'")));
+                }
+                _ if name.is_none() => name = Some(args.name("md name")?),
+                t => return Err(args.err(w.column, alloc::format!("unexpected '{t}'"))),
+            }
+        }
+        let name = name.ok_or_else(|| args.err(args.end_column(), "expected an md name"))?;
+        let size_bytes =
+            size.ok_or_else(|| args.err(args.end_column(), "md create needs -s SIZE"))?;
+        Ok(Arc::new(MdCreate { name, size_bytes }))
+    }
+}
 
 /// Sector size of every md provider.
 pub const MD_SECTOR_SIZE: u32 = 512;
@@ -177,6 +254,21 @@ impl Geom for MdGeom {
 
 #[cfg(test)]
 mod tests {
+    use crate::class::parse_test;
+
+    #[test]
+    fn statements_parse() {
+        assert_eq!(
+            parse_test::cmd::<MdCreate>("md create -s 64k md0"),
+            MdCreate {
+                name: "md0".into(),
+                size_bytes: 65536
+            }
+        );
+        assert_eq!(parse_test::one("md destroy md0").class, "md");
+        assert_eq!(parse_test::err("md frob md0").0, 4);
+    }
+
     use super::*;
     use crate::bio::BioError;
     use crate::page::SgList;
@@ -217,7 +309,7 @@ mod tests {
     fn write_read_round_trip_across_pages() {
         let mut s = Stack::new();
         let p = MdGeom::create(&mut s, "md0", 1 << 20).unwrap();
-        let c = s.open("md0", true, true, false).unwrap();
+        let c = s.open("md0", crate::stack::Access::READ_WRITE).unwrap();
         let data: Vec<u8> = (0..10_240).map(|i| (i * 7 % 256) as u8).collect();
         let (_, r) = run_one(&mut s, c, write_bytes(3584, &data));
         r.unwrap();
@@ -231,7 +323,7 @@ mod tests {
     fn discard_frees_and_reads_zeroes() {
         let mut s = Stack::new();
         MdGeom::create(&mut s, "md0", 1 << 20).unwrap();
-        let c = s.open("md0", true, true, false).unwrap();
+        let c = s.open("md0", crate::stack::Access::READ_WRITE).unwrap();
         run_one(&mut s, c, write_bytes(0, &[0xab; 16384]))
             .1
             .unwrap();
@@ -253,7 +345,7 @@ mod tests {
     fn allocation_reports_holes_and_no_hole_zeroing_keeps_pages() {
         let mut s = Stack::new();
         MdGeom::create(&mut s, "md0", 1 << 20).unwrap();
-        let c = s.open("md0", true, true, false).unwrap();
+        let c = s.open("md0", crate::stack::Access::READ_WRITE).unwrap();
         run_one(&mut s, c, write_bytes(8192, &[1; 8192])).1.unwrap();
         let mut z = Bio::no_data(BioCmd::WriteZeroes, 32768, 4096);
         z.no_hole = true;
@@ -282,8 +374,8 @@ mod tests {
     fn central_check_refuses_bad_requests() {
         let mut s = Stack::new();
         MdGeom::create(&mut s, "md0", 1 << 20).unwrap();
-        let ro = s.open("md0", true, false, false).unwrap();
-        let rw = s.open("md0", true, true, false).unwrap();
+        let ro = s.open("md0", crate::stack::Access::READ).unwrap();
+        let rw = s.open("md0", crate::stack::Access::READ_WRITE).unwrap();
         assert_eq!(
             run_one(&mut s, ro, write_bytes(0, &[1; 512])).1,
             Err(BioError::Access)
@@ -307,8 +399,8 @@ mod tests {
     fn exclusive_open_keeps_writers_out() {
         let mut s = Stack::new();
         MdGeom::create(&mut s, "md0", 1 << 20).unwrap();
-        let _e = s.open("md0", true, true, true).unwrap();
-        assert!(s.open("md0", true, true, false).is_err());
-        assert!(s.open("md0", true, false, false).is_ok());
+        let _e = s.open("md0", crate::stack::Access::EXCLUSIVE).unwrap();
+        assert!(s.open("md0", crate::stack::Access::READ_WRITE).is_err());
+        assert!(s.open("md0", crate::stack::Access::READ).is_ok());
     }
 }

@@ -18,20 +18,86 @@
 //! `nop configure`. When the provider below dies the nop withers and
 //! orphans `PROVIDER.nop`; `nop destroy -f` does the same under an open
 //! consumer.
+//!
+//! ```text
+//! nop create [-r PCT] [-w PCT] [-e ERR] [-c COUNT] [-d MS] [-q PCT] [-x PCT]
+//!            [-o LBA] [-l LBAS] [-z PCT] [--seed N] PROVIDER   # PROVIDER.nop
+//! nop configure [same options] PROVIDER.nop
+//! nop destroy [-f] PROVIDER.nop
+//! ```
 
+use super::{unknown_verb, Class, Command, Destroy};
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId, ProviderId};
-use crate::config::{NopOptions, Statement};
+use crate::config::{Args, ConfigError};
 use crate::ctl::{self, CtlError};
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
-use crate::taste::Class;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::any::Any;
-use core::fmt::Write as _;
+use serde_json::{json, Value};
 use rand_core::{Rng, SeedableRng};
 use rand_xorshift::XorShiftRng;
+
+/// Fault-injection knobs as a statement gives them; `None` leaves a knob
+/// as it is (on create: at its default, which injects nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NopOptions {
+    /// `-r`: percent of reads that fail.
+    pub read_fail_percent: Option<u8>,
+    /// `-w`: percent of writes that fail.
+    pub write_fail_percent: Option<u8>,
+    /// `-e`: the error injected failures report (default EIO).
+    pub error: Option<BioError>,
+    /// `-c`: number of I/Os that succeed before failures start.
+    pub count_until_fail: Option<u64>,
+    /// `-d`: delay in milliseconds applied to delayed I/Os.
+    pub delay_ms: Option<u32>,
+    /// `-q`: percent of reads delayed.
+    pub read_delay_percent: Option<u8>,
+    /// `-x`: percent of writes delayed.
+    pub write_delay_percent: Option<u8>,
+    /// `-o`: first sector of the range failures are limited to.
+    pub fail_offset_lba: Option<u64>,
+    /// `-l`: length in sectors of that range (0: to the end).
+    pub fail_len_lba: Option<u64>,
+    /// `-z`: percent of successful reads whose data comes back corrupted.
+    pub corrupt_percent: Option<u8>,
+    /// `--seed`: seed of the nop's generator, so a run replays exactly.
+    pub seed: Option<u64>,
+}
+
+impl NopOptions {
+    /// Parses the options of `nop create` and `nop configure` (gnop(8)'s
+    /// flags), up to the first word that is not one.
+    fn parse(args: &mut Args<'_>) -> Result<NopOptions, ConfigError> {
+        let mut o = NopOptions::default();
+        while let Some(w) = args.option() {
+            match w.text {
+                "-r" => o.read_fail_percent = Some(args.percent("-r")?),
+                "-w" => o.write_fail_percent = Some(args.percent("-w")?),
+                "-q" => o.read_delay_percent = Some(args.percent("-q")?),
+                "-x" => o.write_delay_percent = Some(args.percent("-x")?),
+                "-z" => o.corrupt_percent = Some(args.percent("-z")?),
+                "-e" => o.error = Some(args.error("-e")?),
+                "-c" => o.count_until_fail = Some(args.number("-c")?),
+                "-d" => {
+                    let n = args.number("-d")?;
+                    o.delay_ms = Some(
+                        u32::try_from(n).map_err(|_| args.err(args.last_column(), "delay too long"))?,
+                    );
+                }
+                "-o" => o.fail_offset_lba = Some(args.number("-o")?),
+                "-l" => o.fail_len_lba = Some(args.number("-l")?),
+                "--seed" => o.seed = Some(args.number("--seed")?),
+                t => return Err(args.err(w.column, format!("unknown nop option '{t}'"))),
+            }
+        }
+        Ok(o)
+    }
+}
 
 /// Seed used when none is given.
 pub const DEFAULT_SEED: u64 = 1;
@@ -319,31 +385,29 @@ impl Geom for NopGeom {
         self.held.iter().map(|(t, _)| *t).min()
     }
 
-    fn dumpconf(&self, out: &mut String) {
+    fn dumpconf(&self) -> Value {
         let k = &self.knobs;
         let c = &self.counters;
-        let _ = write!(
-            out,
-            "\"read_fail_percent\":{},\"write_fail_percent\":{},\"error\":{},\"count_until_fail\":{},\"delay_ms\":{},\"read_delay_percent\":{},\"write_delay_percent\":{},\"fail_offset_lba\":{},\"fail_len_lba\":{},\"corrupt_percent\":{},\"seed\":{},\"reads\":{},\"writes\":{},\"flushes\":{},\"failures\":{},\"corruptions\":{},\"delayed\":{},\"held\":{}",
-            k.read_fail_percent,
-            k.write_fail_percent,
-            k.error.errno(),
-            k.count_until_fail,
-            k.delay_ms,
-            k.read_delay_percent,
-            k.write_delay_percent,
-            k.fail_offset_lba,
-            k.fail_len_lba,
-            k.corrupt_percent,
-            k.seed,
-            c.reads,
-            c.writes,
-            c.flushes,
-            c.failures,
-            c.corruptions,
-            c.delayed,
-            self.held.len()
-        );
+        json!({
+            "read_fail_percent": k.read_fail_percent,
+            "write_fail_percent": k.write_fail_percent,
+            "error": k.error.errno(),
+            "count_until_fail": k.count_until_fail,
+            "delay_ms": k.delay_ms,
+            "read_delay_percent": k.read_delay_percent,
+            "write_delay_percent": k.write_delay_percent,
+            "fail_offset_lba": k.fail_offset_lba,
+            "fail_len_lba": k.fail_len_lba,
+            "corrupt_percent": k.corrupt_percent,
+            "seed": k.seed,
+            "reads": c.reads,
+            "writes": c.writes,
+            "flushes": c.flushes,
+            "failures": c.failures,
+            "corruptions": c.corruptions,
+            "delayed": c.delayed,
+            "held": self.held.len(),
+        })
     }
 
     fn as_any(&mut self) -> Option<&mut dyn Any> {
@@ -354,41 +418,138 @@ impl Geom for NopGeom {
 /// The nop class: `nop create` and `nop configure` (no metadata).
 pub struct NopClass;
 
+/// The nop class's registry entry.
+pub static CLASS: NopClass = NopClass;
+
+/// `nop create [options] PROVIDER`: provider `PROVIDER.nop`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NopCreate {
+    /// The provider below.
+    pub provider: String,
+    /// Knobs.
+    pub opts: NopOptions,
+}
+
+/// `nop configure [options] NAME`: changes knobs of a live nop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NopConfigure {
+    /// The nop's name (its provider name, `PROVIDER.nop`).
+    pub name: String,
+    /// Knobs to change.
+    pub opts: NopOptions,
+}
+
+impl Command for NopCreate {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        NopGeom::create(stack, &self.provider, &self.opts)?;
+        Ok(())
+    }
+
+    fn creates(&self) -> Option<(String, String)> {
+        Some((format!("{}.nop", self.provider), self.provider.clone()))
+    }
+}
+
+impl Command for NopConfigure {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        let g = ctl::geom(stack, "nop", &self.name)?;
+        stack
+            .geom_as::<NopGeom, _>(g, |nop, _| nop.configure(&self.opts))
+            .ok_or_else(|| CtlError::NoGeom {
+                class: String::from("nop"),
+                name: self.name.clone(),
+            })
+    }
+}
+
 impl Class for NopClass {
     fn name(&self) -> &'static str {
         "nop"
     }
 
-    fn assemble(
-        &mut self,
-        _stack: &mut Stack,
-        _members: &[crate::taste::Member],
-    ) -> Result<crate::bio::GeomId, StackError> {
-        Err(StackError::Invalid(String::from("nop has no metadata")))
-    }
-
-    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
-        match stmt {
-            Statement::NopCreate { provider, opts } => {
-                NopGeom::create(stack, provider, opts)?;
-                Ok(())
+    fn parse(&self, args: &mut Args<'_>) -> Result<Arc<dyn Command>, ConfigError> {
+        let verb = args.next("'create', 'configure' or 'destroy'")?;
+        let create = match verb.text {
+            "create" => true,
+            "configure" => false,
+            "destroy" => return Destroy::parse("nop", args, |n| String::from(n)),
+            _ => {
+                return Err(unknown_verb(
+                    args,
+                    "nop",
+                    &verb,
+                    "create, configure or destroy",
+                ))
             }
-            Statement::NopConfigure { name, opts } => {
-                let g = ctl::geom(stack, "nop", name)?;
-                stack
-                    .geom_as::<NopGeom, _>(g, |nop, _| nop.configure(opts))
-                    .ok_or_else(|| CtlError::NoGeom {
-                        class: String::from("nop"),
-                        name: name.clone(),
-                    })
-            }
-            _ => Err(CtlError::NotSupported(String::from("nop"))),
-        }
+        };
+        let opts = NopOptions::parse(args)?;
+        let target = args.name(if create { "provider name" } else { "nop name" })?;
+        args.finish()?;
+        Ok(if create {
+            Arc::new(NopCreate {
+                provider: target,
+                opts,
+            })
+        } else {
+            Arc::new(NopConfigure { name: target, opts })
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::class::parse_test;
+
+    #[test]
+    fn statements_parse() {
+        assert_eq!(
+            parse_test::cmd::<NopCreate>(
+                "nop create -r 5 -w 6 -e ENXIO -c 10 -d 3 -q 7 -x 8 -o 100 -l 20 -z 1 --seed 7 vtbd2"
+            ),
+            NopCreate {
+                provider: "vtbd2".into(),
+                opts: NopOptions {
+                    read_fail_percent: Some(5),
+                    write_fail_percent: Some(6),
+                    error: Some(BioError::Orphaned),
+                    count_until_fail: Some(10),
+                    delay_ms: Some(3),
+                    read_delay_percent: Some(7),
+                    write_delay_percent: Some(8),
+                    fail_offset_lba: Some(100),
+                    fail_len_lba: Some(20),
+                    corrupt_percent: Some(1),
+                    seed: Some(7),
+                }
+            }
+        );
+        assert_eq!(
+            parse_test::cmd::<NopConfigure>("nop configure -e 5 vtbd2.nop"),
+            NopConfigure {
+                name: "vtbd2.nop".into(),
+                opts: NopOptions {
+                    error: Some(BioError::Io),
+                    ..Default::default()
+                }
+            }
+        );
+        assert_eq!(
+            parse_test::one("nop create vtbd2").command.creates(),
+            Some(("vtbd2.nop".into(), "vtbd2".into()))
+        );
+    }
+
+    #[test]
+    fn statement_errors_name_the_column() {
+        let (c, m) = parse_test::err("nop create -r 101 vtbd0");
+        assert_eq!(c, 15);
+        assert!(m.contains("101"), "{m}");
+        assert_eq!(parse_test::err("nop create -e EWHAT vtbd0").0, 15);
+        assert_eq!(parse_test::err("nop create -k 1 vtbd0").0, 12);
+        assert_eq!(parse_test::err("nop create").0, 11);
+        assert_eq!(parse_test::err("nop create vtbd0 vtbd1").0, 18);
+    }
+
     use super::*;
     use crate::config::parse_line;
     use crate::testing;
@@ -408,7 +569,7 @@ mod tests {
         }
         let g = s.find_geom("nop", "vtbd0.nop").unwrap();
         s.geom_as::<NopGeom, _>(g, |n, _| n.counters = NopCounters::default());
-        let c = s.open("vtbd0.nop", true, true, false).unwrap();
+        let c = s.open("vtbd0.nop", crate::stack::Access::READ_WRITE).unwrap();
         (s, disks.into_iter().next().unwrap(), c)
     }
 
@@ -549,7 +710,7 @@ mod tests {
         let below = s.find_provider("vtbd0").unwrap();
         assert_eq!(s.provider(below).access, Default::default());
         apply(&mut s, "nop create vtbd0").unwrap();
-        let c2 = s.open("vtbd0.nop", true, true, false).unwrap();
+        let c2 = s.open("vtbd0.nop", crate::stack::Access::READ_WRITE).unwrap();
         assert_eq!(testing::read(&mut s, c2, 0, 512).unwrap(), vec![9; 512]);
         // Closing the old consumer lets the dead provider go.
         s.close(c).unwrap();

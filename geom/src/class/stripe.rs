@@ -19,21 +19,31 @@
 //! metadata, with the stripe size in `params[0]`; the geom reassembles by
 //! tasting after a restart. If a member dies the stripe withers:
 //! `stripe/NAME` is orphaned and its users get EIO.
+//!
+//! ```text
+//! stripe create|label -s SIZE NAME PROVIDER...   # provider stripe/NAME
+//! stripe destroy [-f] NAME
+//! stripe clear PROVIDER...                       # wipe metadata sectors
+//! ```
 
+use super::{
+    member_verb, resolve_members, tasted_members, unknown_verb, usable_bytes, write_labels, Class,
+    Command, MemberVerb,
+};
 use crate::bio::{Bio, BioCmd, BioResult, ConsumerId, GeomId, ProviderId};
-use crate::class::{resolve_members, tasted_members, usable_bytes, write_labels};
-use crate::config::Statement;
+use crate::config::{Args, ConfigError};
 use crate::ctl::CtlError;
 use crate::fanout::Fanout;
 use crate::meta::PARAMS;
 use crate::page::SgList;
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
-use crate::taste::{Class, Member};
+use crate::taste::Member;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::fmt::Write as _;
+use serde_json::{json, Value};
 
 /// One stripe geom.
 pub struct StripeGeom {
@@ -192,29 +202,93 @@ impl Geom for StripeGeom {
         self.fan.done(io, cookie, result);
     }
 
-    fn dumpconf(&self, out: &mut String) {
-        let _ = write!(
-            out,
-            "\"stripe_size\":{},\"member_bytes\":{},\"labelled\":{},\"id\":{},\"members\":[",
-            self.stripe_size, self.member_bytes, self.labelled, self.id
-        );
-        for (i, (_, name)) in self.members.iter().enumerate() {
-            let sep = if i > 0 { "," } else { "" };
-            let _ = write!(out, "{sep}\"{}\"", crate::ctl::json_escape(name));
-        }
-        out.push(']');
+    fn dumpconf(&self) -> Value {
+        let members: Vec<&str> = self.members.iter().map(|(_, n)| n.as_str()).collect();
+        json!({
+            "stripe_size": self.stripe_size,
+            "member_bytes": self.member_bytes,
+            "labelled": self.labelled,
+            "id": self.id,
+            "members": members,
+        })
     }
 }
 
 /// The stripe class: `stripe create|label`, and assembly from metadata.
 pub struct StripeClass;
 
+/// The stripe class's registry entry.
+pub static CLASS: StripeClass = StripeClass;
+
+/// `stripe create|label -s SIZE NAME PROVIDER...`: provider `stripe/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeCreate {
+    /// Geom name.
+    pub name: String,
+    /// Members in order.
+    pub providers: Vec<String>,
+    /// Stripe size in bytes (a power of two).
+    pub stripe_size: u64,
+    /// Write metadata (`label`) or not (`create`).
+    pub label: bool,
+}
+
+impl Command for StripeCreate {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        StripeGeom::create(
+            stack,
+            &self.name,
+            &self.providers,
+            self.stripe_size,
+            self.label,
+        )?;
+        Ok(())
+    }
+
+    fn creates(&self) -> Option<(String, String)> {
+        Some((format!("stripe/{}", self.name), self.name.clone()))
+    }
+}
+
 impl Class for StripeClass {
     fn name(&self) -> &'static str {
         "stripe"
     }
 
-    fn assemble(&mut self, stack: &mut Stack, members: &[Member]) -> Result<GeomId, StackError> {
+    fn parse(&self, args: &mut Args<'_>) -> Result<Arc<dyn Command>, ConfigError> {
+        const VERBS: &str = "create, label, destroy or clear";
+        let (label, verb) = match member_verb("stripe", args, VERBS)? {
+            MemberVerb::Create { label, verb } => (label, verb),
+            MemberVerb::Parsed(c) => return Ok(c),
+            MemberVerb::Other(verb) => return Err(unknown_verb(args, "stripe", &verb, VERBS)),
+        };
+        let mut stripe_size = None;
+        while let Some(w) = args.option() {
+            if w.text != "-s" {
+                return Err(args.err(w.column, format!("unknown stripe option '{}'", w.text)));
+            }
+            let (n, column) = args.size("a stripe size after -s")?;
+            if n < 512 || !n.is_power_of_two() || n > 1 << 30 {
+                return Err(args.err(
+                    column,
+                    "stripe size must be a power of two from 512 bytes to 1g",
+                ));
+            }
+            stripe_size = Some(n);
+        }
+        let name = args.geom_name("stripe")?;
+        let providers = args.providers(1)?;
+        let stripe_size =
+            stripe_size.ok_or_else(|| args.err(verb.column, "stripe create needs -s SIZE"))?;
+        Ok(Arc::new(StripeCreate {
+            name,
+            providers,
+            stripe_size,
+            label,
+        }))
+    }
+
+    fn assemble(&self, stack: &mut Stack, members: &[Member]) -> Result<GeomId, StackError> {
         let first = &members[0].meta;
         let (name, id, stripe_size) = (first.name.clone(), first.id, first.params[0]);
         if members.iter().any(|m| m.meta.params[0] != stripe_size) {
@@ -225,25 +299,44 @@ impl Class for StripeClass {
         let resolved = tasted_members(stack, members);
         Ok(StripeGeom::build(stack, &name, &resolved, stripe_size, true, id)?.0)
     }
-
-    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
-        match stmt {
-            Statement::StripeCreate {
-                name,
-                providers,
-                stripe_size,
-                label,
-            } => {
-                StripeGeom::create(stack, name, providers, *stripe_size, *label)?;
-                Ok(())
-            }
-            _ => Err(CtlError::NotSupported(String::from("stripe"))),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::class::{parse_test, Destroy};
+
+    #[test]
+    fn statements_parse() {
+        assert_eq!(
+            parse_test::cmd::<StripeCreate>("stripe label -s 64k st0 vtbd0 vtbd1"),
+            StripeCreate {
+                name: "st0".into(),
+                providers: vec!["vtbd0".into(), "vtbd1".into()],
+                stripe_size: 65536,
+                label: true
+            }
+        );
+        assert_eq!(
+            parse_test::cmd::<Destroy>("stripe destroy -f st0"),
+            Destroy {
+                class: "stripe",
+                name: "st0".into(),
+                force: true,
+                provider: "stripe/st0".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn statement_errors_name_the_column() {
+        let (c, m) = parse_test::err("stripe label st0 vtbd0 vtbd1");
+        assert_eq!(c, 8);
+        assert!(m.contains("-s"), "{m}");
+        assert_eq!(parse_test::err("stripe create -s 3k st0 vtbd0").0, 18);
+        assert_eq!(parse_test::err("stripe create -s 64k st0").0, 25);
+        assert_eq!(parse_test::err("stripe destroy -x st0").0, 16);
+    }
+
     use super::*;
     use crate::bio::BioError;
     use crate::config::parse_line;
@@ -261,7 +354,7 @@ mod tests {
     fn stripes_land_round_robin() {
         let (mut s, disks) = testing::stack_with_disks(3, 64 << 10, 512);
         apply(&mut s, "stripe create -s 4k st0 vtbd0 vtbd1 vtbd2").unwrap();
-        let c = s.open("stripe/st0", true, true, false).unwrap();
+        let c = s.open("stripe/st0", crate::stack::Access::READ_WRITE).unwrap();
         let p = s.consumer_provider(c);
         assert_eq!(s.provider(p).spec.media_size, 3 * (64 << 10));
         assert_eq!(s.provider(p).spec.stripe_size, 4096);
@@ -304,7 +397,7 @@ mod tests {
     fn tasting_reassembles_in_any_order() {
         let (mut s, disks) = testing::stack_with_disks(3, 48 << 10, 512);
         apply(&mut s, "stripe label -s 1k st0 vtbd0 vtbd1 vtbd2").unwrap();
-        let c = s.open("stripe/st0", true, true, false).unwrap();
+        let c = s.open("stripe/st0", crate::stack::Access::READ_WRITE).unwrap();
         let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
         let data = testing::pattern(2, 0, size);
         testing::write(&mut s, c, 0, &data).unwrap();
@@ -312,9 +405,8 @@ mod tests {
         for order in [[2usize, 0, 1], [1, 0, 2]] {
             let imgs: Vec<Vec<u8>> = order.iter().map(|&i| images[i].clone()).collect();
             let (mut s, _) = testing::stack_from_images(&imgs, 512);
-            ctl::register_classes(&mut s);
             assert!(s.settle(1000));
-            let c = s.open("stripe/st0", true, false, false).unwrap();
+            let c = s.open("stripe/st0", crate::stack::Access::READ).unwrap();
             assert_eq!(testing::read(&mut s, c, 0, size).unwrap(), data);
             assert!(s.taste_log().any(|l| l == "assembled stripe/st0"));
         }
@@ -344,7 +436,7 @@ mod tests {
     fn member_error_fails_the_request_and_flush_reaches_all() {
         let (mut s, disks) = testing::stack_with_disks(2, 64 << 10, 512);
         apply(&mut s, "stripe create -s 4k st0 vtbd0 vtbd1").unwrap();
-        let c = s.open("stripe/st0", true, true, false).unwrap();
+        let c = s.open("stripe/st0", crate::stack::Access::READ_WRITE).unwrap();
         disks[1].fail_next(1);
         assert_eq!(testing::read(&mut s, c, 0, 16384), Err(BioError::Io));
         assert!(testing::read(&mut s, c, 0, 16384).is_ok());
@@ -372,7 +464,7 @@ mod tests {
     fn forced_destroy_under_an_open_consumer() {
         let (mut s, _) = testing::stack_with_disks(2, 64 << 10, 512);
         apply(&mut s, "stripe create -s 4k st0 vtbd0 vtbd1").unwrap();
-        let c = s.open("stripe/st0", true, true, false).unwrap();
+        let c = s.open("stripe/st0", crate::stack::Access::READ_WRITE).unwrap();
         assert!(matches!(
             apply(&mut s, "stripe destroy st0"),
             Err(CtlError::Stack(StackError::Busy(_)))
@@ -397,7 +489,7 @@ mod tests {
             let names: Vec<String> = (0..n).map(crate::disk::vtbd_name).collect();
             let verb = if label { "label" } else { "create" };
             apply(&mut s, &format!("stripe {verb} -s {} st0 {}", 1u64 << shift, names.join(" "))).unwrap();
-            let c = s.open("stripe/st0", true, true, false).unwrap();
+            let c = s.open("stripe/st0", crate::stack::Access::READ_WRITE).unwrap();
             testing::run_model(&mut s, c, &ops, &disks);
             let st = &s.provider(s.find_provider("stripe/st0").unwrap()).stats;
             prop_assert_eq!(st.data.bytes_mapped() + st.data.bytes_copied(), 0);

@@ -12,9 +12,12 @@ use super::wire::{
     self, ChunkRepr, ChunkView, Command, ExportNameReplyRepr, OptionReplyRepr, OptionReplyView,
     OptionRepr, OptionView, RequestRepr, RequestView, SimpleReplyRepr, SimpleReplyView,
 };
+use crate::session::{
+    ControlResponse, ExportInfo, PageSlice, RxPieces, Session, TxPiece, TxPieces, Work,
+};
 use alloc::collections::VecDeque;
-use alloc::string::String;
 use alloc::vec::Vec;
+use arrayvec::ArrayVec;
 use core::mem;
 use geom::bio::{Bio, BioCmd, BioError, BioResult, Extent};
 use geom::page::{DataCounters, Page, PageRef, SgList, PAGE_SIZE};
@@ -69,70 +72,6 @@ pub const ALLOCATION_CONTEXT_ID: u32 = 1;
 /// Most extents in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (proto.md says
 /// no more than 2^20; fewer keeps a reply within 128 KiB).
 pub const MAX_REPLY_EXTENTS: usize = 16384;
-
-/// A byte range of a bio page handed to the platform for a vectored send
-/// or receive: the platform moves the bytes by the page's address, as a
-/// device would (nothing maps them here).
-#[derive(Clone, Copy, Debug)]
-pub struct PageSlice<'a> {
-    /// The page.
-    pub page: &'a Page,
-    /// First byte within the page.
-    pub offset: usize,
-    /// Number of bytes.
-    pub len: usize,
-}
-
-/// One piece of output from [`Connection::tx_pieces`].
-#[derive(Clone, Copy, Debug)]
-pub enum TxPiece<'a> {
-    /// Bytes the engine holds (headers, option replies, descriptors).
-    Bytes(&'a [u8]),
-    /// Read data, in the bio's page.
-    Page(PageSlice<'a>),
-}
-
-impl TxPiece<'_> {
-    /// Its length in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            TxPiece::Bytes(b) => b.len(),
-            TxPiece::Page(p) => p.len,
-        }
-    }
-
-    /// True if it holds no byte.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// What the platform knows about one export; the index of an export in the
-/// slice handed to [`Connection::on_recv`] is its export id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportInfo {
-    /// Name clients ask for (the first export is also the default, `""`).
-    pub name: String,
-    /// Human-readable description (`NBD_INFO_DESCRIPTION`, `NBD_OPT_LIST`).
-    pub description: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// Writes, trims and write-zeroes fail with `NBD_EPERM`.
-    pub read_only: bool,
-    /// The provider makes writes stable on FLUSH (and honours FUA).
-    pub can_flush: bool,
-    /// The provider accepts DISCARD (`NBD_CMD_TRIM`).
-    pub can_trim: bool,
-    /// The provider accepts WRITE_ZEROES.
-    pub can_write_zeroes: bool,
-    /// Minimum block size in bytes: a power of two ≤ 64 KiB (else 1 is used).
-    pub min_block: u32,
-    /// Preferred block size in bytes: a power of two ≥ max(min_block, 512)
-    /// (else max(min_block, 4096) is used).
-    pub preferred_block: u32,
-    /// Largest payload in bytes (0: no limit beyond the connection's).
-    pub max_block: u32,
-}
 
 /// Block size constraints as advertised in `NBD_INFO_BLOCK_SIZE` and
 /// enforced on requests (proto.md "Size constraints").
@@ -258,7 +197,7 @@ pub struct Request {
     /// The bio to submit (to the consumer opened for that export).
     pub bio: Bio,
     /// Hand back to [`Connection::complete`] with the bio; always < 2^32.
-    pub handle: u64,
+    pub cookie: u64,
 }
 
 /// The export chosen for transmission, fixed when the handshake ends.
@@ -555,7 +494,7 @@ impl Connection {
                     return Some(Request {
                         export,
                         bio,
-                        handle: u64::from(idx),
+                        cookie: u64::from(idx),
                     });
                 }
                 other => slot.state = other,
@@ -565,10 +504,10 @@ impl Connection {
     }
 
     /// Hands back a bio from [`Connection::next_request`] with its result.
-    /// Returns false (and drops the bio) if `handle` names no submitted
+    /// Returns false (and drops the bio) if `cookie` names no submitted
     /// request of this connection.
-    pub fn complete(&mut self, handle: u64, bio: Bio, result: BioResult) -> bool {
-        let Ok(idx) = usize::try_from(handle) else {
+    pub fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) -> bool {
+        let Ok(idx) = usize::try_from(cookie) else {
             return false;
         };
         let Some(slot) = self.slots.get_mut(idx) else {
@@ -636,99 +575,28 @@ impl Connection {
         true
     }
 
-    /// Fills `tx` with bytes to send; returns how many were written.
-    pub fn fill_tx(&mut self, tx: &mut [u8]) -> usize {
-        if self.closing == Some(Close::Hard) {
-            return 0;
-        }
-        let mut n = 0;
-        if self.ctl_pos < self.ctl.len() {
-            let k = (self.ctl.len() - self.ctl_pos).min(tx.len());
-            tx[..k].copy_from_slice(&self.ctl[self.ctl_pos..self.ctl_pos + k]);
-            n += k;
-            self.advance_ctl(k);
-            if self.ctl_pos != 0 {
-                self.active |= n > 0;
-                return n;
-            }
-        }
-        while n < tx.len() {
-            if self.sending.is_empty() && !self.prepare_tx(1) {
-                break;
-            }
-            let Some(cur) = self.sending.front_mut() else {
-                break;
-            };
-            if cur.hdr_pos < cur.hdr_len {
-                let k = (cur.hdr_len - cur.hdr_pos).min(tx.len() - n);
-                tx[n..n + k].copy_from_slice(&cur.hdr[cur.hdr_pos..cur.hdr_pos + k]);
-                cur.hdr_pos += k;
-                n += k;
-            }
-            if cur.hdr_pos == cur.hdr_len && cur.data_pos < cur.data_len && n < tx.len() {
-                let k = (cur.data_len - cur.data_pos).min((tx.len() - n) as u64) as usize;
-                if let Some(Slot {
-                    state: SlotState::Reply(rep),
-                    ..
-                }) = self.slots.get(cur.slot as usize)
-                {
-                    match &rep.bio {
-                        // The only copy of read data: pages → send buffer.
-                        Some(bio) => {
-                            if bio
-                                .sg
-                                .copy_to_slice(cur.data_pos, &mut tx[n..n + k], &self.counters)
-                                .is_err()
-                            {
-                                // A page still held by a device: a bug
-                                // below; the reply cannot be sent.
-                                self.hard_close();
-                                return n;
-                            }
-                        }
-                        None => {
-                            let at = cur.data_pos as usize;
-                            if let Some(src) = rep.extents.get(at..at + k) {
-                                tx[n..n + k].copy_from_slice(src);
-                            }
-                        }
-                    }
-                }
-                cur.data_pos += k as u64;
-                n += k;
-            }
-            if cur.hdr_pos == cur.hdr_len && cur.data_pos == cur.data_len {
-                let slot = cur.slot;
-                self.sending.pop_front();
-                self.free_slot(slot as usize);
-            }
-        }
-        self.active |= n > 0;
-        n
-    }
-
     /// The output waiting to be sent, as pieces for a vectored send
-    /// (`writev`), without taking it: at most `max_pieces` pieces and about
-    /// `max_bytes` bytes, in order. Send any prefix of them, then call
-    /// [`Connection::tx_advance`] with the number of bytes sent. Read data
-    /// is handed out as the bio's own pages, so it is never copied here.
-    pub fn tx_pieces<'a>(
+    /// (`writev`), without taking it: as many pieces as `out` holds and
+    /// about `max_bytes` bytes, in order. Send any prefix of them, then
+    /// call [`Connection::tx_advance`] with the number of bytes sent. Read
+    /// data is handed out as the bio's own pages, so it is never copied
+    /// here.
+    pub fn tx_pieces<'a, const N: usize>(
         &'a mut self,
-        out: &mut Vec<TxPiece<'a>>,
-        max_pieces: usize,
+        out: &mut ArrayVec<TxPiece<'a>, N>,
         max_bytes: usize,
     ) {
-        if self.closing == Some(Close::Hard) || max_pieces == 0 {
+        if self.closing == Some(Close::Hard) || out.is_full() || max_bytes == 0 {
             return;
         }
         // Headers of the next few replies, so several go out in one call.
-        self.prepare_tx(max_pieces.min(64));
+        self.prepare_tx(out.remaining_capacity().min(64));
         let this: &'a Connection = self;
         let mut bytes = 0;
-        let mut push = |out: &mut Vec<TxPiece<'a>>, p: TxPiece<'a>| {
+        let mut push = |out: &mut ArrayVec<TxPiece<'a>, N>, p: TxPiece<'a>| {
             bytes += p.len();
             out.push(p);
-            out.len() < max_pieces && bytes < max_bytes
+            !out.is_full() && bytes < max_bytes
         };
         if this.ctl_pos < this.ctl.len() && !push(out, TxPiece::Bytes(&this.ctl[this.ctl_pos..])) {
             return;
@@ -817,7 +685,7 @@ impl Connection {
     /// straight into them (`readv`); returns how many bytes the pieces
     /// cover (0 when input must go through [`Connection::on_recv`]). Call
     /// [`Connection::rx_filled`] with the number of bytes placed.
-    pub fn rx_pieces<'a>(&'a self, out: &mut Vec<PageSlice<'a>>, max_pieces: usize) -> usize {
+    pub fn rx_pieces<'a, const N: usize>(&'a self, out: &mut ArrayVec<PageSlice<'a>, N>) -> usize {
         let Rx::WriteData { slot, got } = self.rx else {
             return 0;
         };
@@ -834,7 +702,7 @@ impl Connection {
         let mut skip = u64::from(got);
         let mut bytes = 0;
         for r in sg.iter() {
-            if out.len() >= max_pieces {
+            if out.is_full() {
                 break;
             }
             let len = u64::from(r.len);
@@ -899,7 +767,7 @@ impl Connection {
         }
     }
 
-    /// True while [`Connection::fill_tx`] has bytes to send.
+    /// True while [`Connection::tx_pieces`] has output.
     pub fn has_tx(&self) -> bool {
         self.closing != Some(Close::Hard)
             && (self.ctl_pending() > 0 || !self.sending.is_empty() || !self.replies.is_empty())
@@ -1997,4 +1865,76 @@ fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
         }
     }
     Some(req)
+}
+
+impl Session for Connection {
+    fn recv(&mut self, exports: &[ExportInfo], data: &[u8]) -> usize {
+        self.on_recv(exports, data)
+    }
+
+    fn rx_pieces<'a>(&'a self, out: &mut RxPieces<'a>) -> usize {
+        Connection::rx_pieces(self, out)
+    }
+
+    fn rx_filled(&mut self, n: usize) {
+        Connection::rx_filled(self, n)
+    }
+
+    fn tx_pieces<'a>(&'a mut self, out: &mut TxPieces<'a>, max_bytes: usize) {
+        Connection::tx_pieces(self, out, max_bytes)
+    }
+
+    fn tx_advance(&mut self, n: usize) {
+        Connection::tx_advance(self, n)
+    }
+
+    fn next_work(&mut self) -> Option<Work> {
+        self.next_request().map(|r| Work::Io {
+            export: r.export,
+            bio: r.bio,
+            cookie: r.cookie,
+        })
+    }
+
+    fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) {
+        Connection::complete(self, cookie, bio, result);
+    }
+
+    fn respond(&mut self, _response: ControlResponse) {}
+
+    fn tick(&mut self, now_ms: u64) {
+        self.on_tick(now_ms);
+    }
+
+    fn input_closed(&mut self) {
+        Connection::input_closed(self)
+    }
+
+    fn begin_shutdown(&mut self) {
+        Connection::begin_shutdown(self)
+    }
+
+    fn shutdown(&mut self) {
+        Connection::shutdown(self)
+    }
+
+    fn wants_recv(&self) -> bool {
+        Connection::wants_recv(self)
+    }
+
+    fn has_tx(&self) -> bool {
+        Connection::has_tx(self)
+    }
+
+    fn is_finished(&self) -> bool {
+        Connection::is_finished(self)
+    }
+
+    fn counters(&self) -> &DataCounters {
+        Connection::counters(self)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.submitted()
+    }
 }

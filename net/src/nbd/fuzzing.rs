@@ -9,7 +9,8 @@
 //! and when the clock ticks or the server shuts down are all derived from
 //! a hash of the input, so one input always runs the same way.
 
-use super::{Connection, ExportInfo, ServerConfig, TxPiece};
+use super::{Connection, ExportInfo, ServerConfig};
+use crate::session::TxPieces;
 use alloc::string::String;
 use alloc::vec::Vec;
 use geom::bio::ConsumerId;
@@ -69,11 +70,10 @@ fn drain(conn: &mut Connection, rng: &mut Rng) -> usize {
     for _ in 0..10_000 {
         let n = if rng.below(2) == 0 {
             let mut buf = alloc::vec![0u8; 1 + rng.below(70_000) as usize];
-            conn.fill_tx(&mut buf)
+            crate::session::copy_out(conn, &mut buf)
         } else {
-            let mut pieces: Vec<TxPiece<'_>> = Vec::new();
-            let max = 1 + rng.below(600) as usize;
-            conn.tx_pieces(&mut pieces, max, 1 + rng.below(1 << 21) as usize);
+            let mut pieces = TxPieces::new();
+            conn.tx_pieces(&mut pieces, 1 + rng.below(1 << 21) as usize);
             let offered: usize = pieces.iter().map(|p| p.len()).sum();
             drop(pieces);
             let n = if rng.below(4) == 0 {
@@ -96,13 +96,13 @@ fn drain(conn: &mut Connection, rng: &mut Rng) -> usize {
 fn pump(conn: &mut Connection, stack: &mut Stack, consumers: &[ConsumerId], rng: &mut Rng) {
     let mut reqs = Vec::new();
     while let Some(r) = conn.next_request() {
-        assert!(r.handle < 1 << 32, "handle fits the tag");
+        assert!(r.cookie < 1 << 32, "cookie fits the tag");
         assert!(r.export < consumers.len(), "export index");
         reqs.push(r);
     }
     while !reqs.is_empty() {
         let r = reqs.swap_remove(rng.below(reqs.len() as u64) as usize);
-        stack.submit(consumers[r.export], r.bio, r.handle);
+        stack.submit(consumers[r.export], r.bio, r.cookie);
     }
     stack.run();
     while let Some((tag, bio, res)) = stack.take_completed() {
@@ -125,8 +125,12 @@ pub fn run(data: &[u8]) {
     MdGeom::create(&mut stack, "md0", EXPORT_BYTES).expect("md0");
     MdGeom::create(&mut stack, "md1", EXPORT_BYTES).expect("md1");
     let consumers = [
-        stack.open("md0", true, true, false).expect("open md0"),
-        stack.open("md1", true, false, false).expect("open md1"),
+        stack
+            .open("md0", geom::stack::Access::READ_WRITE)
+            .expect("open md0"),
+        stack
+            .open("md1", geom::stack::Access::READ)
+            .expect("open md1"),
     ];
     let exports = exports();
     let mut conn = Connection::new(cfg);

@@ -109,17 +109,18 @@
 //!   `NBD_REPLY_TYPE_NONE` for zero bytes), BLOCK_STATUS one
 //!   `NBD_REPLY_TYPE_BLOCK_STATUS` chunk, and every error an
 //!   `NBD_REPLY_TYPE_ERROR` chunk with a short message.
-//! - **Copies, counted.** Through [`Connection::on_recv`] and
-//!   [`Connection::fill_tx`] a write's payload is copied once, from the
-//!   receive slice into the bio's pages, and a read's data once, from the
-//!   pages into the send slice; both land in [`Connection::counters`] (the
-//!   unikernel does this: smoltcp's rings are the slices). A platform with
-//!   vectored I/O can instead take the output as [`TxPiece`]s
+//! - **Copies, counted.** Output leaves as [`TxPiece`]s
 //!   ([`Connection::tx_pieces`], then [`Connection::tx_advance`]): headers
-//!   as bytes and read data as the bios' own pages, for one `writev`; and
-//!   receive a write's payload straight into its pages
-//!   ([`Connection::rx_pieces`], then [`Connection::rx_filled`]). The
-//!   engine then copies no data at all (hosted does this).
+//!   as bytes and read data as the bios' own pages; a write's payload
+//!   arrives straight in its pages ([`Connection::rx_pieces`], then
+//!   [`Connection::rx_filled`]); only headers, and payload that came in the
+//!   same read as a header, go through [`Connection::on_recv`], which
+//!   copies such payload into the pages. The connection is a
+//!   [`crate::session::Session`]: a vectored transport (hosted's
+//!   `readv`/`writev`) moves the pieces by address, a copying one
+//!   (smoltcp's rings, [`crate::session::copy_in`] and
+//!   [`crate::session::copy_out`]) maps them; every copy lands in
+//!   [`Connection::counters`].
 //! - **Page reuse.** Pages of finished reads and writes are kept in a
 //!   per-connection pool (up to [`POOL_MAX_BYTES`]) for the next requests,
 //!   instead of being freed and allocated zeroed again; the pool is dropped
@@ -157,10 +158,11 @@ mod engine;
 pub mod fuzzing;
 pub mod wire;
 
+pub use crate::session::{ExportInfo, PageSlice, TxPiece};
 pub use engine::{
-    BlockLimits, Connection, ExportInfo, PageSlice, Request, ServerConfig, TxPiece,
-    ALLOCATION_CONTEXT_ID, HANDSHAKE_TIMEOUT_MS, MAX_IN_FLIGHT_LIMIT, MAX_PAYLOAD_LIMIT,
-    MAX_REPLY_EXTENTS, OPTION_DATA_MAX, POOL_IDLE_MS, POOL_MAX_BYTES, STRING_MAX,
+    BlockLimits, Connection, Request, ServerConfig, ALLOCATION_CONTEXT_ID, HANDSHAKE_TIMEOUT_MS,
+    MAX_IN_FLIGHT_LIMIT, MAX_PAYLOAD_LIMIT, MAX_REPLY_EXTENTS, OPTION_DATA_MAX, POOL_IDLE_MS,
+    POOL_MAX_BYTES, STRING_MAX,
 };
 
 #[cfg(test)]

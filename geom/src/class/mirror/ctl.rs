@@ -2,27 +2,32 @@
 //! member, config statements — and the operator's commands (gmirror's
 //! label, create, insert, remove, rebuild, forget).
 //!
-//! `mirror destroy` and `mirror clear` are the stack's
-//! ([`crate::ctl::apply`]): destroy withers the geom, which notices its
-//! provider orphaned and stops; clear zeroes metadata sectors.
+//! `mirror destroy` and `mirror clear` are the commands every class over
+//! members shares ([`crate::class::Destroy`], [`crate::class::Clear`]):
+//! destroy withers the geom, which notices its provider orphaned and
+//! stops; clear zeroes metadata sectors.
 
 use super::label::{complete_set, plan};
 use super::{
-    MemberState, MirrorError, MirrorGeom, MirrorState, MirrorStatus, Slab, CLASS_NAME,
-    DEFAULT_BALANCE,
+    MemberState, MirrorBalance, MirrorError, MirrorGeom, MirrorState, MirrorStatus, Slab,
+    CLASS_NAME, DEFAULT_BALANCE,
 };
 use crate::bio::{GeomId, ProviderId};
-use crate::config::{MirrorBalance, Statement};
+use crate::class::{member_verb, unknown_verb, Class, Command, MemberVerb};
+use crate::config::{Args, ConfigError};
 use crate::ctl::CtlError;
 use crate::meta::{MetaRepr, PARAMS};
 use crate::stack::{Io, ProviderSpec, Stack, StackError};
-use crate::taste::{Class, Member as Tasted};
+use crate::taste::Member as Tasted;
 use alloc::boxed::Box;
+use alloc::format;
+use alloc::sync::Arc;
+use serde_json::Value;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-/// The mirror class, registered with [`Stack::register_class`].
+/// The mirror class.
 pub struct MirrorClass;
 
 impl Class for MirrorClass {
@@ -36,7 +41,7 @@ impl Class for MirrorClass {
         !members.is_empty() && (settled || complete_set(members))
     }
 
-    fn assemble(&mut self, stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError> {
+    fn assemble(&self, stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError> {
         let p = plan(members).map_err(StackError::Invalid)?;
         if stack.find_geom(CLASS_NAME, &p.name).is_some() {
             return Err(StackError::NameInUse(MirrorGeom::provider_name(&p.name)));
@@ -75,42 +80,192 @@ impl Class for MirrorClass {
     /// unless its place is taken (it was replaced, or it is the same disk
     /// seen through a pass-through geom) or its record is newer than the
     /// mirror's, it joins and is copied over from the start.
-    fn join(&mut self, stack: &mut Stack, geom: GeomId, member: Tasted) {
+    fn join(&self, stack: &mut Stack, geom: GeomId, member: Tasted) {
         stack.geom_as::<MirrorGeom, _>(geom, |m, io| m.rejoin(io, &member));
     }
 
-    fn ctl(&mut self, stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {
-        let r = match stmt {
-            Statement::MirrorCreate {
-                name,
-                providers,
-                balance,
-                label,
-            } => {
-                let names: Vec<&str> = providers.iter().map(String::as_str).collect();
-                create(
-                    stack,
-                    name,
-                    &names,
-                    balance.unwrap_or(DEFAULT_BALANCE),
-                    *label,
-                )
-                .map(|_| ())
+    fn parse(&self, args: &mut Args<'_>) -> Result<Arc<dyn Command>, ConfigError> {
+        const VERBS: &str = "create, label, insert, remove, rebuild, forget, destroy or clear";
+        let label = match member_verb(CLASS_NAME, args, VERBS)? {
+            MemberVerb::Create { label, .. } => label,
+            MemberVerb::Parsed(c) => return Ok(c),
+            MemberVerb::Other(verb) => {
+                let name = match verb.text {
+                    "insert" | "remove" | "rebuild" | "forget" => args.name("mirror name")?,
+                    _ => return Err(unknown_verb(args, CLASS_NAME, &verb, VERBS)),
+                };
+                return Ok(match verb.text {
+                    "insert" => Arc::new(MirrorInsert {
+                        name,
+                        providers: args.providers(1)?,
+                    }),
+                    "remove" => Arc::new(MirrorRemove {
+                        name,
+                        providers: args.providers(1)?,
+                    }),
+                    "rebuild" => {
+                        let provider = args.name("provider name")?;
+                        args.finish()?;
+                        Arc::new(MirrorRebuild { name, provider })
+                    }
+                    _ => {
+                        args.finish()?;
+                        Arc::new(MirrorForget { name })
+                    }
+                });
             }
-            Statement::MirrorInsert { name, providers } => {
-                providers.iter().try_for_each(|p| insert(stack, name, p))
-            }
-            Statement::MirrorRemove { name, providers } => {
-                providers.iter().try_for_each(|p| remove(stack, name, p))
-            }
-            Statement::MirrorRebuild { name, provider } => rebuild(stack, name, provider),
-            Statement::MirrorForget { name } => forget(stack, name),
-            _ => return Err(CtlError::NotSupported(String::from(CLASS_NAME))),
         };
-        r.map_err(|e| match e {
-            MirrorError::Stack(e) => CtlError::Stack(e),
-            e => CtlError::Invalid(e.to_string()),
-        })
+        let mut balance = None;
+        while let Some(w) = args.option() {
+            if w.text != "-b" {
+                return Err(args.err(w.column, format!("unknown mirror option '{}'", w.text)));
+            }
+            let v = args.next("a balance algorithm after -b")?;
+            balance = Some(MirrorBalance::from_name(v.text).ok_or_else(|| {
+                args.err(
+                    v.column,
+                    format!(
+                        "unknown balance '{}' (expected load, prefer, round-robin or split)",
+                        v.text
+                    ),
+                )
+            })?);
+        }
+        let name = args.geom_name(CLASS_NAME)?;
+        let providers = args.providers(1)?;
+        Ok(Arc::new(MirrorCreate {
+            name,
+            providers,
+            balance,
+            label,
+        }))
+    }
+
+    /// `/status` lists every mirror with its health, members and resync
+    /// progress (the same document as its `config` in `GET /geom`).
+    fn status(&self, stack: &Stack) -> Option<(&'static str, Value)> {
+        let mirrors: Vec<Value> = stack
+            .geoms()
+            .filter(|&g| stack.geom_class(g) == CLASS_NAME)
+            .map(|g| {
+                let mut v = serde_json::Map::new();
+                v.insert("name".into(), stack.geom_name(g).into());
+                if let Value::Object(conf) = stack.dumpconf(g) {
+                    v.extend(conf);
+                }
+                Value::Object(v)
+            })
+            .collect();
+        Some(("mirrors", Value::Array(mirrors)))
+    }
+}
+
+/// The mirror class's registry entry.
+pub static CLASS: MirrorClass = MirrorClass;
+
+/// Turns a mirror refusal into a control error.
+fn ctl_error(e: MirrorError) -> CtlError {
+    match e {
+        MirrorError::Stack(e) => CtlError::Stack(e),
+        e => CtlError::Invalid(e.to_string()),
+    }
+}
+
+/// `mirror create|label [-b BALANCE] NAME PROVIDER...`: provider
+/// `mirror/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorCreate {
+    /// Geom name.
+    pub name: String,
+    /// Members, all trusted as equal (as gmirror's label does); a disk
+    /// with other contents joins with `mirror insert` instead.
+    pub providers: Vec<String>,
+    /// Read balancing, or the class default.
+    pub balance: Option<MirrorBalance>,
+    /// Write metadata (`label`) or not (`create`).
+    pub label: bool,
+}
+
+impl Command for MirrorCreate {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        let names: Vec<&str> = self.providers.iter().map(String::as_str).collect();
+        create(
+            stack,
+            &self.name,
+            &names,
+            self.balance.unwrap_or(DEFAULT_BALANCE),
+            self.label,
+        )
+        .map(|_| ())
+        .map_err(ctl_error)
+    }
+
+    fn creates(&self) -> Option<(String, String)> {
+        Some((MirrorGeom::provider_name(&self.name), self.name.clone()))
+    }
+}
+
+/// `mirror insert NAME PROVIDER...`: adds members and resyncs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorInsert {
+    /// Geom name.
+    pub name: String,
+    /// New members.
+    pub providers: Vec<String>,
+}
+
+impl Command for MirrorInsert {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        self.providers
+            .iter()
+            .try_for_each(|p| insert(stack, &self.name, p))
+            .map_err(ctl_error)
+    }
+}
+
+/// `mirror remove NAME PROVIDER...`: takes members out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorRemove {
+    /// Geom name.
+    pub name: String,
+    /// Members to remove.
+    pub providers: Vec<String>,
+}
+
+impl Command for MirrorRemove {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        self.providers
+            .iter()
+            .try_for_each(|p| remove(stack, &self.name, p))
+            .map_err(ctl_error)
+    }
+}
+
+/// `mirror rebuild NAME PROVIDER`: resyncs a member from the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorRebuild {
+    /// Geom name.
+    pub name: String,
+    /// The member to rebuild.
+    pub provider: String,
+}
+
+impl Command for MirrorRebuild {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        rebuild(stack, &self.name, &self.provider).map_err(ctl_error)
+    }
+}
+
+/// `mirror forget NAME`: forgets members that are gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorForget {
+    /// Geom name.
+    pub name: String,
+}
+
+impl Command for MirrorForget {
+    fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
+        forget(stack, &self.name).map_err(ctl_error)
     }
 }
 

@@ -11,7 +11,7 @@
 
 use super::{cookie, Kind, MemberState, MirrorGeom, MirrorState};
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId};
-use crate::config::MirrorBalance;
+use super::MirrorBalance;
 use crate::stack::Io;
 use alloc::vec::Vec;
 

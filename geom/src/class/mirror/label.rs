@@ -26,7 +26,7 @@ use super::{
     balance_code, balance_from_code, cookie, Kind, Member, MemberState, MirrorGeom, CLASS_NAME,
 };
 use crate::bio::{Bio, BioCmd, BioResult, ConsumerId};
-use crate::config::MirrorBalance;
+use super::MirrorBalance;
 use crate::meta::{MetaRepr, PARAMS};
 use crate::page::SgList;
 use crate::stack::{Io, ProviderSpec};

@@ -40,6 +40,16 @@
 //! - `ctl`: the class as the stack sees it (tasting, assembly, config
 //!   statements) and the operator's commands.
 //!
+//! ```text
+//! mirror create|label [-b load|prefer|round-robin|split] NAME PROVIDER...
+//! mirror insert NAME PROVIDER...     # new members, resynchronized live
+//! mirror remove NAME PROVIDER...
+//! mirror rebuild NAME PROVIDER       # copy over a member that differs
+//! mirror forget NAME                 # forget members that are gone
+//! mirror destroy [-f] NAME
+//! mirror clear PROVIDER...
+//! ```
+//!
 //! The mirror routes data and never maps it: regular requests share the
 //! caller's pages with their children, resync reads into pages that are
 //! then written as they are. Only the metadata sector is encoded through a
@@ -53,18 +63,19 @@ mod resync;
 #[cfg(test)]
 mod tests;
 
-pub use ctl::{create, forget, insert, rebuild, remove, status, MirrorClass};
+pub use ctl::{
+    create, forget, insert, rebuild, remove, status, MirrorClass, MirrorCreate, MirrorForget,
+    MirrorInsert, MirrorRebuild, MirrorRemove, CLASS,
+};
 pub use label::FLAG_SYNCHRONIZING;
 
 use crate::bio::{Bio, BioResult, ConsumerId, ProviderId};
-use crate::config::MirrorBalance;
-use crate::ctl::json_escape;
 use crate::stack::{Geom, Io, StackError};
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt::Write as _;
+use serde_json::{json, Value};
 
 /// The class name, as written in metadata and shown in the topology.
 pub const CLASS_NAME: &str = "mirror";
@@ -83,6 +94,43 @@ pub const SYNC_WINDOW: usize = 2;
 /// member's metadata (its sync offset survives a restart, so a resync
 /// resumes instead of starting over).
 pub const SYNC_PERSIST_BYTES: u64 = 4 << 20;
+
+/// How a mirror spreads reads over its members (gmirror's `-b`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorBalance {
+    /// Read from the member with the fewest requests in flight.
+    Load,
+    /// Read from the preferred (first active) member.
+    Prefer,
+    /// Read from each member in turn.
+    RoundRobin,
+    /// Split large reads over all members.
+    Split,
+}
+
+impl MirrorBalance {
+    /// The spelling used in config lines and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorBalance::Load => "load",
+            MirrorBalance::Prefer => "prefer",
+            MirrorBalance::RoundRobin => "round-robin",
+            MirrorBalance::Split => "split",
+        }
+    }
+
+    /// The balance spelled `s`.
+    pub fn from_name(s: &str) -> Option<MirrorBalance> {
+        [
+            MirrorBalance::Load,
+            MirrorBalance::Prefer,
+            MirrorBalance::RoundRobin,
+            MirrorBalance::Split,
+        ]
+        .into_iter()
+        .find(|b| b.name() == s)
+    }
+}
 
 /// Metadata code of a read balance (`params[0]`).
 fn balance_code(b: MirrorBalance) -> u64 {
@@ -209,45 +257,37 @@ impl MirrorStatus {
     }
 
     /// The status as a JSON object, for the topology document.
-    pub fn to_json(&self) -> String {
-        let mut s = format!(
-            "{{\"state\":\"{}\",\"balance\":\"{}\",\"id\":{},\"generation\":{},\"media_size\":{},\"members\":[",
-            self.state.name(),
-            self.balance.name(),
-            self.id,
-            self.generation,
-            self.media_size
-        );
-        for (i, m) in self.members.iter().enumerate() {
-            let _ = write!(
-                s,
-                "{}{{\"provider\":\"{}\",\"state\":\"{}\",\"synced_bytes\":{},\"total_bytes\":{}}}",
-                if i == 0 { "" } else { "," },
-                json_escape(&m.provider),
-                m.state.name(),
-                m.synced_bytes,
-                m.total_bytes
-            );
-        }
-        s.push_str("],\"resync\":");
-        match self.resync() {
-            Some((done, total)) => {
-                let _ = write!(s, "{{\"synced_bytes\":{done},\"total_bytes\":{total}}}");
-            }
-            None => s.push_str("null"),
-        }
-        s.push_str(",\"dropped\":[");
-        for (i, (p, why)) in self.dropped.iter().enumerate() {
-            let _ = write!(
-                s,
-                "{}{{\"provider\":\"{}\",\"reason\":\"{}\"}}",
-                if i == 0 { "" } else { "," },
-                json_escape(p),
-                why
-            );
-        }
-        s.push_str("]}");
-        s
+    pub fn to_json(&self) -> Value {
+        let members: Vec<Value> = self
+            .members
+            .iter()
+            .map(|m| {
+                json!({
+                    "provider": m.provider,
+                    "state": m.state.name(),
+                    "synced_bytes": m.synced_bytes,
+                    "total_bytes": m.total_bytes,
+                })
+            })
+            .collect();
+        let resync = self
+            .resync()
+            .map(|(done, total)| json!({"synced_bytes": done, "total_bytes": total}));
+        let dropped: Vec<Value> = self
+            .dropped
+            .iter()
+            .map(|(p, why)| json!({"provider": p, "reason": why}))
+            .collect();
+        json!({
+            "state": self.state.name(),
+            "balance": self.balance.name(),
+            "id": self.id,
+            "generation": self.generation,
+            "media_size": self.media_size,
+            "members": members,
+            "resync": resync,
+            "dropped": dropped,
+        })
     }
 }
 
@@ -593,11 +633,8 @@ impl Geom for MirrorGeom {
         self.after_event(io);
     }
 
-    fn dumpconf(&self, out: &mut String) {
-        let st = self.status();
-        let json = st.to_json();
-        // The object's members without its braces.
-        out.push_str(&json[1..json.len() - 1]);
+    fn dumpconf(&self) -> Value {
+        self.status().to_json()
     }
 
     fn as_any(&mut self) -> Option<&mut dyn core::any::Any> {

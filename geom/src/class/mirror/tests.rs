@@ -20,6 +20,40 @@ fn apply(s: &mut Stack, line: &str) -> Result<(), CtlError> {
     ctl::apply(s, &parse_line(line, 1).unwrap().unwrap())
 }
 
+#[test]
+fn statements_parse() {
+    use crate::class::parse_test::{cmd, err};
+    assert_eq!(
+        cmd::<MirrorCreate>("mirror label -b round-robin gm0 vtbd2.nop vtbd3"),
+        MirrorCreate {
+            name: "gm0".into(),
+            providers: vec!["vtbd2.nop".into(), "vtbd3".into()],
+            balance: Some(MirrorBalance::RoundRobin),
+            label: true
+        }
+    );
+    assert_eq!(
+        cmd::<MirrorInsert>("mirror insert gm0 vtbd4"),
+        MirrorInsert {
+            name: "gm0".into(),
+            providers: vec!["vtbd4".into()]
+        }
+    );
+    assert_eq!(
+        cmd::<MirrorRebuild>("mirror rebuild gm0 vtbd4"),
+        MirrorRebuild {
+            name: "gm0".into(),
+            provider: "vtbd4".into()
+        }
+    );
+    assert_eq!(
+        cmd::<MirrorForget>("mirror forget gm0"),
+        MirrorForget { name: "gm0".into() }
+    );
+    assert_eq!(err("mirror label -b fastest gm0 vtbd0").0, 17);
+    assert_eq!(err("mirror forget gm0 extra").0, 19);
+}
+
 fn st(s: &mut Stack) -> MirrorStatus {
     status(s, "gm0").expect("mirror gm0 is live")
 }
@@ -111,7 +145,7 @@ fn create_writes_no_metadata() {
 fn writes_reach_every_member_and_flush_every_disk() {
     let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let data = testing::pattern(9, 4096, 20_480);
     testing::write(&mut s, c, 4096, &data).unwrap();
     for d in &disks {
@@ -156,7 +190,7 @@ fn reads_follow_the_balance() {
             &alloc::format!("mirror label -b {balance} gm0 vtbd0 vtbd1"),
         )
         .unwrap();
-        let c = s.open("mirror/gm0", true, true, false).unwrap();
+        let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
         let got = reads_during(&disks, || {
             for _ in 0..8 {
                 testing::read(&mut s, c, 0, 16384).unwrap();
@@ -170,7 +204,7 @@ fn reads_follow_the_balance() {
 fn load_balance_avoids_a_busy_member() {
     let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
     apply(&mut s, "mirror label -b load gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     // Whichever member gets the first read is held busy; the others go to
     // the idle one.
     let idle_before: Vec<u64> = disks.iter().map(|d| d.stats().reads).collect();
@@ -195,7 +229,7 @@ fn load_balance_avoids_a_busy_member() {
 fn a_failed_write_drops_the_member_and_the_write_succeeds() {
     let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let gen = st(&mut s).generation;
     disks[1].set_fail_writes(true);
     let data = testing::pattern(5, 0, 8192);
@@ -222,7 +256,7 @@ fn a_write_is_acknowledged_only_once_the_new_generation_is_stable() {
     // current, without the write.
     let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let gen = st(&mut s).generation;
     // vtbd0 takes the write; vtbd1 holds it, then fails it.
     disks[1].hold(true);
@@ -249,7 +283,7 @@ fn a_write_is_acknowledged_only_once_the_new_generation_is_stable() {
 fn a_failed_read_is_retried_on_another_member() {
     let (mut s, disks) = testing::stack_with_disks(2, 128 << 10, 512);
     apply(&mut s, "mirror label -b prefer gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let data = testing::pattern(6, 0, 4096);
     testing::write(&mut s, c, 0, &data).unwrap();
     disks[0].fail_next(1);
@@ -263,7 +297,7 @@ fn a_failed_read_is_retried_on_another_member() {
 fn orphaned_members_degrade_then_the_mirror_dies_without_panic() {
     let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let data = testing::pattern(7, 0, 4096);
     testing::write(&mut s, c, 0, &data).unwrap();
     let v0 = s.find_provider("vtbd0").unwrap();
@@ -297,7 +331,7 @@ fn insert_resyncs_while_io_goes_on() {
     let size = 1 << 20;
     let (mut s, disks) = testing::stack_with_disks(3, size, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let media = st(&mut s).media_size;
     let mut model = testing::pattern(1, 0, media as usize);
     testing::write(&mut s, c, 0, &model).unwrap();
@@ -343,7 +377,7 @@ fn insert_resyncs_while_io_goes_on() {
 fn remove_rebuild_and_forget() {
     let (mut s, disks) = testing::stack_with_disks(3, 128 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1 vtbd2").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     apply(&mut s, "mirror remove gm0 vtbd2").unwrap();
     assert!(
         meta_of(&disks[2].contents()).is_none(),
@@ -411,7 +445,7 @@ fn insert_refuses_what_cannot_join() {
     ));
     // A member is held exclusively.
     assert!(apply(&mut s, "mirror label gm1 vtbd0").is_err());
-    assert!(s.open("vtbd0", true, true, false).is_err());
+    assert!(s.open("vtbd0", crate::stack::Access::READ_WRITE).is_err());
     insert(&mut s, "gm0", "vtbd1").unwrap();
     s.run();
     assert_eq!(st(&mut s).state, MirrorState::Complete);
@@ -421,7 +455,7 @@ fn insert_refuses_what_cannot_join() {
 fn destroy_stops_the_mirror() {
     let (mut s, _disks) = testing::stack_with_disks(2, 128 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     assert!(apply(&mut s, "mirror destroy gm0").is_err());
     apply(&mut s, "mirror destroy -f gm0").unwrap();
     assert_eq!(testing::read(&mut s, c, 0, 512), Err(BioError::Orphaned));
@@ -443,7 +477,6 @@ fn durable(disks: &[FakeDiskHandle]) -> Vec<Vec<u8>> {
 /// A new stack over `images` with the standard classes, settled.
 fn restart(images: &[Vec<u8>]) -> (Stack, Vec<FakeDiskHandle>) {
     let (mut s, disks) = testing::stack_from_images(images, 512);
-    ctl::register_classes(&mut s);
     assert!(s.settle(1 << 20));
     (s, disks)
 }
@@ -452,7 +485,7 @@ fn restart(images: &[Vec<u8>]) -> (Stack, Vec<FakeDiskHandle>) {
 fn restart_trusts_the_newest_generation_and_resyncs_a_stale_member() {
     let (mut s, disks) = testing::stack_with_disks(2, 256 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let a = testing::pattern(1, 0, 65536);
     testing::write(&mut s, c, 0, &a).unwrap();
     // vtbd1 misses a write and is dropped.
@@ -471,7 +504,7 @@ fn restart_trusts_the_newest_generation_and_resyncs_a_stale_member() {
         let m = st(&mut s2);
         assert_eq!(m.state, MirrorState::Complete, "round {round}");
         assert!(m.generation > gen);
-        let c2 = s2.open("mirror/gm0", true, true, false).unwrap();
+        let c2 = s2.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
         for _ in 0..4 {
             assert_eq!(testing::read(&mut s2, c2, 0, 65536).unwrap(), expect);
         }
@@ -487,7 +520,7 @@ fn restart_trusts_the_newest_generation_and_resyncs_a_stale_member() {
 fn restart_with_a_member_missing_runs_degraded_and_takes_it_back() {
     let (mut s, disks) = testing::stack_with_disks(2, 256 << 10, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     testing::write(&mut s, c, 0, &testing::pattern(1, 0, 8192)).unwrap();
     testing::flush(&mut s, c).unwrap();
     let img = durable(&disks);
@@ -495,7 +528,7 @@ fn restart_with_a_member_missing_runs_degraded_and_takes_it_back() {
     // a new generation, so vtbd1 is stale when it turns up.
     let (mut s2, _d2) = restart(&img[..1]);
     assert_eq!(st(&mut s2).state, MirrorState::Degraded);
-    let c2 = s2.open("mirror/gm0", true, true, false).unwrap();
+    let c2 = s2.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let newer = testing::pattern(2, 0, 8192);
     testing::write(&mut s2, c2, 0, &newer).unwrap();
     let (d, h) = FakeDisk::new(256 << 10, 512, 9);
@@ -513,7 +546,7 @@ fn restart_resumes_an_interrupted_resync_at_its_recorded_offset() {
     let size = 3 * SYNC_PERSIST_BYTES;
     let (mut s, disks) = testing::stack_with_disks(3, size, 512);
     apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
-    let c = s.open("mirror/gm0", true, true, false).unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
     let data = testing::pattern(4, 0, 65536);
     testing::write(&mut s, c, SYNC_PERSIST_BYTES + 4096, &data).unwrap();
     let mut clock = 1;
@@ -537,7 +570,6 @@ fn restart_resumes_an_interrupted_resync_at_its_recorded_offset() {
     assert!(resume_at >= SYNC_PERSIST_BYTES && resume_at < size);
     // After the restart the copy goes on from there, not from zero.
     let (mut s2, d2) = testing::stack_from_images(&img, 512);
-    ctl::register_classes(&mut s2);
     let source_reads: u64;
     {
         assert!(s2.settle(1 << 20));
@@ -726,7 +758,7 @@ proptest! {
             d.set_depth(depth);
         }
         apply(&mut s, &alloc::format!("mirror label -b {balance} gm0 vtbd0 vtbd1")).unwrap();
-        let c = s.open("mirror/gm0", true, true, false).unwrap();
+        let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
         let media = st(&mut s).media_size as usize;
         let mut model = vec![0u8; media];
         let mut clock = 0;

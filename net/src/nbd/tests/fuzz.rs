@@ -18,15 +18,15 @@ fn feed_and_pump(h: &mut Harness, input: &[u8], pieces: &[usize], tx_size: usize
         assert!(used <= end - off);
         off += used;
         while let Some(r) = h.conn.next_request() {
-            assert!(r.handle < 1 << 32);
+            assert!(r.cookie < 1 << 32);
             assert!(r.export < h.exports.len());
-            h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+            h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
         }
         h.stack.run();
         while let Some((tag, bio, res)) = h.stack.take_completed() {
             assert!(h.conn.complete(tag, bio, res));
         }
-        while h.conn.fill_tx(&mut tx) > 0 {}
+        while crate::session::copy_out(&mut h.conn, &mut tx) > 0 {}
         assert!(!h.conn.has_tx());
         assert!(h.conn.in_flight() <= 64);
         if h.conn.is_finished() {

@@ -75,7 +75,7 @@ fn greeting_can_be_sent_one_byte_at_a_time() {
     let mut c = Connection::new(ServerConfig::default());
     let mut out = Vec::new();
     let mut b = [0u8; 1];
-    while c.fill_tx(&mut b) == 1 {
+    while crate::session::copy_out(&mut c, &mut b) == 1 {
         out.push(b[0]);
     }
     assert_eq!(out, greeting());

@@ -40,7 +40,7 @@ pub(super) fn drain(c: &mut Connection) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 1000];
     loop {
-        let n = c.fill_tx(&mut buf);
+        let n = crate::session::copy_out(c, &mut buf);
         if n == 0 {
             break;
         }
@@ -290,8 +290,8 @@ impl Harness {
         MdGeom::create(&mut stack, "md0", DISK).unwrap();
         MdGeom::create(&mut stack, "md1", DISK).unwrap();
         let consumers = alloc::vec![
-            stack.open("md0", true, true, false).unwrap(),
-            stack.open("md1", true, false, false).unwrap(),
+            stack.open("md0", geom::stack::Access::READ_WRITE).unwrap(),
+            stack.open("md1", geom::stack::Access::READ).unwrap(),
         ];
         let exports = alloc::vec![export("disk", false), export("ro", true)];
         let mut h = Harness {
@@ -315,7 +315,7 @@ impl Harness {
         let mut progress = false;
         while let Some(r) = self.conn.next_request() {
             progress = true;
-            self.stack.submit(self.consumers[r.export], r.bio, r.handle);
+            self.stack.submit(self.consumers[r.export], r.bio, r.cookie);
         }
         self.stack.run();
         while let Some((tag, bio, result)) = self.stack.take_completed() {

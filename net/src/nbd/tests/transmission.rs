@@ -43,7 +43,7 @@ fn structured_read_is_one_offset_data_chunk() {
     let bytes = req(Command::Read, 0, 0x55, 512, 512);
     assert_eq!(h.conn.on_recv(&h.exports, &bytes), 28);
     let r = h.conn.next_request().unwrap();
-    h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+    h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
     h.stack.run();
     let (tag, bio, res) = h.stack.take_completed().unwrap();
     h.conn.complete(tag, bio, res);
@@ -110,7 +110,7 @@ fn fua_reaches_the_bio() {
     let mut seen = Vec::new();
     while let Some(r) = h.conn.next_request() {
         seen.push((r.bio.cmd, r.bio.fua));
-        h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+        h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
     }
     assert_eq!(
         seen,
@@ -287,7 +287,7 @@ fn hard_close_waits_for_bios_in_the_stack() {
         28
     );
     let r = h.conn.next_request().unwrap();
-    h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+    h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
     h.conn.shutdown();
     assert!(!h.conn.is_finished(), "a bio is still in the stack");
     assert_eq!(h.conn.submitted(), 1);
@@ -295,7 +295,7 @@ fn hard_close_waits_for_bios_in_the_stack() {
     let (tag, bio, res) = h.stack.take_completed().unwrap();
     assert!(h.conn.complete(tag, bio, res));
     assert!(h.conn.is_finished());
-    assert_eq!(h.conn.fill_tx(&mut [0; 64]), 0);
+    assert_eq!(crate::session::copy_out(&mut h.conn, &mut [0; 64]), 0);
     assert_eq!(h.conn.in_flight(), 0);
 }
 
@@ -374,13 +374,13 @@ fn replies_can_be_sent_one_byte_at_a_time() {
         28
     );
     let r = h.conn.next_request().unwrap();
-    h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+    h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
     h.stack.run();
     let (tag, bio, res) = h.stack.take_completed().unwrap();
     h.conn.complete(tag, bio, res);
     let mut out = Vec::new();
     let mut b = [0u8; 1];
-    while h.conn.fill_tx(&mut b) == 1 {
+    while crate::session::copy_out(&mut h.conn, &mut b) == 1 {
         out.push(b[0]);
     }
     let r = h.decoder.feed(&out);
@@ -406,7 +406,7 @@ fn pipelined_requests_complete_out_of_order() {
     assert_eq!(h.conn.on_recv(&h.exports, &input), input.len());
     assert_eq!(h.conn.in_flight(), 8);
     while let Some(r) = h.conn.next_request() {
-        h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+        h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
     }
     h.stack.run();
     let mut done = Vec::new();
@@ -445,7 +445,7 @@ fn in_flight_limit_stops_consuming() {
     assert_eq!(h.conn.on_recv(&h.exports, &input[56..]), 0);
     // Completing without sending the replies frees nothing.
     while let Some(r) = h.conn.next_request() {
-        h.stack.submit(h.consumers[r.export], r.bio, r.handle);
+        h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
     }
     h.stack.run();
     while let Some((tag, bio, res)) = h.stack.take_completed() {
@@ -534,7 +534,7 @@ fn bio_errors_map_to_nbd_errnos() {
         };
         assert_eq!(h.conn.on_recv(&h.exports, &bytes), bytes.len());
         let r = h.conn.next_request().unwrap();
-        assert!(h.conn.complete(r.handle, r.bio, Err(e)));
+        assert!(h.conn.complete(r.cookie, r.bio, Err(e)));
         let reply = h.decoder.feed(&drain(&mut h.conn));
         err(&reply[0], cookie, want);
     }
@@ -553,7 +553,7 @@ fn bogus_completions_are_ignored() {
     // Not submitted yet: the slot is not waiting for a completion.
     assert!(!h.conn.complete(0, Bio::read(0, 512), Ok(())));
     let r = h.conn.next_request().unwrap();
-    let handle = r.handle;
+    let handle = r.cookie;
     // A completion with the wrong amount of data is an EIO, not a panic.
     assert!(h.conn.complete(handle, Bio::read(0, 100), Ok(())));
     assert!(!h.conn.complete(handle, Bio::read(0, 512), Ok(())), "twice");
@@ -576,7 +576,7 @@ fn two_connections_share_one_stack() {
     input.extend(req(Command::Read, 0, 2, 0, 512));
     assert_eq!(b.on_recv(&a.exports, &input), input.len());
     while let Some(r) = b.next_request() {
-        a.stack.submit(a.consumers[r.export], r.bio, r.handle);
+        a.stack.submit(a.consumers[r.export], r.bio, r.cookie);
     }
     a.stack.run();
     while let Some((tag, bio, res)) = a.stack.take_completed() {

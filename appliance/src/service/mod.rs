@@ -1,0 +1,422 @@
+//! The appliance's service core, shared by both platforms: config → stack
+//! → exports, the connections' sessions, and the routing of work between
+//! them.
+//!
+//! ```text
+//!  platform (smoltcp or std sockets)
+//!     │ Link::receive / Link::send over the platform's Transport (link)
+//!     ▼
+//!  Service ── Session (one per connection, any protocol) ──Work::Io──▶ Stack
+//!     │          ▲                                                       │
+//!     │          └──────────── complete(cookie, bio, result) ◀───────────┘
+//!     └── Work::Control ─▶ api (/status, /metrics, /geom, /shutdown)
+//!                              └─▶ control: config lines run as jobs
+//! ```
+//!
+//! The service knows sessions, not protocols: each protocol is an entry
+//! of [`protocols::PROTOCOLS`] with its engine and limits, and exports
+//! are a provider, a protocol and options ([`exports`]). The platform owns
+//! sockets and devices; the service owns everything else and never blocks:
+//! config lines (at boot and from `POST /geom`) run as jobs of the loop
+//! ([`control`]), so labelling a mirror does not stall other clients.
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod control;
+pub mod exports;
+pub mod link;
+mod metrics;
+pub mod protocols;
+mod status;
+#[cfg(test)]
+mod tests;
+
+pub use control::{locate_error, LiveError};
+pub use link::{Link, Recv, Sent, Transport};
+pub use protocols::{Protocol, PROTOCOLS};
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use exports::Exports;
+use geom::bio::{Bio, BioResult};
+use geom::config::{Config, ConfigError};
+use geom::disk::{vtbd_name, BlockDevice, DiskGeom};
+use geom::page::DataCounters;
+use geom::stack::Stack;
+use net::session::{ExportInfo, Session, Work};
+
+/// The version reported by `/status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Size of the memory disk served when there is neither a config nor a disk.
+pub const DEFAULT_MD_BYTES: u64 = 256 << 20;
+
+/// Largest NBD request payload accepted.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// After a clean stop's flushes, how long replies (the answer to
+/// `POST /shutdown`) may take to leave before the platform stops anyway.
+pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
+
+/// Cookie space: the upper 32 bits of a bio's cookie name the connection;
+/// 0 is the service itself (shutdown flushes).
+const SERVICE_CONN: u64 = 0;
+
+/// A connection, as the service numbers them.
+pub type ConnId = u32;
+
+/// Facts only the platform knows, for `/status`.
+#[derive(Clone, Debug, Default)]
+pub struct PlatformStatus {
+    /// `"unikernel"` or `"hosted"`.
+    pub platform: &'static str,
+    /// Milliseconds since boot (or since the hosted process started).
+    pub uptime_ms: u64,
+    /// Memory the platform manages, in bytes.
+    pub memory_total_bytes: u64,
+    /// Memory in use, in bytes.
+    pub memory_used_bytes: u64,
+}
+
+/// Where the service is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Running the config's lines; nothing is served yet.
+    Booting,
+    /// The config was refused: the platform reports it and stops.
+    Failed(ConfigError),
+    /// Serving.
+    Serving,
+}
+
+/// A clean stop in progress.
+struct Shutdown {
+    /// Flushes not yet back.
+    flushes_left: usize,
+    /// When the flushes were all back (for the replies' grace time).
+    flushed_at_ms: Option<u64>,
+}
+
+struct SessionSlot {
+    protocol: usize,
+    session: Box<dyn Session>,
+}
+
+/// Everything above the platform.
+pub struct Service {
+    stack: Stack,
+    exports: Exports,
+    disks: Vec<(String, u64)>,
+    sessions: BTreeMap<ConnId, SessionSlot>,
+    next_id: ConnId,
+    /// Copies made by closed sessions, per protocol, so the figure
+    /// survives them.
+    closed_counters: Vec<DataCounters>,
+    control: control::Control,
+    phase: Phase,
+    shutdown: Option<Shutdown>,
+    platform: Box<dyn Fn() -> PlatformStatus>,
+    now_ms: u64,
+}
+
+/// Parses a configuration as the appliance will run it: geom(8)-style
+/// lines, and `export` lines whose protocol and options are checked here.
+/// The host tool checks a config with this before it boots anything.
+pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
+    let config = geom::config::parse(text)?;
+    for (line, e) in config.exports() {
+        protocols::check_export(line, e)?;
+    }
+    Ok(config)
+}
+
+impl Service {
+    /// Builds the service over the platform's disks (named vtbd0, vtbd1, …
+    /// in the order given) and runs the config to the end before
+    /// returning, polling the stack itself (for tests and tools; the
+    /// platforms use [`Service::boot`] and keep their loop running).
+    pub fn new(config: &Config, disks: Vec<Box<dyn BlockDevice>>) -> Result<Service, ConfigError> {
+        let mut svc = Service::boot(config, disks, 0)?;
+        for _ in 0..geom::ctl::SETTLE_ROUNDS {
+            match svc.phase() {
+                Phase::Serving => return Ok(svc),
+                Phase::Failed(e) => return Err(e.clone()),
+                Phase::Booting => {
+                    svc.poll();
+                }
+            }
+        }
+        Err(ConfigError {
+            line: 0,
+            column: 1,
+            message: String::from("the config did not finish (a device is not answering)"),
+        })
+    }
+
+    /// Builds the service and starts running the config: labelled geoms
+    /// assemble from the disks' metadata (tasting) first, then each line
+    /// is carried out in order as its metadata I/O completes, on the
+    /// platform's loop ([`Service::poll`]). With no export in the config,
+    /// every disk is exported under its own name, or a 256 MiB md0 when
+    /// there is no disk. `seed` seeds the stack's random numbers (the ids
+    /// of labelled geoms): platforms pass something that differs from
+    /// boot to boot.
+    pub fn boot(
+        config: &Config,
+        disks: Vec<Box<dyn BlockDevice>>,
+        seed: u64,
+    ) -> Result<Service, ConfigError> {
+        let mut stack = Stack::new();
+        stack.seed_random(seed);
+        let mut disk_list = Vec::new();
+        for (i, dev) in disks.into_iter().enumerate() {
+            let name = vtbd_name(i);
+            let size = dev.info().size_bytes;
+            DiskGeom::create(&mut stack, &name, dev).map_err(|e| ConfigError {
+                line: 0,
+                column: 1,
+                message: alloc::format!("{e}"),
+            })?;
+            disk_list.push((name, size));
+        }
+        for (line, e) in config.exports() {
+            protocols::check_export(line, e)?;
+        }
+        let mut svc = Service {
+            stack,
+            exports: Exports::new(),
+            disks: disk_list,
+            sessions: BTreeMap::new(),
+            next_id: 1,
+            closed_counters: PROTOCOLS.iter().map(|_| DataCounters::new()).collect(),
+            control: control::Control::default(),
+            phase: Phase::Booting,
+            shutdown: None,
+            platform: Box::new(PlatformStatus::default),
+            now_ms: 0,
+        };
+        svc.control.boot(config.clone());
+        Ok(svc)
+    }
+
+    /// Where the service is: booting, failed (with the line at fault), or
+    /// serving.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Tells the service how to learn the platform's facts for `/status`.
+    pub fn set_platform(&mut self, f: Box<dyn Fn() -> PlatformStatus>) {
+        self.platform = f;
+    }
+
+    /// Every export, in config order.
+    pub fn exports(&self) -> &[exports::Export] {
+        self.exports.all()
+    }
+
+    /// The exports protocol `p` serves, as its sessions see them.
+    pub fn protocol_exports(&self, p: usize) -> &[ExportInfo] {
+        self.exports.view(p)
+    }
+
+    /// The stack, for inspection.
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    /// Open connections of protocol `p`.
+    pub fn connections(&self, p: usize) -> usize {
+        self.sessions.values().filter(|s| s.protocol == p).count()
+    }
+
+    /// A new connection of protocol `p` (an index in [`PROTOCOLS`]), or
+    /// `None` when the protocol's connection limit is reached or the
+    /// service is not serving: the platform then closes the socket at
+    /// once, before any byte is sent.
+    pub fn open(&mut self, p: usize) -> Option<ConnId> {
+        let proto = PROTOCOLS.get(p)?;
+        if self.phase != Phase::Serving
+            || self.shutdown.is_some()
+            || self.connections(p) >= proto.max_connections
+        {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let mut session = (proto.new_session)();
+        session.tick(self.now_ms);
+        self.sessions.insert(
+            id,
+            SessionSlot {
+                protocol: p,
+                session,
+            },
+        );
+        Some(id)
+    }
+
+    /// Forgets connection `id` (its socket is closed). Bios it still has
+    /// in flight complete into the void.
+    pub fn close(&mut self, id: ConnId) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.closed_counters[s.protocol].add(s.session.counters());
+        }
+    }
+
+    fn session(&self, id: ConnId) -> Option<&dyn Session> {
+        self.sessions.get(&id).map(|s| s.session.as_ref())
+    }
+
+    fn session_mut(&mut self, id: ConnId) -> Option<&mut (dyn Session + 'static)> {
+        self.sessions.get_mut(&id).map(|s| s.session.as_mut())
+    }
+
+    /// Feeds received bytes to connection `id`; returns bytes consumed.
+    fn feed(&mut self, id: ConnId, data: &[u8]) -> usize {
+        match self.sessions.get_mut(&id) {
+            Some(s) => s.session.recv(self.exports.view(s.protocol), data),
+            None => data.len(),
+        }
+    }
+
+    /// Tells every session the time (milliseconds, monotonic) for their
+    /// timeouts; the platform calls it every few hundred ms at least.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        for s in self.sessions.values_mut() {
+            s.session.tick(now_ms);
+        }
+    }
+
+    /// Sets the stack's clock (nanoseconds since boot); the platform calls
+    /// it on every turn of its loop, before [`Service::poll`].
+    pub fn set_now_ns(&mut self, now_ns: u64) {
+        self.stack.set_now_ns(now_ns);
+    }
+
+    /// The earliest time (on the clock given to [`Service::set_now_ns`]) at
+    /// which the stack wants to be polled again even if no device or socket
+    /// wakes the loop (a delayed request in a nop, a resync step).
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        self.stack.next_deadline_ns()
+    }
+
+    /// Moves work from sessions into the stack and the management API,
+    /// runs the stack and the control jobs, and hands completions back.
+    /// Returns true if anything happened.
+    pub fn poll(&mut self) -> bool {
+        let mut progress = false;
+        let ids: Vec<ConnId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            while let Some(work) = self.session_mut(id).and_then(|s| s.next_work()) {
+                progress = true;
+                self.dispatch(id, work);
+            }
+        }
+        progress |= self.stack.run();
+        while let Some((cookie, bio, result)) = self.stack.take_completed() {
+            progress = true;
+            self.complete(cookie, bio, result);
+        }
+        progress |= self.run_control();
+        progress
+    }
+
+    fn dispatch(&mut self, id: ConnId, work: Work) {
+        match work {
+            Work::Io {
+                export,
+                bio,
+                cookie,
+            } => {
+                let p = self.sessions.get(&id).map_or(0, |s| s.protocol);
+                match self.exports.get(p, export) {
+                    Some(e) => {
+                        let c = e.consumer;
+                        self.stack
+                            .submit(c, bio, (u64::from(id) << 32) | (cookie & 0xffff_ffff));
+                    }
+                    None => {
+                        if let Some(s) = self.session_mut(id) {
+                            s.complete(cookie, bio, Err(geom::bio::BioError::Invalid));
+                        }
+                    }
+                }
+            }
+            Work::Control(req) => {
+                if let Some(resp) = self.handle_control(id, req) {
+                    if let Some(s) = self.session_mut(id) {
+                        s.respond(resp);
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) {
+        let conn = cookie >> 32;
+        if conn == SERVICE_CONN {
+            if let Some(s) = self.shutdown.as_mut() {
+                s.flushes_left = s.flushes_left.saturating_sub(1);
+            }
+            return;
+        }
+        if let Some(s) = self.session_mut(conn as ConnId) {
+            s.complete(cookie & 0xffff_ffff, bio, result);
+        }
+    }
+
+    /// Starts a clean stop: sessions refuse new work (NBD: `ESHUTDOWN`),
+    /// and every writable export is flushed. The platform keeps polling
+    /// until [`Service::stopped`].
+    pub fn begin_shutdown(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        for s in self.sessions.values_mut() {
+            s.session.begin_shutdown();
+        }
+        let mut n = 0;
+        for e in self.exports.all() {
+            if !e.info.read_only {
+                self.stack
+                    .submit(e.consumer, Bio::flush(), SERVICE_CONN << 32);
+                n += 1;
+            }
+        }
+        self.shutdown = Some(Shutdown {
+            flushes_left: n,
+            flushed_at_ms: None,
+        });
+    }
+
+    /// True when a clean stop was asked for.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
+    /// True when a clean stop's flushes have all completed.
+    pub fn shutdown_done(&self) -> bool {
+        self.shutdown.as_ref().is_some_and(|s| s.flushes_left == 0)
+    }
+
+    /// True when the platform may stop: the flushes are done, and every
+    /// reply has been handed to the transports (or the grace time after
+    /// the flushes has passed).
+    pub fn stopped(&mut self) -> bool {
+        let now = self.now_ms;
+        let Some(s) = self.shutdown.as_mut() else {
+            return false;
+        };
+        if s.flushes_left > 0 {
+            return false;
+        }
+        let since = *s.flushed_at_ms.get_or_insert(now);
+        let quiet = self.sessions.values().all(|s| !s.session.has_tx());
+        quiet || now.saturating_sub(since) >= SHUTDOWN_GRACE_MS
+    }
+}

@@ -1,0 +1,348 @@
+//! Host tests of the service through the same link and session path the
+//! platforms drive, over an in-memory transport that copies as smoltcp's
+//! rings do.
+
+use super::*;
+use geom::config::parse;
+use geom::stack::ProviderStats;
+use net::session::{PageSlice, TxPiece};
+
+/// A socket in memory: bytes the client sent, bytes the server sent.
+#[derive(Default)]
+struct Mem {
+    input: Vec<u8>,
+    pos: usize,
+    output: Vec<u8>,
+    closed: bool,
+}
+
+impl Transport for Mem {
+    fn recv(&mut self, pieces: &[PageSlice<'_>], buf: &mut [u8], c: &DataCounters) -> Recv {
+        let avail = &self.input[self.pos..];
+        if avail.is_empty() {
+            return if self.closed {
+                Recv::Closed
+            } else {
+                Recv::WouldBlock
+            };
+        }
+        let mut n = 0;
+        for p in pieces {
+            let k = p.len.min(avail.len() - n);
+            p.page.copy_in(p.offset, &avail[n..n + k], c).unwrap();
+            n += k;
+            if k < p.len {
+                break;
+            }
+        }
+        let k = buf.len().min(avail.len() - n);
+        buf[..k].copy_from_slice(&avail[n..n + k]);
+        n += k;
+        self.pos += n;
+        Recv::Got(n)
+    }
+
+    fn send(&mut self, pieces: &[TxPiece<'_>], c: &DataCounters) -> Sent {
+        let mut n = 0;
+        for p in pieces {
+            match p {
+                TxPiece::Bytes(b) => self.output.extend_from_slice(b),
+                TxPiece::Page(s) => {
+                    let at = self.output.len();
+                    self.output.resize(at + s.len, 0);
+                    s.page
+                        .copy_out(s.offset, &mut self.output[at..], c)
+                        .unwrap();
+                }
+            }
+            n += p.len();
+        }
+        Sent::Took(n)
+    }
+}
+
+const NBD: usize = 0;
+const HTTP: usize = 1;
+
+/// Sends `input` on connection `link` and returns what the server sent
+/// until it goes quiet.
+fn pump(svc: &mut Service, link: &mut Link, input: &[u8]) -> Vec<u8> {
+    let mut t = Mem {
+        input: input.to_vec(),
+        ..Mem::default()
+    };
+    for _ in 0..1000 {
+        let mut moved = link.receive(svc, &mut t);
+        moved |= svc.poll();
+        moved |= link.send(svc, &mut t);
+        if !moved && t.pos == t.input.len() {
+            break;
+        }
+    }
+    t.output
+}
+
+fn connect(svc: &mut Service, p: usize) -> Link {
+    Link::new(svc.open(p).expect("a connection"))
+}
+
+fn export_name_opt(name: &str) -> Vec<u8> {
+    let mut b = 3u32.to_be_bytes().to_vec();
+    b.extend_from_slice(b"IHAVEOPT");
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&cmd.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+fn service(text: &str) -> Service {
+    Service::new(&parse_config(text).unwrap(), Vec::new()).unwrap()
+}
+
+#[test]
+fn default_is_md0_when_no_disks() {
+    let svc = Service::new(&Config::default(), Vec::new()).unwrap();
+    assert_eq!(svc.exports().len(), 1);
+    assert_eq!(svc.exports()[0].info.name, "md0");
+    assert_eq!(svc.exports()[0].info.size_bytes, DEFAULT_MD_BYTES);
+}
+
+#[test]
+fn missing_provider_names_its_line() {
+    let cfg = parse("md create -s 1m md0\nexport nbd a vtbd3\n").unwrap();
+    let e = Service::new(&cfg, Vec::new()).err().unwrap();
+    assert_eq!(e.line, 2);
+    assert!(e.message.contains("vtbd3"), "{}", e.message);
+}
+
+#[test]
+fn export_options_are_the_protocols() {
+    let e = parse_config("md create -s 1m md0\nexport nbd vol md0 sideways\n").unwrap_err();
+    assert_eq!((e.line, e.column), (2, 20));
+    assert_eq!(e.message, "unexpected 'sideways' (expected ro or rw)");
+    let e = parse_config("export nbd vol vtbd0 rx").unwrap_err();
+    assert_eq!((e.line, e.column), (1, 22));
+    assert!(e.message.contains("rx"));
+    let e = parse_config("export iscsi a b").unwrap_err();
+    assert_eq!(e.column, 8);
+    assert!(e.message.contains("expected nbd"), "{}", e.message);
+    assert_eq!(parse_config("export nbd a b ro rw").unwrap_err().column, 19);
+    // The management protocol serves no exports.
+    assert_eq!(parse_config("export http a b").unwrap_err().column, 8);
+}
+
+#[test]
+fn write_then_read_through_the_service() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0\n");
+    let mut link = connect(&mut svc, NBD);
+    let mut input = export_name_opt("vol");
+    let mut w = request(1, 9, 4096, 8192);
+    w.extend_from_slice(&[0x5a; 8192]);
+    input.extend_from_slice(&w);
+    input.extend_from_slice(&request(0, 10, 4096, 8192));
+    let out = pump(&mut svc, &mut link, &input);
+    // greeting 18 + export reply 10 (NO_ZEROES) + write reply 16 + read reply 16 + data
+    assert_eq!(out.len(), 18 + 10 + 16 + 16 + 8192, "{out:?}");
+    let data = &out[out.len() - 8192..];
+    assert!(data.iter().all(|&b| b == 0x5a));
+    let metrics = svc.metrics();
+    assert!(
+        metrics.contains("strata_provider_copied_bytes_total{provider=\"md0\"} 16384"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("strata_nbd_copied_bytes_total 16384"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("strata_nbd_connections 1"), "{metrics}");
+    let st = svc.status_json();
+    assert!(
+        st.contains("\"exports\":[{\"name\":\"vol\",\"provider\":\"md0\""),
+        "{st}"
+    );
+    assert!(st.contains("\"access\":\"r1w1e0\""), "{st}");
+    assert!(
+        st.contains("\"connections\":{\"nbd\":1,\"http\":0}"),
+        "{st}"
+    );
+}
+
+#[test]
+fn connection_limits_are_the_protocols() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0\n");
+    let ids: Vec<ConnId> = (0..protocols::NBD.max_connections)
+        .map(|_| svc.open(NBD).unwrap())
+        .collect();
+    assert_eq!(svc.open(NBD), None, "one beyond the limit");
+    assert!(
+        svc.open(HTTP).is_some(),
+        "another protocol's limit is its own"
+    );
+    svc.close(ids[0]);
+    assert!(svc.open(NBD).is_some(), "a place freed");
+}
+
+#[test]
+fn shutdown_flushes_writable_exports() {
+    let mut svc = service(
+        "md create -s 1m md0\nmd create -s 1m md1\nexport nbd a md0\nexport nbd b md1 ro\n",
+    );
+    svc.begin_shutdown();
+    assert!(!svc.shutdown_done());
+    assert_eq!(svc.open(NBD), None, "no new connection while stopping");
+    svc.poll();
+    assert!(svc.shutdown_done());
+    assert!(svc.stopped());
+    let flushes = svc
+        .stack()
+        .providers()
+        .map(|(_, p)| ProviderStats::get(&p.stats.flushes))
+        .collect::<Vec<_>>();
+    assert_eq!(flushes, [1, 0]);
+}
+
+fn http_call(svc: &mut Service, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut link = connect(svc, HTTP);
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let out = pump(svc, &mut link, req.as_bytes());
+    assert!(link.finished(svc), "one request per connection");
+    svc.close(link.id());
+    let text = String::from_utf8(out).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+#[test]
+fn live_geom_creates_and_exports() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0\n");
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        "md create -s 2m md1\n# comment\nexport nbd extra md1 ro\n",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body,
+        "{\"applied\":2,\"results\":[{\"line\":1,\"created\":[\"md1\"],\"orphaned\":[],\"removed\":[]},{\"line\":3,\"created\":[],\"orphaned\":[],\"removed\":[],\"exported\":\"extra\"}]}\n"
+    );
+    assert_eq!(svc.exports().len(), 2);
+    assert_eq!(svc.exports()[1].info.name, "extra");
+    assert!(svc.exports()[1].info.read_only);
+    // A new client reaches the new export.
+    let mut link = connect(&mut svc, NBD);
+    let mut input = export_name_opt("extra");
+    input.extend_from_slice(&request(0, 1, 0, 4096));
+    let out = pump(&mut svc, &mut link, &input);
+    assert_eq!(out.len(), 18 + 10 + 16 + 4096, "{out:?}");
+    let (code, body) = http_call(&mut svc, "GET", "/geom", "");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"md1\""), "{body}");
+    let st = svc.status_json();
+    assert!(
+        st.contains("\"name\":\"extra\",\"provider\":\"md1\",\"size_bytes\":2097152,\"read_only\":true,\"state\":\"ok\""),
+        "{st}"
+    );
+    assert!(
+        st.contains("\"orphaned\":{\"providers\":[],\"exports\":[]}"),
+        "{st}"
+    );
+}
+
+#[test]
+fn live_geom_errors_name_line_and_column() {
+    let mut svc = Service::new(&Config::default(), Vec::new()).unwrap();
+    // A syntax error applies nothing.
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        "md create -s 1m md1\n  bogus x\n",
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("\"error\":\"line 2, column 3: unknown statement 'bogus'"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\"line\":2,\"column\":3,\"applied\":0"),
+        "{body}"
+    );
+    assert!(svc.stack().find_provider("md1").is_none());
+    // A statement the stack refuses stops there; earlier ones stay.
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        "md create -s 1m md1\n export nbd x nothere\nmd create -s 1m md2\n",
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("line 2, column 15: cannot export 'x'"),
+        "{body}"
+    );
+    assert!(body.contains("\"applied\":1"), "{body}");
+    assert!(svc.stack().find_provider("md1").is_some());
+    assert!(svc.stack().find_provider("md2").is_none());
+    // Export names stay unique.
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "export nbd md0 md1");
+    assert_eq!(code, 400);
+    assert!(body.contains("exists already"), "{body}");
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "net dhcp");
+    assert_eq!(code, 400);
+    assert!(body.contains("boot only"), "{body}");
+    let (code, _) = http_call(&mut svc, "POST", "/geom", "\n# nothing\n");
+    assert_eq!(code, 400);
+    let (code, _) = http_call(&mut svc, "PUT", "/geom", "");
+    assert_eq!(code, 405);
+}
+
+#[test]
+fn forced_destroy_orphans_one_export_only() {
+    let mut svc = service("md create -s 1m md0\nmd create -s 1m md1\nexport nbd b md1\n");
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        "nop create md0\nexport nbd a md0.nop\n",
+    );
+    assert_eq!(code, 200, "{body}");
+    // Busy without -f: the export holds it open.
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "nop destroy md0.nop");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "nop destroy -f md0.nop");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"orphaned\":[\"md0.nop\"]"), "{body}");
+    let st = svc.status_json();
+    assert!(
+        st.contains("\"orphaned\":{\"providers\":[\"md0.nop\"],\"exports\":[\"a\"]}"),
+        "{st}"
+    );
+    // A read through the orphaned export gets EIO; the other export serves.
+    for (export, errno) in [("a", 5u32), ("b", 0)] {
+        let mut link = connect(&mut svc, NBD);
+        let mut input = export_name_opt(export);
+        input.extend_from_slice(&request(0, 1, 0, 512));
+        let out = pump(&mut svc, &mut link, &input);
+        let reply = &out[18 + 10..];
+        assert_eq!(
+            u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+            errno,
+            "{export}"
+        );
+    }
+}
