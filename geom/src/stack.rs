@@ -77,6 +77,14 @@ pub trait Geom {
         None
     }
 
+    /// True while the geom is still finding out what it is (a partition
+    /// table being read by a geom that a class's [`crate::class::Class::offer`]
+    /// made): boot and config lines wait for it, as for the stack's own
+    /// tasting. The default is false.
+    fn settling(&self) -> bool {
+        false
+    }
+
     /// False for geoms whose new providers cannot hold metadata, so the
     /// stack does not taste them (a new memory disk is all zeroes).
     fn tasteable(&self) -> bool {

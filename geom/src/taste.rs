@@ -128,9 +128,12 @@ impl Stack {
     }
 
     /// True while the stack's own reads and writes (tasting, labelling)
-    /// are outstanding or providers wait to be tasted.
+    /// are outstanding, providers wait to be tasted, or a geom is still
+    /// probing ([`crate::stack::Geom::settling`]).
     pub fn tasting(&self) -> bool {
-        !self.core.new_providers.is_empty() || self.taste.io.iter().any(|s| s.is_some())
+        !self.core.new_providers.is_empty()
+            || self.taste.io.iter().any(|s| s.is_some())
+            || self.geoms.iter().flatten().any(|g| g.settling())
     }
 
     /// Runs the stack until tasting and labelling are done, at most
@@ -164,6 +167,7 @@ impl Stack {
             return false;
         }
         let mut any = false;
+        let mut offered = Vec::new();
         for p in core::mem::take(&mut self.core.new_providers) {
             let Some(prov) = self.get_provider(p) else {
                 continue;
@@ -175,6 +179,7 @@ impl Stack {
             if prov.orphaned || prov.spec.media_size < 2 * sector || !tasteable {
                 continue;
             }
+            offered.push(p);
             let at = prov.spec.media_size - sector;
             let c = self.core.attach(None, p);
             if self.core.access(c, 1, 0, 0).is_err() {
@@ -185,6 +190,15 @@ impl Stack {
             self.core
                 .push_start(c, Bio::read(at, sector), Owner::Stack, cookie);
             any = true;
+        }
+        // Classes that recognise providers by a format of their own (a
+        // partition table) probe them with their own reads.
+        for p in offered {
+            for c in class::CLASSES {
+                if self.get_provider(p).is_some_and(|p| !p.orphaned) {
+                    c.offer(self, p);
+                }
+            }
         }
         any
     }

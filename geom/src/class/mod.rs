@@ -89,6 +89,16 @@ pub trait Class: Sync {
         let _ = (stack, geom, member);
     }
 
+    /// A provider that may hold data appeared (at boot, or live; not a
+    /// fresh md): a class that recognises
+    /// providers by an on-disk format of its own (a partition table)
+    /// starts probing it here, with a geom of its own that reads through
+    /// its consumer and reports [`crate::stack::Geom::settling`] until it
+    /// knows (then serves, or withers). The default does nothing.
+    fn offer(&self, stack: &mut Stack, provider: ProviderId) {
+        let _ = (stack, provider);
+    }
+
     /// The class's section of `/status`, as `(key, value)` (mirror:
     /// `"mirrors"` and the state of each), or `None` for none.
     fn status(&self, stack: &Stack) -> Option<(&'static str, serde_json::Value)> {
