@@ -20,6 +20,8 @@ missing_pkgs() {
         want nbdkit nbdkit
         want fio fio
         want ss iproute2
+        want sfdisk fdisk
+        want sgdisk gdisk
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
     fi
 }
