@@ -212,6 +212,9 @@ pub struct Provider {
     pub access: Access,
     /// Set when the provider died; its consumers were told.
     pub orphaned: bool,
+    /// Its geom removed it ([`Io::retire_provider`]): it goes away once
+    /// closed and idle, while the geom lives on.
+    pub retired: bool,
     /// Bios started on it and not yet completed (gstat's queue length).
     pub in_flight: u32,
     /// Its counters, shared with anyone reporting them.
@@ -410,6 +413,14 @@ impl Io<'_> {
         self.core.orphan_provider(provider);
     }
 
+    /// Removes one of this geom's providers (a partition deleted) while
+    /// the geom lives on: it is orphaned, and removed once nobody has it
+    /// open and nothing is in flight on it; then its name is free.
+    pub fn retire_provider(&mut self, provider: ProviderId) {
+        self.core.orphan_provider(provider);
+        self.core.provider_mut(provider).retired = true;
+    }
+
     /// Withers this geom: orphans all its providers; the stack drops the
     /// geom once no bio is in flight through it.
     pub fn wither(&mut self) {
@@ -572,6 +583,7 @@ impl Core {
             geom: g,
             access: Access::default(),
             orphaned: false,
+            retired: false,
             in_flight: 0,
             stats: Arc::new(ProviderStats::default()),
         }));
@@ -1218,7 +1230,7 @@ impl Stack {
                 p.orphaned
                     && p.access.is_zero()
                     && p.in_flight == 0
-                    && self.core.geoms[p.geom.0 as usize].state == GeomState::Gone
+                    && (p.retired || self.core.geoms[p.geom.0 as usize].state == GeomState::Gone)
             });
             let held = self
                 .core
