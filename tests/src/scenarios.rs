@@ -632,3 +632,112 @@ pub fn live_changes_and_forced_destroy(p: Platform) {
     let st = a.stop();
     assert!(st.success(), "clean stop: {st:?}");
 }
+
+/// Partition tables made on the host are served: a disk partitioned by
+/// `sfdisk` and one by `sgdisk` boot with their partitions as providers
+/// (`vtbd0p1`, …, named as FreeBSD names them, with the tables' sizes);
+/// exports over partitions land their writes at the partitions' offsets
+/// in the image files; I/O past a partition's end is refused; a table is
+/// made and a partition added live with `part create/add`, and all of it
+/// comes back after a restart.
+pub fn partitions_from_host_tools(p: Platform) {
+    let dir = TempDir::new("part");
+    let (f0, f1) = (dir.path("sf.img"), dir.path("sg.img"));
+    for f in [&f0, &f1] {
+        std::fs::File::create(f)
+            .and_then(|h| h.set_len(64 << 20))
+            .unwrap();
+    }
+    // sfdisk: two partitions of 8 MiB and 16 MiB.
+    let mut sf = std::process::Command::new("sfdisk")
+        .arg(&f0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (Debian package fdisk)");
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=16384, name=one\nstart=18432, size=32768, name=two\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+    // sgdisk: entries 1 and 3 (there is no vtbd1p2).
+    let o = client(
+        "sgdisk",
+        &[
+            "-n",
+            "1:2048:+4M",
+            "-n",
+            "3:0:+12M",
+            "-c",
+            "3:gamma",
+            f1.to_str().unwrap(),
+        ],
+    );
+    assert!(o.ok, "sgdisk: {}{}", o.stdout, o.stderr);
+    let config = "export nbd one vtbd0p1\nexport nbd two vtbd0p2\nexport nbd gamma vtbd1p3\nexport nbd raw vtbd2\n";
+    let spare = disk_spec(&dir, "raw.img", "32M");
+    let start = |dir: &TempDir| {
+        Start::new(p)
+            .disk(dir.path("sf.img").to_str().unwrap())
+            .disk(dir.path("sg.img").to_str().unwrap())
+            .disk(&spare)
+            .config(config)
+            .spawn()
+            .expect("start")
+    };
+    let a = start(&dir);
+    for (export, size) in [("one", 8u64 << 20), ("two", 16 << 20), ("gamma", 12 << 20)] {
+        let o = client("nbdinfo", &["--size", &a.uri(export)]);
+        assert_eq!(o.stdout.trim(), size.to_string(), "{export}: {}", o.stderr);
+    }
+    qemu_io(&a.uri("two"), &["write -P 0x2b 0 64k", "write -P 0x2c 16320k 64k"]);
+    qemu_io(&a.uri("gamma"), &["write -P 0x3c 4k 4k"]);
+    // One past the end of the partition: refused by the server.
+    let o = qemu_io_any(&a.uri("two"), &["read 16384k 512"]);
+    assert!(
+        !o.ok || o.stdout.contains("error") || o.stderr.contains("error"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    // Made live: a table on the spare disk and a partition in it.
+    let out = a.geom(&["part create vtbd2", "part add -t linux-data -s 8m -l live vtbd2"]);
+    assert!(out.contains("vtbd2p1"), "{out}");
+    let topo = a.topology();
+    let part = topo["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "part")
+        .expect("part class in /geom");
+    assert_eq!(part["geoms"].as_array().unwrap().len(), 3, "{part}");
+    let list = a.strata("geom", &["list"]);
+    assert!(list.stdout.contains("Name: vtbd1p3"), "{}", list.stdout);
+    assert!(a.stop().success());
+
+    // The writes are at the partitions' offsets in the image files.
+    let img = std::fs::read(&f0).unwrap();
+    let two = 18432 * 512;
+    assert!(img[two..two + 65536].iter().all(|&b| b == 0x2b));
+    let end = two + 16320 * 1024;
+    assert!(img[end..end + 65536].iter().all(|&b| b == 0x2c));
+    let img = std::fs::read(&f1).unwrap();
+    let gamma = (2048 + 8192) * 512 + 4096;
+    assert!(img[gamma..gamma + 4096].iter().all(|&b| b == 0x3c));
+
+    // Everything comes back, the live table too.
+    let a = start(&dir);
+    qemu_io(&a.uri("two"), &["read -P 0x2b 0 64k"]);
+    let topo = a.topology();
+    let names: Vec<String> = topo["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["geoms"].as_array().unwrap().iter())
+        .flat_map(|g| g["providers"].as_array().unwrap().iter())
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect();
+    assert!(names.contains(&"vtbd2p1".to_string()), "{names:?}");
+    drop(a);
+}

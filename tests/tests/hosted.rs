@@ -36,3 +36,8 @@ fn stacked_mirror_failover_resync_restart() {
 fn live_changes_and_forced_destroy() {
     scenarios::live_changes_and_forced_destroy(Hosted);
 }
+
+#[test]
+fn partitions_from_host_tools() {
+    scenarios::partitions_from_host_tools(Hosted);
+}
