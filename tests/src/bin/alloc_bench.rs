@@ -7,56 +7,68 @@
 //! `std::alloc::System` and counts every `alloc`, `alloc_zeroed` and
 //! `realloc` call (frees are not counted), on every thread, except while
 //! the calling thread runs client or device work (`uncounted`): building
-//! and checking NBD messages, moving bytes through the stand-in sockets,
-//! and the fake virtio device's side. Each figure is the count over N
-//! requests divided by N (2000 requests of 4 KiB, 200 of 1 MiB), after a
-//! warm-up of 500 / 50 requests so that the NBD engine's page pool and
-//! every reused buffer have grown. Requests go one at a time (queue depth
-//! 1: send one, run the loop until its reply is in, send the next), in a
-//! session that negotiated structured replies with `NBD_OPT_GO`, as libnbd
-//! and QEMU do. Each path × layer row is a fresh service whose export sits
-//! on 0, 1 or 3 pass-through `nop` layers over `vtbd0`.
+//! and checking NBD messages and the client's socket calls, the fake
+//! virtio device's side, and the loopback NIC's own buffers. Each figure
+//! is the count over N requests divided by N (2000 requests of 4 KiB, 200
+//! of 1 MiB), after a warm-up of 500 / 50 requests so that the NBD
+//! engine's page pool and every reused buffer have grown. Requests go one
+//! at a time (queue depth 1: send one, run the loop until its reply is in,
+//! send the next), in a session that negotiated structured replies with
+//! `NBD_OPT_GO`, as libnbd and QEMU do. Each path × layer row is a fresh
+//! service whose export sits on 0, 1 or 3 pass-through `nop` layers over
+//! `vtbd0`.
 //!
 //! **The two paths.** Both drive the real `appliance::service::Service`
-//! in-process, feeding it the way a platform does; the platforms' own loop
-//! code is private, so it is mimicked here call for call:
+//! in-process, with a connection opened by `Service::open` on the `nbd`
+//! protocol, through the service's `Link` over the platform's real
+//! transport. Only the platforms' loops are private; each turn of them is
+//! written out here call for call:
 //!
-//! - `hosted`, as `appliance::hosted` feeds it: one loop turn is
-//!   `set_now_ns`, `nbd_tick`, receive, `poll`, send, receive. Receiving
-//!   is `Conn::receive`/`read_nbd`: buffered input goes to `nbd_recv`;
-//!   with the buffer empty, a fresh `Vec` gets `nbd_rx_pieces`, a
-//!   `readv(2)` fills those pages and then up to 16 KiB of the 256 KiB
-//!   receive buffer, and `nbd_rx_filled` records the direct part. Sending
-//!   is `send_nbd`: a fresh `Vec` per round gets `nbd_tx_pieces`, one
-//!   `writev(2)` sends them, then `nbd_tx_advance`. Those fresh `Vec`s are
-//!   allocated here exactly as the platform does, so they are counted;
-//!   the platform's iovec vector keeps its capacity and never allocates,
-//!   so it has no stand-in. `readv`/`writev` become copies between an
-//!   in-memory socket and the pages, through `geom`'s own `SgList` copy
-//!   helpers (uncounted). The in-memory socket takes and delivers whole
-//!   messages at once, the fewest calls a real socket could need: over
-//!   TCP a 1 MiB write may arrive in several reads, each with its own
-//!   pieces `Vec`. The disk is the hosted `FileDisk` over a temporary file
-//!   with its I/O threads (transfers above 32 KiB run there; their
-//!   allocations are counted too).
-//! - `kernel`, as `appliance::kernel::serve` feeds it: one loop turn is
-//!   `set_now_ns`, `nbd_tick`, `pump_rx`, `poll`, `pump_tx`, `pump_rx`,
-//!   with the socket rings being smoltcp's own `RingBuffer` (what
-//!   `tcp::SocketBuffer` is) of 512 KiB per direction: `nbd_recv` on each
-//!   contiguous part of the receive ring, `nbd_fill_tx` into each
-//!   contiguous free part of the send ring. The disk is the real
-//!   virtio-blk driver (`drivers::virtio_blk`, indirect descriptors,
-//!   `seg_max` 126 like QEMU's) over the fake virtio transport of
-//!   `drivers::fake`; between loop turns the benchmark plays the device:
-//!   it takes the available chains, does the read or write on a memory
-//!   array at the descriptors' addresses and puts them in the used ring.
-//!   During setup (tasting and config lines, which wait for the disk) the
-//!   device answers at once on each notification instead.
+//! - `hosted`, as `appliance::hosted::run` does it. The transport is
+//!   `appliance::hosted::Socket` (`readv(2)`/`writev(2)` on lent pages)
+//!   over the server end of a real loopback TCP connection: the benchmark
+//!   listens on 127.0.0.1:0 and its client is a plain non-blocking
+//!   `TcpStream`, written to and read from between loop turns. One turn
+//!   is `wait`'s part for this connection (`Socket::set_readable` when
+//!   the socket holds input, which a `peek` on a clone of its descriptor
+//!   finds out in place of `poll(2)`; `Link::writable` when output waits;
+//!   clearing the disks' eventfd; all uncounted), then `set_now_ns`,
+//!   `tick`, `Link::receive`, `poll`, `Link::send`, `Link::receive`. The
+//!   disk is the hosted `FileDisk` over a temporary file with its I/O
+//!   threads (transfers above 32 KiB run there; their allocations are
+//!   counted too).
+//! - `kernel`, as `appliance::kernel::serve` does it. The network is
+//!   smoltcp: an `Interface` over `smoltcp::phy::Loopback` (Ethernet, with
+//!   the 1514-byte frames of the unikernel's virtio-net at QEMU's default
+//!   MTU) holding two TCP sockets, the server's, made by
+//!   `appliance::smol::tcp_socket` with NBD's buffer size and listening on
+//!   NBD's port, and the client's, connected to it. The transport is
+//!   `appliance::smol::Smol` over the server socket. One turn is
+//!   `set_now_ns`, `iface.poll`, `tick`, `Link::receive`, `poll`,
+//!   `Link::writable` if the socket can send, `Link::send`,
+//!   `Link::receive`, `iface.poll`; then, uncounted, the client's socket
+//!   calls and the disk's work. The disk is the real virtio-blk driver
+//!   (`drivers::virtio_blk`, indirect descriptors, `seg_max` 126 like
+//!   QEMU's) over the fake virtio transport of `drivers::fake`; between
+//!   loop turns the benchmark plays the device: it takes the available
+//!   chains, does the read or write on a memory array at the descriptors'
+//!   addresses and puts them in the used ring. During setup (tasting and
+//!   config lines, which wait for the disk) the device answers at once on
+//!   each notification instead.
 //!
-//! Not measured: the NIC driver and smoltcp's interface (kernel), `poll(2)`
-//! and accepting connections (hosted), the management endpoint. Below the
-//! table, the allocations of one idle loop turn (no request outstanding)
-//! show that spinning while a disk works adds nothing.
+//!   smoltcp's `iface.poll` is counted, as part of the unikernel's cost
+//!   per request; as both sockets share the interface, it includes
+//!   smoltcp's processing of the client's segments too. The loopback
+//!   device's own work (a fresh `Vec` per frame and its queue, which the
+//!   unikernel's NIC driver does not have) is not: a wrapper around its
+//!   tokens leaves it uncounted and counts smoltcp's work inside them. A
+//!   second table gives the kernel figures without what `iface.poll`
+//!   allocates.
+//!
+//! Not measured: the NIC driver (kernel), `poll(2)` and accepting
+//! connections (hosted), the management endpoint. Below the tables, the
+//! loop turns per request, and the allocations of one idle loop turn (no
+//! request outstanding), which show what spinning while a disk works adds.
 //!
 //! **Where they come from.** `ALLOC_BENCH_TRACE=1` (or `all`) also records
 //! a backtrace of every counted allocation during more steady-state
@@ -64,27 +76,32 @@
 //! grouped by call site, per request: the innermost frame of the product
 //! with its location, up to two callers, and the allocating call. Frames
 //! of `alloc_bench::Hosted` and `alloc_bench::Kernel` stand for the
-//! platform loop code they mimic. A comma-separated list of patterns instead of `1` picks
-//! the cells whose label (`hosted/1/4K write`, `kernel/0/1M read`, …)
-//! contains one of them.
+//! platform loop code they write out. A comma-separated list of patterns
+//! instead of `1` picks the cells whose label (`hosted/1/4K write`,
+//! `kernel/0/1M read`, …) contains one of them.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::backtrace::Backtrace;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use appliance::hosted::disk::{FileDisk, Waker};
-use appliance::service::Service;
+use appliance::hosted::Socket;
+use appliance::service::{protocols, Link, Service};
+use appliance::smol::{tcp_socket, Smol};
 use drivers::fake::{read_mem, write_mem, Chain, FakeTransport};
 use drivers::virtio_blk::{VirtioBlk, F_RO, WANTED_FEATURES};
 use geom::disk::BlockDevice;
-use geom::page::{DataCounters, PageRef, SgList};
-use net::nbd::{PageSlice, TxPiece};
-use smoltcp::storage::RingBuffer;
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Loopback, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use strata_tests::TempDir;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::PhysAddr;
@@ -132,6 +149,15 @@ mod counting {
         r
     }
 
+    /// Runs `f` with the calling thread's allocations counted (smoltcp's
+    /// work inside the loopback device's tokens).
+    pub fn counted<R>(f: impl FnOnce() -> R) -> R {
+        let was = PAUSED.with(|p| p.replace(false));
+        let r = f();
+        PAUSED.with(|p| p.set(was));
+        r
+    }
+
     /// Allocations counted so far.
     pub fn allocs() -> u64 {
         ALLOCS.load(Ordering::Relaxed)
@@ -174,7 +200,7 @@ mod counting {
     }
 }
 
-use counting::{allocs, uncounted};
+use counting::{allocs, counted, uncounted};
 
 #[global_allocator]
 static GLOBAL: counting::Counting = counting::Counting;
@@ -344,8 +370,16 @@ trait Platform {
     /// What the client has received and not yet consumed (called
     /// uncounted).
     fn client_rx(&mut self) -> &mut ByteQueue;
-    /// One turn of the platform's loop; device work inside is uncounted.
+    /// One turn of the platform's loop; client and device work inside is
+    /// uncounted.
     fn turn(&mut self);
+    /// Loop turns so far.
+    fn turns(&self) -> u64;
+    /// Counted allocations so far inside smoltcp's `iface.poll` (none on
+    /// hosted).
+    fn poll_allocs(&self) -> u64 {
+        0
+    }
 }
 
 /// Runs the loop until the client has whatever `done` recognises; then
@@ -370,7 +404,7 @@ fn run_until(p: &mut dyn Platform, done: impl Fn(&[u8]) -> Option<usize>) {
 
 fn handshake(p: &mut dyn Platform) {
     let hello = handshake_bytes();
-    p.client_send(&hello);
+    uncounted(|| p.client_send(&hello));
     run_until(p, handshake_done);
 }
 
@@ -383,83 +417,36 @@ fn call(p: &mut dyn Platform, req: &mut [u8], offset: u64, read_len: usize) {
     run_until(p, |b| reply_done(b, read_len));
 }
 
+/// The index of the `nbd` protocol in `appliance::service::PROTOCOLS`,
+/// and the protocol.
+fn nbd() -> (usize, &'static protocols::Protocol) {
+    protocols::find("nbd").expect("the nbd protocol")
+}
+
 // ---- hosted ----
 
-/// `appliance::hosted`'s receive buffer per connection.
-const RX_BUF: usize = 256 << 10;
-/// `appliance::hosted`'s most bytes read into the receive buffer at once.
-const NBD_RX_READ: usize = 16 << 10;
-/// `appliance::hosted`'s most pieces in one `readv`/`writev`.
-const MAX_IOV: usize = 512;
-/// `appliance::hosted`'s most bytes offered to one `writev`.
-const MAX_WRITEV_BYTES: usize = 8 << 20;
-
-/// The service fed as `appliance::hosted` feeds it, over an in-memory
-/// socket.
+/// The service as `appliance::hosted::run` drives it, over a loopback TCP
+/// connection.
 struct Hosted {
     svc: Service,
-    id: u32,
+    link: Link,
+    /// The hosted transport over the server end.
+    socket: Socket,
+    /// The server end's descriptor again, to learn what `poll(2)` would
+    /// report.
+    probe: TcpStream,
+    /// The client end.
+    client: TcpStream,
+    /// Client bytes not yet written to the socket.
+    outbox: ByteQueue,
+    /// What the client received.
+    inbox: ByteQueue,
+    /// The client's read buffer.
+    scratch: Vec<u8>,
     started: Instant,
     waker: Arc<Waker>,
-    /// Client → server bytes in the socket.
-    sock_in: ByteQueue,
-    /// Server → client bytes in the socket.
-    sock_out: ByteQueue,
-    rx: Vec<u8>,
-    rx_start: usize,
-    rx_end: usize,
-    readable: bool,
+    turns: u64,
     _dir: TempDir,
-}
-
-/// A list over the pages of `pieces`, to reach their bytes through
-/// `SgList`'s copy helpers.
-fn sg_of<'a>(pieces: impl Iterator<Item = PageSlice<'a>>) -> SgList {
-    let mut sg = SgList::new();
-    for p in pieces {
-        sg.push(PageRef {
-            page: p.page.clone(),
-            offset: p.offset as u32,
-            len: p.len as u32,
-        });
-    }
-    sg
-}
-
-/// The stand-in for `readv(2)`: socket bytes into the pages, then into
-/// `buf`. Returns the bytes moved.
-fn readv(sock: &mut ByteQueue, pieces: &[PageSlice<'_>], room: usize, buf: &mut [u8]) -> usize {
-    let src = sock.pending();
-    let direct = src.len().min(room);
-    if direct > 0 {
-        sg_of(pieces.iter().copied())
-            .copy_from_slice(0, &src[..direct], &DataCounters::new())
-            .expect("the request's pages are free");
-    }
-    let k = (src.len() - direct).min(buf.len());
-    buf[..k].copy_from_slice(&src[direct..direct + k]);
-    sock.consume(direct + k);
-    direct + k
-}
-
-/// The stand-in for `writev(2)`: every piece into the socket. Returns the
-/// bytes moved.
-fn writev(sock: &mut ByteQueue, pieces: &[TxPiece<'_>]) -> usize {
-    let mut n = 0;
-    for p in pieces {
-        match p {
-            TxPiece::Bytes(b) => sock.push(b),
-            TxPiece::Page(s) => {
-                let at = sock.buf.len();
-                sock.buf.resize(at + s.len, 0);
-                sg_of(std::iter::once(*s))
-                    .copy_to_slice(0, &mut sock.buf[at..], &DataCounters::new())
-                    .expect("the reply's pages are free");
-            }
-        }
-        n += p.len();
-    }
-    n
 }
 
 impl Hosted {
@@ -474,126 +461,169 @@ impl Hosted {
         let cfg = geom::config::parse(&config(layers)).expect("config");
         let disks: Vec<Box<dyn BlockDevice>> = vec![Box::new(disk)];
         let mut svc = Service::new(&cfg, disks).expect("service");
-        let id = svc.nbd_open();
+
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+        let client = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        client.set_nonblocking(true).expect("non-blocking client");
+        client.set_nodelay(true).expect("TCP_NODELAY");
+        let probe = server.try_clone().expect("dup");
+        let socket = Socket::new(server).expect("socket");
+        let id = svc.open(nbd().0).expect("a connection");
         Hosted {
             svc,
-            id,
+            link: Link::new(id),
+            socket,
+            probe,
+            client,
+            outbox: ByteQueue::new(),
+            inbox: ByteQueue::new(),
+            scratch: vec![0; 1 << 20],
             started: Instant::now(),
             waker,
-            sock_in: ByteQueue::new(),
-            sock_out: ByteQueue::new(),
-            rx: vec![0; RX_BUF],
-            rx_start: 0,
-            rx_end: 0,
-            readable: true,
+            turns: 0,
             _dir: dir,
         }
     }
 
-    /// `Conn::feed`.
-    fn feed(&mut self) -> bool {
-        if self.rx_start == self.rx_end {
-            return false;
+    /// True if the server end holds input (or is closed or failed): what
+    /// `poll(2)` reports as `POLLIN` (`POLLHUP`, `POLLERR`).
+    fn has_input(&self) -> bool {
+        // `Socket::new` made the shared file description non-blocking.
+        match self.probe.peek(&mut [0u8; 1]) {
+            Ok(_) => true,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
         }
-        let used = self
-            .svc
-            .nbd_recv(self.id, &self.rx[self.rx_start..self.rx_end]);
-        self.rx_start += used;
-        if self.rx_start == self.rx_end {
-            self.rx_start = 0;
-            self.rx_end = 0;
-        }
-        used > 0
     }
 
-    /// `Conn::receive` (the connection never sees EOF here).
-    fn receive(&mut self) {
-        self.feed();
-        while self.readable {
-            if self.rx_start != self.rx_end {
-                break;
-            }
-            match self.read_nbd() {
-                Some((_, full)) => {
-                    self.readable = full;
-                    self.feed();
-                }
-                // EAGAIN
-                None => self.readable = false,
+    /// The client writes what the socket takes and reads what came.
+    fn client_io(&mut self) {
+        while !self.outbox.is_empty() {
+            match self.client.write(self.outbox.pending()) {
+                Ok(n) => self.outbox.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("client write: {e}"),
             }
         }
-    }
-
-    /// `Conn::read_nbd`; `None` when the socket is empty (EAGAIN).
-    fn read_nbd(&mut self) -> Option<(usize, bool)> {
-        let mut pieces = Vec::new();
-        let room = self.svc.nbd_rx_pieces(self.id, &mut pieces, MAX_IOV);
-        let buffered = self.rx.len().min(NBD_RX_READ);
-        let (sock, rx) = (&mut self.sock_in, &mut self.rx);
-        let n = uncounted(|| readv(sock, &pieces, room, &mut rx[..buffered]));
-        drop(pieces);
-        if n == 0 {
-            return None;
-        }
-        let direct = n.min(room);
-        if direct > 0 {
-            self.svc.nbd_rx_filled(self.id, direct);
-        }
-        self.rx_start = 0;
-        self.rx_end = n - direct;
-        Some((n, n == room + buffered))
-    }
-
-    /// `Conn::send_nbd` (the in-memory socket takes everything).
-    fn send_nbd(&mut self) {
         loop {
-            let mut pieces = Vec::new();
-            self.svc
-                .nbd_tx_pieces(self.id, &mut pieces, MAX_IOV, MAX_WRITEV_BYTES);
-            if pieces.is_empty() {
-                return;
+            match self.client.read(&mut self.scratch) {
+                Ok(0) => panic!("the server closed the connection"),
+                Ok(n) => self.inbox.push(&self.scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("client read: {e}"),
             }
-            let sock = &mut self.sock_out;
-            let n = uncounted(|| writev(sock, &pieces));
-            drop(pieces);
-            self.svc.nbd_tx_advance(self.id, n);
         }
     }
 }
 
 impl Platform for Hosted {
     fn client_send(&mut self, bytes: &[u8]) {
-        self.sock_in.push(bytes);
+        self.outbox.push(bytes);
+        self.client_io();
     }
 
     fn client_rx(&mut self) -> &mut ByteQueue {
-        &mut self.sock_out
+        &mut self.inbox
+    }
+
+    fn turns(&self) -> u64 {
+        self.turns
     }
 
     /// One turn of `appliance::hosted::run`'s loop.
     fn turn(&mut self) {
-        // `wait`: poll(2) reports the socket readable when it holds data,
-        // and the disks' eventfd is cleared.
-        if !self.readable && self.rx_start == self.rx_end && !self.sock_in.is_empty() {
-            self.readable = true;
-        }
-        let _ = self.svc.nbd_has_tx(self.id);
-        self.waker.clear();
-        self.svc
-            .set_now_ns(self.started.elapsed().as_nanos() as u64);
-        self.svc.nbd_tick(self.started.elapsed().as_millis() as u64);
-        self.receive();
+        self.turns += 1;
+        // `wait`: poll(2) on the socket and the disks' eventfd.
+        uncounted(|| {
+            if self.link.wants_input() && self.has_input() {
+                self.socket.set_readable();
+            }
+            if self.link.wants_output(&self.svc) {
+                self.link.writable();
+            }
+            self.waker.clear();
+        });
+        let now = self.started.elapsed();
+        self.svc.set_now_ns(now.as_nanos() as u64);
+        self.svc.tick(now.as_millis() as u64);
+        self.link.receive(&mut self.svc, &mut self.socket);
         self.svc.poll();
-        self.send_nbd();
-        self.receive();
-        let _ = self.svc.nbd_finished(self.id);
+        self.link.send(&mut self.svc, &mut self.socket);
+        // Input held back by backpressure may fit now.
+        self.link.receive(&mut self.svc, &mut self.socket);
+        assert!(!self.link.finished(&self.svc), "the connection ended");
+        uncounted(|| self.client_io());
     }
 }
 
-// ---- kernel path ----
+// ---- kernel ----
 
-/// `appliance::kernel::serve`'s NBD socket buffer per direction.
-const NBD_SOCKET_BYTES: usize = 512 * 1024;
+/// The unikernel's virtio-net MTU under QEMU (its default).
+const NIC_MTU: usize = 1500;
+
+/// The unikernel's address when the config has no `net` line.
+const GUEST_ADDR: IpAddress = IpAddress::v4(10, 0, 2, 15);
+
+/// smoltcp's loopback device in place of the unikernel's NIC: its frames
+/// are Ethernet frames of virtio-net's size, and its own work (a fresh
+/// `Vec` per frame, the queue) is device work, uncounted.
+struct Nic(Loopback);
+
+/// A token of the loopback device: the device's work in it is uncounted,
+/// smoltcp's (reading or building the frame) is counted.
+struct DeviceWork<T>(T);
+
+impl<T: RxToken> RxToken for DeviceWork<T> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        uncounted(|| self.0.consume(|frame| counted(|| f(frame))))
+    }
+}
+
+impl<T: TxToken> TxToken for DeviceWork<T> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        uncounted(|| self.0.consume(len, |frame| counted(|| f(frame))))
+    }
+}
+
+impl Device for Nic {
+    type RxToken<'a>
+        = DeviceWork<<Loopback as Device>::RxToken<'a>>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = DeviceWork<<Loopback as Device>::TxToken<'a>>
+    where
+        Self: 'a;
+
+    fn receive(
+        &mut self,
+        timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        self.0
+            .receive(timestamp)
+            .map(|(rx, tx)| (DeviceWork(rx), DeviceWork(tx)))
+    }
+
+    fn transmit(&mut self, timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        self.0.transmit(timestamp).map(DeviceWork)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = self.0.capabilities();
+        // As `drivers::virtio_net` reports it: the MTU plus the Ethernet
+        // header.
+        caps.max_transmission_unit = NIC_MTU + 14;
+        caps
+    }
+}
 
 /// virtio-blk request types and status (virtio 1.2 §5.2.6).
 const T_IN: u32 = 0;
@@ -745,21 +775,28 @@ fn blk_config(bytes: u64) -> Vec<u8> {
     b
 }
 
-/// The service fed as `appliance::kernel::serve` feeds it, over
-/// smoltcp-style socket rings, with virtio-blk on a fake device.
+/// The service as `appliance::kernel::serve` drives it, over smoltcp on a
+/// loopback device, with virtio-blk on a fake device.
 struct Kernel {
     svc: Service,
-    id: u32,
+    link: Link,
+    iface: Interface,
+    nic: Nic,
+    sockets: SocketSet<'static>,
+    /// The server's socket, under the link.
+    server: SocketHandle,
+    /// The client's socket.
+    client: SocketHandle,
     started: Instant,
-    /// The socket's receive and send rings.
-    rx: RingBuffer<'static, u8>,
-    tx: RingBuffer<'static, u8>,
-    /// Client bytes not yet in the receive ring.
+    /// Client bytes not yet in its socket.
     outbox: ByteQueue,
     /// What the client received.
     inbox: ByteQueue,
     fake: FakeTransport,
     state: Rc<RefCell<DeviceState>>,
+    turns: u64,
+    /// Counted allocations inside `iface.poll`.
+    poll_allocs: u64,
 }
 
 impl Kernel {
@@ -779,81 +816,146 @@ impl Kernel {
         let disks: Vec<Box<dyn BlockDevice>> = vec![Box::new(drv)];
         let mut svc = Service::new(&cfg, disks).expect("service");
         state.borrow_mut().inline = false;
-        let id = svc.nbd_open();
+
+        let started = Instant::now();
+        let mut nic = Nic(Loopback::new(Medium::Ethernet));
+        let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress([
+            0x52, 0x54, 0x00, 0x12, 0x34, 0x56,
+        ])));
+        icfg.random_seed = 0x9e37_79b9_7f4a_7c15;
+        let mut iface = Interface::new(icfg, &mut nic, smol_now(&started));
+        iface.update_ip_addrs(|ips| {
+            ips.push(IpCidr::new(GUEST_ADDR, 24)).expect("an address");
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        let (p, proto) = nbd();
+        let mut server = tcp_socket(proto.buffer_bytes);
+        server.listen(proto.guest_port).expect("listen");
+        let server = sockets.add(server);
+        let mut client = tcp_socket(proto.buffer_bytes);
+        client
+            .connect(iface.context(), (GUEST_ADDR, proto.guest_port), 49152)
+            .expect("connect");
+        let client = sockets.add(client);
+        let established =
+            |s: &SocketSet<'_>, h| s.get::<tcp::Socket<'_>>(h).state() == tcp::State::Established;
+        for _ in 0..100 {
+            if established(&sockets, server) && established(&sockets, client) {
+                break;
+            }
+            iface.poll(smol_now(&started), &mut nic, &mut sockets);
+        }
+        assert!(
+            established(&sockets, server) && established(&sockets, client),
+            "the loopback connection did not come up"
+        );
+        // `serve::receive` opens the connection once its socket is
+        // established.
+        let id = svc.open(p).expect("a connection");
         Kernel {
             svc,
-            id,
-            started: Instant::now(),
-            rx: RingBuffer::new(vec![0u8; NBD_SOCKET_BYTES]),
-            tx: RingBuffer::new(vec![0u8; NBD_SOCKET_BYTES]),
+            link: Link::new(id),
+            iface,
+            nic,
+            sockets,
+            server,
+            client,
+            started,
             outbox: ByteQueue::new(),
             inbox: ByteQueue::new(),
             fake,
             state,
+            turns: 0,
+            poll_allocs: 0,
         }
     }
 
-    /// `serve::pump_rx` (the connection is established).
-    fn pump_rx(&mut self) {
-        while !self.rx.is_empty() {
-            let (used, _) = self.rx.dequeue_many_with(|buf| {
-                let n = self.svc.nbd_recv(self.id, buf);
-                (n, n)
-            });
-            if used == 0 {
-                break;
-            }
-        }
+    /// `iface.poll`, its allocations noted apart.
+    fn iface_poll(&mut self) {
+        let before = allocs();
+        self.iface
+            .poll(smol_now(&self.started), &mut self.nic, &mut self.sockets);
+        self.poll_allocs += allocs() - before;
     }
 
-    /// `serve::pump_tx` (the peer never closes).
-    fn pump_tx(&mut self) {
-        while !self.tx.is_full() {
-            let (n, _) = self.tx.enqueue_many_with(|buf| {
-                let n = self.svc.nbd_fill_tx(self.id, buf);
-                (n, n)
-            });
+    /// `serve::receive` (the link exists).
+    fn receive(&mut self) {
+        let sock = self.sockets.get_mut::<tcp::Socket<'static>>(self.server);
+        self.link.receive(&mut self.svc, &mut Smol(sock));
+    }
+
+    /// `serve::send` (the connection goes on).
+    fn send(&mut self) {
+        let sock = self.sockets.get_mut::<tcp::Socket<'static>>(self.server);
+        if sock.can_send() {
+            self.link.writable();
+        }
+        self.link.send(&mut self.svc, &mut Smol(sock));
+        assert!(!self.link.finished(&self.svc), "the connection ended");
+    }
+
+    /// The client puts what its socket takes in it and reads what came.
+    fn client_io(&mut self) {
+        let sock = self.sockets.get_mut::<tcp::Socket<'static>>(self.client);
+        assert!(sock.is_open(), "the client's socket closed");
+        if !self.outbox.is_empty() && sock.can_send() {
+            let n = sock.send_slice(self.outbox.pending()).expect("client send");
+            self.outbox.consume(n);
+        }
+        while sock.can_recv() {
+            let inbox = &mut self.inbox;
+            let n = sock
+                .recv(|b| {
+                    inbox.push(b);
+                    (b.len(), b.len())
+                })
+                .expect("client receive");
             if n == 0 {
                 break;
             }
         }
-        let _ = self.svc.nbd_finished(self.id);
     }
+}
+
+/// smoltcp's clock: time since `started`.
+fn smol_now(started: &Instant) -> smoltcp::time::Instant {
+    smoltcp::time::Instant::from_micros(started.elapsed().as_micros() as i64)
 }
 
 impl Platform for Kernel {
     fn client_send(&mut self, bytes: &[u8]) {
         self.outbox.push(bytes);
+        self.client_io();
     }
 
     fn client_rx(&mut self) -> &mut ByteQueue {
         &mut self.inbox
     }
 
-    /// One turn of `serve`'s loop; the network and the device move bytes
-    /// at its end.
+    fn turns(&self) -> u64 {
+        self.turns
+    }
+
+    fn poll_allocs(&self) -> u64 {
+        self.poll_allocs
+    }
+
+    /// One turn of `serve`'s loop; then the client and the disk do their
+    /// part.
     fn turn(&mut self) {
-        // smoltcp's poll: segments from the client land in the ring.
-        uncounted(|| {
-            let n = self.rx.enqueue_slice(self.outbox.pending());
-            self.outbox.consume(n);
-        });
+        self.turns += 1;
         let now = self.started.elapsed();
         self.svc.set_now_ns(now.as_nanos() as u64);
-        self.svc.nbd_tick(now.as_millis() as u64);
-        self.pump_rx();
+        self.iface_poll();
+        self.svc.tick(now.as_millis() as u64);
+        self.receive();
         self.svc.poll();
-        self.pump_tx();
-        self.pump_rx();
-        // smoltcp's poll sends (and the client acknowledges at once); the
-        // disk does its work.
+        self.send();
+        // Input held back by backpressure may fit now.
+        self.receive();
+        self.iface_poll();
         uncounted(|| {
-            while !self.tx.is_empty() {
-                let (_, ()) = self.tx.dequeue_many_with(|b| {
-                    self.inbox.push(b);
-                    (b.len(), ())
-                });
-            }
+            self.client_io();
             run_device(&self.fake, &mut self.state.borrow_mut().disk);
         });
     }
@@ -944,19 +1046,35 @@ impl TraceFilter {
     }
 }
 
+/// What one cell measured, per request.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    /// Counted allocations.
+    allocs: f64,
+    /// Of which inside smoltcp's `iface.poll`.
+    in_poll: f64,
+    /// Loop turns.
+    turns: f64,
+}
+
 /// Allocations per request of `w` on `p`, then its trace if asked for.
-fn measure(p: &mut dyn Platform, w: &Workload, label: &str, trace: &TraceFilter) -> f64 {
+fn measure(p: &mut dyn Platform, w: &Workload, label: &str, trace: &TraceFilter) -> Figures {
     let mut req = request(w.cmd, w.len);
     let read_len = if w.cmd == NBD_READ { w.len as usize } else { 0 };
     let offset = |i: usize| (i as u64 * u64::from(w.len)) % REGION_BYTES;
     for i in 0..w.warmup {
         call(p, &mut req, offset(i), read_len);
     }
-    let before = allocs();
+    let (before, poll_before, turns_before) = (allocs(), p.poll_allocs(), p.turns());
     for i in 0..w.count {
         call(p, &mut req, offset(w.warmup + i), read_len);
     }
-    let per_request = (allocs() - before) as f64 / w.count as f64;
+    let n = w.count as f64;
+    let figures = Figures {
+        allocs: (allocs() - before) as f64 / n,
+        in_poll: (p.poll_allocs() - poll_before) as f64 / n,
+        turns: (p.turns() - turns_before) as f64 / n,
+    };
     if trace.wants(label) {
         counting::TRACES.lock().expect("traces").clear();
         let before = allocs();
@@ -965,11 +1083,11 @@ fn measure(p: &mut dyn Platform, w: &Workload, label: &str, trace: &TraceFilter)
             call(p, &mut req, offset(w.warmup + w.count + i), read_len);
         }
         counting::TRACING.store(false, Ordering::SeqCst);
-        let counted = allocs() - before;
+        let traced = allocs() - before;
         let traces = std::mem::take(&mut *counting::TRACES.lock().expect("traces"));
-        print_trace(label, per_request, counted, w.traced, &traces);
+        print_trace(label, figures.allocs, traced, w.traced, &traces);
     }
-    per_request
+    figures
 }
 
 /// Allocations of one idle loop turn.
@@ -990,7 +1108,7 @@ struct Sym {
     at: Option<String>,
 }
 
-/// Crates of the product (and this program's platform stand-ins).
+/// Crates of the product (and this program, whose loops are the platforms').
 const OURS: [&str; 7] = [
     "geom::",
     "net::",
@@ -1099,15 +1217,36 @@ fn print_trace(label: &str, per_request: f64, counted: u64, requests: usize, tra
     }
 }
 
+/// Prints one table: a row per path and layer count, a column per
+/// workload.
+fn print_table(title: &str, rows: &[(&str, usize, [Figures; 4])], cell: impl Fn(&Figures) -> f64) {
+    println!("\n{title}");
+    print!("{:<8} {:>6}", "path", "layers");
+    for w in &WORKLOADS {
+        print!(" {:>9}", w.name);
+    }
+    println!();
+    for (path, layers, cells) in rows {
+        print!("{path:<8} {layers:>6}");
+        for c in cells {
+            print!(" {:>9.1}", cell(c));
+        }
+        println!();
+    }
+}
+
 fn main() {
     let trace = TraceFilter::from_env();
     println!(
         "Heap allocations (alloc + realloc) per NBD request in steady state, queue depth 1,\n\
          structured replies; {} / {} requests counted per 4K / 1M cell after {} / {} warm-up.\n\
-         hosted: appliance::hosted's loop, disk = hosted FileDisk over a temporary file\n\
-         \x20       (I/O threads for transfers above 32 KiB);\n\
-         kernel: appliance::kernel::serve's loop over smoltcp socket rings, disk = virtio-blk\n\
-         \x20       driver over the fake virtio transport (indirect descriptors, seg_max 126).",
+         hosted: appliance::hosted's loop, Link over hosted::Socket on a loopback TCP\n\
+         \x20       connection; disk = hosted FileDisk over a temporary file (I/O threads\n\
+         \x20       for transfers above 32 KiB);\n\
+         kernel: appliance::kernel::serve's loop, Link over smol::Smol on a smoltcp socket,\n\
+         \x20       smoltcp Interface over phy::Loopback (1514-byte frames), iface.poll\n\
+         \x20       counted; disk = virtio-blk driver over the fake virtio transport\n\
+         \x20       (indirect descriptors, seg_max 126).",
         WORKLOADS[0].count, WORKLOADS[2].count, WORKLOADS[0].warmup, WORKLOADS[2].warmup
     );
     let mut rows = Vec::new();
@@ -1119,7 +1258,7 @@ fn main() {
                 _ => Box::new(Kernel::new(layers)),
             };
             handshake(p.as_mut());
-            let mut cells = [0.0f64; 4];
+            let mut cells = [Figures::default(); 4];
             for &w in &RUN_ORDER {
                 let label = format!("{path}/{layers}/{}", WORKLOADS[w].name);
                 cells[w] = measure(p.as_mut(), &WORKLOADS[w], &label, &trace);
@@ -1128,19 +1267,18 @@ fn main() {
             rows.push((path, layers, cells));
         }
     }
-    println!();
-    print!("{:<8} {:>6}", "path", "layers");
-    for w in &WORKLOADS {
-        print!(" {:>9}", w.name);
-    }
-    println!();
-    for (path, layers, cells) in &rows {
-        print!("{path:<8} {layers:>6}");
-        for c in cells {
-            print!(" {c:>9.1}");
-        }
-        println!();
-    }
+    print_table(
+        "Allocations per request (kernel: smoltcp's iface.poll included):",
+        &rows,
+        |f| f.allocs,
+    );
+    let kernel: Vec<_> = rows.iter().filter(|r| r.0 == "kernel").cloned().collect();
+    print_table(
+        "Allocations per request, kernel, without those inside iface.poll:",
+        &kernel,
+        |f| f.allocs - f.in_poll,
+    );
+    print_table("Loop turns per request:", &rows, |f| f.turns);
     let idle: Vec<String> = idle
         .iter()
         .map(|(p, l, n)| format!("{p}/{l} {n:.1}"))
