@@ -47,6 +47,7 @@ use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
+use arrayvec::ArrayVec;
 use geom::bio::{Bio, BioCmd, BioError, BioResult};
 use geom::disk::{BlockDevice, DiskInfo};
 use geom::page::{Lease, PageRef};
@@ -279,7 +280,20 @@ pub struct DataChunk {
     pub next: Cursor,
 }
 
-/// Plans the data descriptors of the next request of a read or write.
+/// How a device wants a request's data cut (from its [`BlkLimits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Most data descriptors in one request.
+    pub max_descs: usize,
+    /// Most bytes in one descriptor.
+    pub max_desc_bytes: u32,
+    /// The logical block size: a request that does not reach the end is
+    /// cut back to a multiple of it.
+    pub align: u32,
+}
+
+/// Plans the data descriptors of the next request of a read or write,
+/// into `descs` (cleared first; its room is reused).
 ///
 /// Takes page ranges from `start` until `max_descs` descriptors are used
 /// or `remaining` bytes are covered, cutting ranges longer than
@@ -292,11 +306,15 @@ pub fn plan_data_chunk(
     lease: &Lease,
     start: Cursor,
     remaining: u64,
-    max_descs: usize,
-    max_desc_bytes: u32,
-    align: u32,
+    shape: Shape,
+    mut descs: Vec<(usize, u32)>,
 ) -> Option<DataChunk> {
-    let mut descs = Vec::new();
+    let Shape {
+        max_descs,
+        max_desc_bytes,
+        align,
+    } = shape;
+    descs.clear();
     let mut bytes = 0u64;
     let mut cur = start;
     while descs.len() < max_descs && bytes < remaining && cur.seg < segs.len() {
@@ -481,6 +499,9 @@ pub struct VirtioBlk<T: Transport, H: Hal = IdentityHal> {
     free_reqs: Vec<u16>,
     /// Request slot of each in-flight chain, by head descriptor (token).
     by_token: Vec<u16>,
+    /// Descriptor lists of finished requests, kept for the next ones (one
+    /// per request slot, sized for the device's limit).
+    spare_descs: Vec<Vec<(usize, u32)>>,
     bios: Vec<Option<BioSlot>>,
     free_bios: Vec<u16>,
     issue_q: VecDeque<u16>,
@@ -514,6 +535,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             limits.max_requests
         );
         let n = limits.max_requests;
+        let descs = limits.max_data_descs;
         let mem: Box<[ReqMem]> = (0..n)
             .map(|_| ReqMem {
                 hdr: [0; 16],
@@ -531,6 +553,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             mem,
             free_reqs: (0..n as u16).rev().collect(),
             by_token: vec![NO_REQ; QUEUE_SIZE],
+            spare_descs: (0..n).map(|_| Vec::with_capacity(descs)).collect(),
             bios: (0..n).map(|_| None).collect(),
             free_bios: (0..n as u16).rev().collect(),
             issue_q: VecDeque::new(),
@@ -668,14 +691,18 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                     return Step::Done;
                 }
                 let segs = b.bio.sg.iter().as_slice();
+                let scratch = self.spare_descs.pop().unwrap_or_default();
                 let Some(chunk) = plan_data_chunk(
                     segs,
                     &b.lease,
                     b.cursor,
                     b.bio.length - b.issued,
-                    limits.max_data_descs,
-                    limits.max_desc_bytes,
-                    limits.sector_size,
+                    Shape {
+                        max_descs: limits.max_data_descs,
+                        max_desc_bytes: limits.max_desc_bytes,
+                        align: limits.sector_size,
+                    },
+                    scratch,
                 ) else {
                     // A block cannot be described within the limits: the
                     // device's limits are smaller than one block.
@@ -867,6 +894,9 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             }
             self.by_token[token as usize] = NO_REQ;
             self.free_reqs.push(ridx);
+            if req.data.capacity() > 0 && self.spare_descs.len() < self.reqs.len() {
+                self.spare_descs.push(req.data);
+            }
             self.in_flight -= 1;
             let status = self.mem[ridx as usize].status[0];
             let slot = req.bio_slot;
@@ -931,6 +961,18 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
     }
 }
 
+/// The buffers of one side of a chain, on the stack: header, segment or
+/// status plus every data descriptor a request may have. `ManuallyDrop`
+/// because virtio-drivers ties the borrow of the list to the lifetime of
+/// its elements, so the list must not be dropped after them; it holds
+/// only references and never allocates, so not dropping it frees nothing.
+type Chain<T> = core::mem::ManuallyDrop<ArrayVec<T, MAX_CHAIN>>;
+
+/// Room in a [`Chain`]: more than the most data descriptors a request
+/// takes (`QUEUE_SIZE - 2`, see [`BlkLimits::derive`]) plus header,
+/// segment and status.
+const MAX_CHAIN: usize = QUEUE_SIZE + 2;
+
 /// The device-readable and device-writable buffers of one request chain,
 /// in chain order (virtio 1.2 §5.2.6).
 ///
@@ -938,9 +980,9 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
 ///
 /// `m` must point to a live `ReqMem`, and every `(address, length)` in
 /// `req.data` must be memory that may be handed to the device.
-unsafe fn chain_buffers<'a>(m: *mut ReqMem, req: &Req) -> (Vec<&'a [u8]>, Vec<&'a mut [u8]>) {
-    let mut inputs: Vec<&'a [u8]> = Vec::with_capacity(2 + req.data.len());
-    let mut outputs: Vec<&'a mut [u8]> = Vec::with_capacity(1 + req.data.len());
+unsafe fn chain_buffers<'a>(m: *mut ReqMem, req: &Req) -> (Chain<&'a [u8]>, Chain<&'a mut [u8]>) {
+    let mut inputs: Chain<&'a [u8]> = Chain::new(ArrayVec::new());
+    let mut outputs: Chain<&'a mut [u8]> = Chain::new(ArrayVec::new());
     // SAFETY: `m` is live (caller); the three fields are disjoint.
     let (hdr, seg, status): (&'a [u8; 16], &'a [u8; 16], &'a mut [u8; 1]) =
         unsafe { (&(*m).hdr, &(*m).seg, &mut (*m).status) };

@@ -8,6 +8,7 @@
 
 use crate::page::SgList;
 use alloc::vec::Vec;
+use smallvec::SmallVec;
 
 /// What a bio asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,11 +172,14 @@ pub struct Bio {
     /// Scratch word for whoever holds the bio now (FreeBSD's
     /// `bio_driver1`): a geom may set it before handing the bio to a
     /// device and read it back on completion. Drivers leave it alone.
-    pub tag: u64,
+    pub scratch: u64,
     /// The answer to a [`BioCmd::GetAllocation`]: consecutive runs from
     /// `offset` on, covering at most `length` bytes (empty otherwise).
     pub extents: Vec<Extent>,
-    pub(crate) frames: Vec<Frame>,
+    /// One completion frame per hop it has taken, inline for up to four
+    /// hops (a disk under three layers) so passing a bio down allocates
+    /// nothing.
+    pub(crate) frames: SmallVec<[Frame; 4]>,
 }
 
 impl Bio {
@@ -193,9 +197,9 @@ impl Bio {
             fua: false,
             no_hole: false,
             sg,
-            tag: 0,
+            scratch: 0,
             extents: Vec::new(),
-            frames: Vec::new(),
+            frames: SmallVec::new(),
         }
     }
 
@@ -208,9 +212,9 @@ impl Bio {
             fua: false,
             no_hole: false,
             sg: SgList::new(),
-            tag: 0,
+            scratch: 0,
             extents: Vec::new(),
-            frames: Vec::new(),
+            frames: SmallVec::new(),
         }
     }
 
@@ -234,9 +238,9 @@ impl Bio {
             fua: self.fua,
             no_hole: self.no_hole,
             sg,
-            tag: 0,
+            scratch: 0,
             extents: Vec::new(),
-            frames: Vec::new(),
+            frames: SmallVec::new(),
         }
     }
 
@@ -251,9 +255,9 @@ impl Bio {
             fua: self.fua,
             no_hole: self.no_hole,
             sg,
-            tag: 0,
+            scratch: 0,
             extents: Vec::new(),
-            frames: Vec::new(),
+            frames: SmallVec::new(),
         }
     }
 

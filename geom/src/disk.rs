@@ -45,6 +45,10 @@ pub trait BlockDevice {
 
     /// Queues a bio. When the device queue is full the bio is handed back
     /// in `Err` and the caller retries after the next completion.
+    #[allow(
+        clippy::result_large_err,
+        reason = "a refused bio comes back whole, by value, to be retried"
+    )]
     fn submit(&mut self, bio: Bio) -> Result<(), Bio>;
 
     /// Hands every completed bio to `done`; returns how many there were.
@@ -75,6 +79,9 @@ pub struct DiskGeom {
     info: DiskInfo,
     provider: ProviderId,
     waiting: VecDeque<Bio>,
+    /// Completions taken from the device, kept to save an allocation per
+    /// poll.
+    finished: alloc::vec::Vec<(Bio, BioResult)>,
     fua_parked: HashMap<u64, Bio>,
     next_key: u64,
     error_limit: u32,
@@ -122,6 +129,7 @@ impl DiskGeom {
                 info,
                 provider: p,
                 waiting: VecDeque::new(),
+                finished: alloc::vec::Vec::new(),
                 fua_parked: HashMap::new(),
                 next_key: 0,
                 error_limit,
@@ -186,7 +194,7 @@ impl Geom for DiskGeom {
             io.deliver(bio, Ok(()));
             return;
         }
-        bio.tag = if bio.fua && bio.cmd.is_write() && self.info.can_flush {
+        bio.scratch = if bio.fua && bio.cmd.is_write() && self.info.can_flush {
             FUA_WRITE
         } else {
             0
@@ -199,30 +207,31 @@ impl Geom for DiskGeom {
     }
 
     fn poll(&mut self, io: &mut Io<'_>) -> bool {
-        let mut finished = alloc::vec::Vec::new();
+        let mut finished = core::mem::take(&mut self.finished);
         let n = self
             .dev
             .poll(&mut |bio, result| finished.push((bio, result)));
-        for (mut bio, result) in finished {
+        for (mut bio, result) in finished.drain(..) {
             self.note(io, result);
-            if bio.tag & FUA_FLUSH != 0 {
-                let key = bio.tag & !FUA_FLUSH;
+            if bio.scratch & FUA_FLUSH != 0 {
+                let key = bio.scratch & !FUA_FLUSH;
                 if let Some(mut write) = self.fua_parked.remove(&key) {
-                    write.tag = 0;
+                    write.scratch = 0;
                     io.deliver(write, result);
                 }
-            } else if bio.tag == FUA_WRITE && result.is_ok() {
+            } else if bio.scratch == FUA_WRITE && result.is_ok() {
                 let key = self.next_key;
                 self.next_key += 1;
                 self.fua_parked.insert(key, bio);
                 let mut flush = Bio::flush();
-                flush.tag = FUA_FLUSH | key;
+                flush.scratch = FUA_FLUSH | key;
                 self.send(flush);
             } else {
-                bio.tag = 0;
+                bio.scratch = 0;
                 io.deliver(bio, result);
             }
         }
+        self.finished = finished;
         self.retry_waiting();
         n > 0
     }

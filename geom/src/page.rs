@@ -19,8 +19,8 @@
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use smallvec::SmallVec;
 
 /// Bytes in one page.
 pub const PAGE_SIZE: usize = 4096;
@@ -253,10 +253,14 @@ impl PageRef {
     }
 }
 
+/// Page ranges kept inline in a list (16 KiB of whole pages); longer
+/// lists go to the heap, once, sized by [`SgList::with_capacity`].
+const INLINE_SEGMENTS: usize = 4;
+
 /// A scatter-gather list: the ordered page ranges that make up a bio's data.
 #[derive(Clone, Debug, Default)]
 pub struct SgList {
-    segs: Vec<PageRef>,
+    segs: SmallVec<[PageRef; INLINE_SEGMENTS]>,
     len_bytes: u64,
 }
 
@@ -264,14 +268,35 @@ impl SgList {
     /// An empty list (for bios that carry no data).
     pub const fn new() -> SgList {
         SgList {
-            segs: Vec::new(),
+            segs: SmallVec::new_const(),
             len_bytes: 0,
         }
     }
 
+    /// An empty list with room for `segments` page ranges (one allocation
+    /// at most, none for a few).
+    pub fn with_capacity(segments: usize) -> SgList {
+        SgList {
+            segs: SmallVec::with_capacity(segments),
+            len_bytes: 0,
+        }
+    }
+
+    /// Drops every page range, keeping the room (for a list reused by the
+    /// next request).
+    pub fn clear(&mut self) {
+        self.segs.clear();
+        self.len_bytes = 0;
+    }
+
+    /// How many page ranges fit without growing.
+    pub fn capacity(&self) -> usize {
+        self.segs.capacity()
+    }
+
     /// Allocates fresh zeroed pages covering `len_bytes`.
     pub fn alloc(len_bytes: usize) -> SgList {
-        let mut sg = SgList::new();
+        let mut sg = SgList::with_capacity(len_bytes.div_ceil(PAGE_SIZE));
         let mut left = len_bytes;
         while left > 0 {
             let n = left.min(PAGE_SIZE);
@@ -338,7 +363,7 @@ impl SgList {
     /// the stack's own split code, which has checked it).
     pub fn slice(&self, offset: u64, len: u64) -> SgList {
         assert!(offset + len <= self.len_bytes, "sg slice out of range");
-        let mut out = SgList::new();
+        let mut out = SgList::with_capacity(len.div_ceil(PAGE_SIZE as u64) as usize + 1);
         let mut skip = offset;
         let mut want = len;
         for r in &self.segs {

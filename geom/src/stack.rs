@@ -1033,10 +1033,10 @@ impl Stack {
     }
 
     /// Submits a bio from the external user through `consumer`; its
-    /// completion comes back from [`Stack::take_completed`] with `tag`.
-    pub fn submit(&mut self, consumer: ConsumerId, mut bio: Bio, tag: u64) {
+    /// completion comes back from [`Stack::take_completed`] with `cookie`.
+    pub fn submit(&mut self, consumer: ConsumerId, mut bio: Bio, cookie: u64) {
         bio.frames.clear();
-        self.core.push_start(consumer, bio, Owner::User, tag);
+        self.core.push_start(consumer, bio, Owner::User, cookie);
     }
 
     /// Marks a provider dead: I/O to it fails with [`BioError::Orphaned`]
@@ -1246,7 +1246,8 @@ impl Stack {
         any
     }
 
-    /// Takes the next completed external request: its tag, bio and result.
+    /// Takes the next completed external request: its cookie, bio and
+    /// result.
     pub fn take_completed(&mut self) -> Option<(u64, Bio, BioResult)> {
         self.core.completed.pop_front()
     }

@@ -147,6 +147,10 @@ impl ControlResponse {
 
 /// Work a session asks of the service.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the bio travels by value on the I/O path; boxing it would allocate per request"
+)]
 pub enum Work {
     /// A bio for the export with this index; answer with
     /// [`Session::complete`] and the same cookie.

@@ -658,7 +658,9 @@ pub fn partitions_from_host_tools(p: Platform) {
     sf.stdin
         .take()
         .unwrap()
-        .write_all(b"label: gpt\nstart=2048, size=16384, name=one\nstart=18432, size=32768, name=two\n")
+        .write_all(
+            b"label: gpt\nstart=2048, size=16384, name=one\nstart=18432, size=32768, name=two\n",
+        )
         .unwrap();
     assert!(sf.wait().unwrap().success());
     // sgdisk: entries 1 and 3 (there is no vtbd1p2).
@@ -691,7 +693,10 @@ pub fn partitions_from_host_tools(p: Platform) {
         let o = client("nbdinfo", &["--size", &a.uri(export)]);
         assert_eq!(o.stdout.trim(), size.to_string(), "{export}: {}", o.stderr);
     }
-    qemu_io(&a.uri("two"), &["write -P 0x2b 0 64k", "write -P 0x2c 16320k 64k"]);
+    qemu_io(
+        &a.uri("two"),
+        &["write -P 0x2b 0 64k", "write -P 0x2c 16320k 64k"],
+    );
     qemu_io(&a.uri("gamma"), &["write -P 0x3c 4k 4k"]);
     // One past the end of the partition: refused by the server.
     let o = qemu_io_any(&a.uri("two"), &["read 16384k 512"]);
@@ -702,7 +707,10 @@ pub fn partitions_from_host_tools(p: Platform) {
         o.stderr
     );
     // Made live: a table on the spare disk and a partition in it.
-    let out = a.geom(&["part create vtbd2", "part add -t linux-data -s 8m -l live vtbd2"]);
+    let out = a.geom(&[
+        "part create vtbd2",
+        "part add -t linux-data -s 8m -l live vtbd2",
+    ]);
     assert!(out.contains("vtbd2p1"), "{out}");
     let topo = a.topology();
     let part = topo["classes"]

@@ -20,6 +20,7 @@
 use geom::bio::{Bio, BioCmd, BioError, BioResult, Extent, MAX_EXTENTS};
 use geom::disk::{BlockDevice, DiskInfo};
 use geom::page::Lease;
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -148,7 +149,8 @@ impl FileDisk {
 }
 
 impl Backing {
-    fn iovecs(bio: &Bio, lease: &Lease) -> Vec<libc::iovec> {
+    /// The bio's pages as I/O vectors: on the stack up to 1 MiB of pages.
+    fn iovecs(bio: &Bio, lease: &Lease) -> SmallVec<[libc::iovec; 256]> {
         bio.sg
             .iter()
             .map(|r| libc::iovec {

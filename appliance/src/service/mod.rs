@@ -120,6 +120,8 @@ pub struct Service {
     shutdown: Option<Shutdown>,
     platform: Box<dyn Fn() -> PlatformStatus>,
     now_ms: u64,
+    /// Connection ids, kept to save an allocation per poll.
+    ids: Vec<ConnId>,
 }
 
 /// Parses a configuration as the appliance will run it: geom(8)-style
@@ -197,6 +199,7 @@ impl Service {
             shutdown: None,
             platform: Box::new(PlatformStatus::default),
             now_ms: 0,
+            ids: Vec::new(),
         };
         svc.control.boot(config.clone());
         Ok(svc)
@@ -310,13 +313,16 @@ impl Service {
     /// Returns true if anything happened.
     pub fn poll(&mut self) -> bool {
         let mut progress = false;
-        let ids: Vec<ConnId> = self.sessions.keys().copied().collect();
-        for id in ids {
+        let mut ids = core::mem::take(&mut self.ids);
+        ids.clear();
+        ids.extend(self.sessions.keys().copied());
+        for &id in &ids {
             while let Some(work) = self.session_mut(id).and_then(|s| s.next_work()) {
                 progress = true;
                 self.dispatch(id, work);
             }
         }
+        self.ids = ids;
         progress |= self.stack.run();
         while let Some((cookie, bio, result)) = self.stack.take_completed() {
             progress = true;

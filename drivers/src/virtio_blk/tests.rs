@@ -9,6 +9,15 @@ use std::vec::Vec;
 
 // ---- pure helpers ----
 
+/// A device shape with 512-byte blocks.
+fn shape(max_descs: usize, max_desc_bytes: u32) -> Shape {
+    Shape {
+        max_descs,
+        max_desc_bytes,
+        align: 512,
+    }
+}
+
 /// Page ranges of the given (offset, length), and a lease on them (the
 /// planner needs one for their addresses).
 fn page_refs(lens: &[(u32, u32)]) -> (Vec<PageRef>, Lease) {
@@ -50,7 +59,15 @@ fn ring_descriptor_counts() {
 #[test]
 fn chunk_takes_one_descriptor_per_page_range() {
     let (segs, lease) = page_refs(&[(0, 4096), (512, 1024), (0, 4096)]);
-    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 9216, 126, u32::MAX, 512).unwrap();
+    let c = plan_data_chunk(
+        &segs,
+        &lease,
+        Cursor::default(),
+        9216,
+        shape(126, u32::MAX),
+        Vec::new(),
+    )
+    .unwrap();
     assert_eq!(c.bytes, 9216);
     assert_eq!(c.descs.len(), 3);
     assert_eq!(c.descs[1], (segs[1].dma_addr(&lease), 1024));
@@ -62,12 +79,28 @@ fn chunk_respects_seg_max_and_block_alignment() {
     // Ranges of 1000/3096 bytes: a cut after 3 ranges (1000+3096+1000)
     // is not on a 512-byte block and must be pulled back.
     let (segs, lease) = page_refs(&[(0, 1000), (1000, 3096), (0, 1000), (1000, 3096)]);
-    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 8192, 3, u32::MAX, 512).unwrap();
+    let c = plan_data_chunk(
+        &segs,
+        &lease,
+        Cursor::default(),
+        8192,
+        shape(3, u32::MAX),
+        Vec::new(),
+    )
+    .unwrap();
     assert_eq!(c.bytes, 4608);
     assert_eq!(c.descs.len(), 3);
     assert_eq!(c.descs[2].1, 512);
     assert_eq!(c.next, Cursor { seg: 2, off: 512 });
-    let d = plan_data_chunk(&segs, &lease, c.next, 8192 - c.bytes, 3, u32::MAX, 512).unwrap();
+    let d = plan_data_chunk(
+        &segs,
+        &lease,
+        c.next,
+        8192 - c.bytes,
+        shape(3, u32::MAX),
+        Vec::new(),
+    )
+    .unwrap();
     assert_eq!(d.bytes, 3584);
     assert_eq!(d.descs[0], (segs[2].dma_addr(&lease) + 512, 488));
     assert_eq!(d.next, Cursor { seg: 4, off: 0 });
@@ -76,11 +109,27 @@ fn chunk_respects_seg_max_and_block_alignment() {
 #[test]
 fn chunk_splits_ranges_above_size_max() {
     let (segs, lease) = page_refs(&[(0, 4096)]);
-    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 4096, 126, 1024, 512).unwrap();
+    let c = plan_data_chunk(
+        &segs,
+        &lease,
+        Cursor::default(),
+        4096,
+        shape(126, 1024),
+        Vec::new(),
+    )
+    .unwrap();
     assert_eq!(c.descs.len(), 4);
     assert!(c.descs.iter().all(|d| d.1 == 1024));
     // Only two descriptors allowed: half the page now, half later.
-    let c = plan_data_chunk(&segs, &lease, Cursor::default(), 4096, 2, 1024, 512).unwrap();
+    let c = plan_data_chunk(
+        &segs,
+        &lease,
+        Cursor::default(),
+        4096,
+        shape(2, 1024),
+        Vec::new(),
+    )
+    .unwrap();
     assert_eq!(c.bytes, 2048);
     assert_eq!(c.next, Cursor { seg: 0, off: 2048 });
 }
@@ -89,7 +138,14 @@ fn chunk_splits_ranges_above_size_max() {
 fn chunk_fails_when_no_whole_block_fits() {
     let (segs, lease) = page_refs(&[(0, 100), (0, 100), (0, 312)]);
     assert_eq!(
-        plan_data_chunk(&segs, &lease, Cursor::default(), 512, 2, u32::MAX, 512),
+        plan_data_chunk(
+            &segs,
+            &lease,
+            Cursor::default(),
+            512,
+            shape(2, u32::MAX),
+            Vec::new()
+        ),
         None
     );
 }

@@ -65,6 +65,10 @@ pub const POOL_IDLE_MS: u64 = 1_000;
 /// buffer limit): enough for eight 1 MiB requests in flight.
 pub const POOL_MAX_BYTES: u64 = 8 << 20;
 
+/// Most page lists a connection keeps for reuse (one per request in flight
+/// at the depths clients use).
+const SG_POOL_LISTS: usize = 16;
+
 /// The id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT` (any
 /// value will do; the client treats it as opaque).
 pub const ALLOCATION_CONTEXT_ID: u32 = 1;
@@ -365,6 +369,9 @@ pub struct Connection {
     /// Pages of finished requests kept for new ones (at most
     /// [`POOL_MAX_BYTES`]; dropped after [`POOL_IDLE_MS`] without traffic).
     pool: Vec<Page>,
+    /// Page lists of finished requests, cleared, kept for new ones so a
+    /// large request does not allocate its list.
+    sg_pool: Vec<SgList>,
     counters: DataCounters,
 }
 
@@ -404,6 +411,7 @@ impl Connection {
             ctl_pos: 0,
             sending: VecDeque::new(),
             pool: Vec::new(),
+            sg_pool: Vec::new(),
             counters: DataCounters::new(),
         };
         let g = wire::GreetingRepr {
@@ -456,6 +464,7 @@ impl Connection {
         }
         if now_ms.saturating_sub(self.last_active_ms) >= POOL_IDLE_MS {
             self.pool = Vec::new();
+            self.sg_pool = Vec::new();
         }
         if self.closing.is_some() {
             return false;
@@ -506,7 +515,7 @@ impl Connection {
     /// Hands back a bio from [`Connection::next_request`] with its result.
     /// Returns false (and drops the bio) if `cookie` names no submitted
     /// request of this connection.
-    pub fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) -> bool {
+    pub fn complete(&mut self, cookie: u64, mut bio: Bio, result: BioResult) -> bool {
         let Ok(idx) = usize::try_from(cookie) else {
             return false;
         };
@@ -524,7 +533,7 @@ impl Connection {
         }
         if bio.cmd == BioCmd::Write {
             // A write's pages are done with: keep them for later requests.
-            self.recycle(&bio.sg);
+            self.recycle(mem::take(&mut bio.sg));
         }
         let Some(slot) = self.slots.get_mut(idx) else {
             return false;
@@ -1458,9 +1467,9 @@ impl Connection {
         let state = mem::take(&mut slot.state);
         self.live -= 1;
         self.free.push(idx as u32);
-        if let SlotState::Reply(Reply { bio: Some(bio), .. }) = &state {
+        if let SlotState::Reply(Reply { bio: Some(bio), .. }) = state {
             if self.closing.is_none() {
-                self.recycle(&bio.sg);
+                self.recycle(bio.sg);
             }
         }
     }
@@ -1516,7 +1525,11 @@ impl Connection {
     /// reused page holds old data; every user overwrites it whole (a
     /// write's payload, a successful read's data).
     fn alloc_sg(&mut self, len: usize) -> SgList {
-        let mut sg = SgList::new();
+        let pages = len.div_ceil(PAGE_SIZE);
+        let mut sg = match self.sg_pool.iter().position(|s| s.capacity() >= pages) {
+            Some(i) => self.sg_pool.swap_remove(i),
+            None => SgList::with_capacity(pages),
+        };
         let mut left = len;
         while left > 0 {
             let n = left.min(PAGE_SIZE);
@@ -1532,8 +1545,9 @@ impl Connection {
     }
 
     /// Keeps the pages of a finished request for later ones, when nothing
-    /// else holds them and the pool has room.
-    fn recycle(&mut self, sg: &SgList) {
+    /// else holds them and the pool has room; and the list itself, when it
+    /// is a large one.
+    fn recycle(&mut self, mut sg: SgList) {
         let cap = (self.buffer_limit.min(POOL_MAX_BYTES) / PAGE_SIZE as u64) as usize;
         for r in sg.iter() {
             if self.pool.len() >= cap {
@@ -1542,6 +1556,10 @@ impl Connection {
             if r.page.share_count() == 1 {
                 self.pool.push(r.page.clone());
             }
+        }
+        if sg.capacity() > 4 && self.sg_pool.len() < SG_POOL_LISTS {
+            sg.clear();
+            self.sg_pool.push(sg);
         }
     }
 

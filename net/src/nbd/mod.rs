@@ -14,7 +14,7 @@
 //!                         │ handshake · requests ·   │
 //!                         │ slots (≤ max_in_flight)  │
 //!                         └──────────────────────────┘
-//!                  next_request │            ▲ complete(handle, bio, result)
+//!                  next_request │            ▲ complete(cookie, bio, result)
 //!                     (bio)     ▼            │
 //!                         stack.submit ─▶ stack.run ─▶ stack.take_completed
 //! ```
@@ -25,7 +25,7 @@
 //!     conn.on_tick(now_ms);                        // timeouts
 //!     let used = conn.on_recv(&exports, rx_slice); // may be < rx_slice.len()
 //!     while let Some(req) = conn.next_request() {
-//!         stack.submit(consumer_for[req.export], req.bio, (conn_id << 32) | req.handle);
+//!         stack.submit(consumer_for[req.export], req.bio, (conn_id << 32) | req.cookie);
 //!     }
 //!     stack.run();
 //!     while let Some((tag, bio, result)) = stack.take_completed() {

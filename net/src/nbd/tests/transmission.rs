@@ -553,10 +553,10 @@ fn bogus_completions_are_ignored() {
     // Not submitted yet: the slot is not waiting for a completion.
     assert!(!h.conn.complete(0, Bio::read(0, 512), Ok(())));
     let r = h.conn.next_request().unwrap();
-    let handle = r.cookie;
+    let cookie = r.cookie;
     // A completion with the wrong amount of data is an EIO, not a panic.
-    assert!(h.conn.complete(handle, Bio::read(0, 100), Ok(())));
-    assert!(!h.conn.complete(handle, Bio::read(0, 512), Ok(())), "twice");
+    assert!(h.conn.complete(cookie, Bio::read(0, 100), Ok(())));
+    assert!(!h.conn.complete(cookie, Bio::read(0, 512), Ok(())), "twice");
     h.expect_read(1, 512);
     let reply = h.decoder.feed(&drain(&mut h.conn));
     err(&reply[0], 1, EIO);
