@@ -166,11 +166,11 @@ fn handshake(s: &mut TcpStream, export: &str) -> u64 {
     u64::from_be_bytes(reply[..8].try_into().unwrap())
 }
 
-fn request(cmd: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
     r.extend_from_slice(&0u16.to_be_bytes());
     r.extend_from_slice(&cmd.to_be_bytes());
-    r.extend_from_slice(&handle.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
     r.extend_from_slice(&offset.to_be_bytes());
     r.extend_from_slice(&len.to_be_bytes());
     r
@@ -748,4 +748,83 @@ pub fn partitions_from_host_tools(p: Platform) {
         .collect();
     assert!(names.contains(&"vtbd2p1".to_string()), "{names:?}");
     drop(a);
+}
+
+/// Control without stalls: while a mirror over two 1 GiB disks is
+/// labelled live through `POST /geom` (its metadata going to a member
+/// behind a nop that delays every request by 1.5 s, so the labelling
+/// takes seconds), another client's reads and writes keep completing.
+/// Labelling used to spin the event loop until the metadata was written,
+/// and then no other client was served.
+pub fn labelling_does_not_stall_other_clients(p: Platform) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let dir = TempDir::new("nostall");
+    let a = Start::new(p)
+        .disk(disk_spec(&dir, "d0.img", "1G"))
+        .disk(disk_spec(&dir, "d1.img", "1G"))
+        .config("md create -s 16m md0\nexport nbd m md0\n")
+        .spawn()
+        .expect("start");
+    let port = a.nbd_port;
+    let done: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (done, stop) = (done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut s = raw(port);
+            handshake(&mut s, "m");
+            let data = [0x5au8; 4096];
+            let mut reply = [0u8; 16 + 4096];
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let at = (i % 4096) * 4096;
+                let mut w = request(1, i, at, 4096);
+                w.extend_from_slice(&data);
+                s.write_all(&w).unwrap();
+                s.read_exact(&mut reply[..16]).unwrap();
+                assert_eq!(&reply[4..8], &[0; 4], "write {i}");
+                s.write_all(&request(0, i, at, 4096)).unwrap();
+                s.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply[4..8], &[0; 4], "read {i}");
+                assert!(reply[16..].iter().all(|&b| b == 0x5a), "read {i} data");
+                done.lock().unwrap().push(Instant::now());
+                i += 1;
+            }
+        })
+    };
+    wait_for("the client to run", Duration::from_secs(20), || {
+        (done.lock().unwrap().len() > 10).then_some(())
+    });
+    let t0 = Instant::now();
+    let (code, body) = a.http_post(
+        "/geom",
+        "nop create -d 1500 vtbd1\nmirror label gm0 vtbd0 vtbd1.nop\n",
+    );
+    let t1 = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    client.join().expect("the client's I/O all succeeded");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("mirror/gm0"), "{body}");
+    let took = t1 - t0;
+    assert!(
+        took > Duration::from_millis(2500),
+        "the labelling waited for its delayed metadata I/O ({took:?})"
+    );
+    // Completions well inside the labelling's window, away from its edges.
+    let (from, to) = (
+        t0 + Duration::from_millis(300),
+        t1 - Duration::from_millis(300),
+    );
+    let during = done
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&t| t > from && t < to)
+        .count();
+    assert!(
+        during >= 20,
+        "only {during} requests completed during {took:?} of labelling"
+    );
 }

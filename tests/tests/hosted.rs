@@ -41,3 +41,8 @@ fn live_changes_and_forced_destroy() {
 fn partitions_from_host_tools() {
     scenarios::partitions_from_host_tools(Hosted);
 }
+
+#[test]
+fn labelling_does_not_stall_other_clients() {
+    scenarios::labelling_does_not_stall_other_clients(Hosted);
+}

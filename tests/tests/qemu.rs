@@ -42,3 +42,8 @@ fn live_changes_and_forced_destroy() {
 fn partitions_from_host_tools() {
     scenarios::partitions_from_host_tools(Qemu);
 }
+
+#[test]
+fn labelling_does_not_stall_other_clients() {
+    scenarios::labelling_does_not_stall_other_clients(Qemu);
+}
