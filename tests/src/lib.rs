@@ -132,6 +132,10 @@ pub struct Start<'a> {
     pub config: Option<&'a str>,
     /// Extra arguments for `strata`.
     pub extra: Vec<String>,
+    /// Another `strata` binary to run (a baseline build), and its kernel.
+    pub binary: Option<PathBuf>,
+    /// The kernel that binary boots (`STRATA_KERNEL`).
+    pub kernel: Option<PathBuf>,
 }
 
 impl<'a> Start<'a> {
@@ -142,7 +146,16 @@ impl<'a> Start<'a> {
             disks: Vec::new(),
             config: None,
             extra: Vec::new(),
+            binary: None,
+            kernel: None,
         }
+    }
+
+    /// Runs another build of Strata: `strata` and the kernel it boots.
+    pub fn build(mut self, strata: PathBuf, kernel: PathBuf) -> Self {
+        self.binary = Some(strata);
+        self.kernel = Some(kernel);
+        self
     }
 
     /// Adds a disk.
@@ -158,7 +171,10 @@ impl<'a> Start<'a> {
     }
 
     fn command(&self, dir: &TempDir, nbd: u16, http: u16, log: &Path) -> Command {
-        let mut c = Command::new(strata_bin());
+        let mut c = Command::new(self.binary.clone().unwrap_or_else(strata_bin));
+        if let Some(k) = &self.kernel {
+            c.env("STRATA_KERNEL", k);
+        }
         c.arg(match self.platform {
             Platform::Qemu => "run",
             Platform::Hosted => "hosted",

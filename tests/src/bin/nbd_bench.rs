@@ -19,11 +19,18 @@
 //! `STRATA_BENCH_SKIP_QEMU=1` to leave out the appliance (and the boot
 //! times), `STRATA_BENCH_SERVERS` to pick servers (a comma-separated list
 //! of `qemu-nbd`, `nbdkit`, `hosted`, `appliance`).
+//!
+//! `STRATA_BENCH_BASELINE=REV` (a git revision of this repository) also
+//! builds that revision (its tree exported with `git archive` into
+//! `target/baseline/REV`, built there) and measures its hosted Strata and
+//! appliance in the same run, in rows marked `REV`: the way to compare a
+//! change with what came before it on the same machine at the same time.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use strata_tests::bench::start_to_ready;
-use strata_tests::{free_port, strata_bin, Platform, Start, TempDir};
+use strata_tests::{free_port, root, strata_bin, Platform, Start, TempDir};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -234,6 +241,52 @@ fn fill_random(path: &std::path::Path, mb: u64) {
     assert!(st.success());
 }
 
+/// Builds revision `rev` of this repository apart (its own tree and
+/// target directory under `target/baseline/`); returns its `strata` and
+/// its kernel.
+fn baseline(rev: &str) -> Option<(PathBuf, PathBuf)> {
+    let dir = root().join("target/baseline").join(rev);
+    if !dir.join("Cargo.toml").exists() {
+        std::fs::create_dir_all(&dir).ok()?;
+        let archive = Command::new("git")
+            .args(["archive", "--format=tar", rev])
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let st = Command::new("tar")
+            .arg("-x")
+            .current_dir(&dir)
+            .stdin(archive.stdout?)
+            .status()
+            .ok()?;
+        if !st.success() {
+            eprintln!("nbd_bench: cannot export revision {rev}");
+            return None;
+        }
+    }
+    let target = dir.join("target");
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", "image", "--bin", "strata"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&dir)
+        .status()
+        .ok()?;
+    if !st.success() {
+        eprintln!("nbd_bench: building {rev} failed");
+        return None;
+    }
+    let strata = target.join("release/strata");
+    let out = Command::new(&strata)
+        .arg("build")
+        .env_remove("STRATA_KERNEL")
+        .current_dir(&dir)
+        .output()
+        .ok()?;
+    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    kernel.exists().then_some((strata, kernel))
+}
+
 fn main() {
     let size_mb = env_u64("STRATA_BENCH_MB", 256);
     let secs = env_u64("STRATA_BENCH_SECS", 4);
@@ -282,6 +335,33 @@ fn main() {
             &dir,
         ));
         drop(p);
+    }
+    let base = std::env::var("STRATA_BENCH_BASELINE")
+        .ok()
+        .and_then(|rev| baseline(&rev).map(|b| (rev, b)));
+    if let Some((rev, (strata, kernel))) = &base {
+        if want("hosted") {
+            let s = Start::new(Platform::Hosted).disk(&f);
+            match s.build(strata.clone(), kernel.clone()).spawn() {
+                Ok(a) => {
+                    let name = format!("strata hosted {rev}");
+                    rows.push(measure(&name, &a.uri("vtbd0"), size_mb, secs, &dir));
+                    let _ = a.stop();
+                }
+                Err(e) => eprintln!("nbd_bench: hosted {rev}: {e}"),
+            }
+        }
+        if !skip_qemu && want("appliance") {
+            let s = Start::new(Platform::Qemu).disk(&f);
+            match s.build(strata.clone(), kernel.clone()).spawn() {
+                Ok(a) => {
+                    let name = format!("strata appliance {rev}");
+                    rows.push(measure(&name, &a.uri("vtbd0"), size_mb, secs, &dir));
+                    let _ = a.stop();
+                }
+                Err(e) => eprintln!("nbd_bench: appliance {rev}: {e}"),
+            }
+        }
     }
     let hosted = want("hosted").then(|| Start::new(Platform::Hosted).disk(&f).spawn());
     match hosted.unwrap_or(Err(String::new())) {
