@@ -29,7 +29,9 @@ impl Service {
             }
             ("POST", "/shutdown") => {
                 self.begin_shutdown();
-                json("{\"shutdown\":true}\n".into())
+                let mut body = serde_json::json!({"shutdown": true}).to_string();
+                body.push('\n');
+                json(body)
             }
             ("GET", "/geom") => {
                 let mut body = geom::ctl::topology(&self.stack).to_string();
