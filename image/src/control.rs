@@ -1,8 +1,9 @@
 //! Stopping a running appliance: its own `POST /shutdown` (which flushes
 //! every disk), and QEMU's QMP `quit` when the appliance does not answer.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use crate::http;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -10,35 +11,7 @@ use std::time::Duration;
 /// Sends `POST /shutdown` to the appliance's HTTP endpoint and returns the
 /// HTTP status code. Every step is bounded by `timeout`.
 pub fn http_shutdown(addr: SocketAddr, timeout: Duration) -> io::Result<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let _ = s.set_nodelay(true);
-    write!(
-        s,
-        "POST /shutdown HTTP/1.1\r\nHost: strata\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut status_line = String::new();
-    BufReader::new(&mut s)
-        .take(1024)
-        .read_line(&mut status_line)?;
-    parse_status_line(&status_line).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("not an HTTP reply: {:?}", status_line.trim_end()),
-        )
-    })
-}
-
-/// The status code of an HTTP/1.x status line (RFC 9112 §4).
-pub fn parse_status_line(line: &str) -> Option<u16> {
-    let mut w = line.split_ascii_whitespace();
-    let version = w.next()?;
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    let code = w.next()?;
-    (code.len() == 3).then(|| code.parse().ok()).flatten()
+    http::request(addr, "POST", "/shutdown", b"", &[], timeout).map(|r| r.status)
 }
 
 /// A QMP connection past capabilities negotiation (QEMU's
@@ -113,18 +86,10 @@ fn wait_return(r: &mut impl BufRead) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::net::TcpListener;
     use std::os::unix::net::UnixListener;
     use std::thread;
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(parse_status_line("HTTP/1.1 200 OK\r\n"), Some(200));
-        assert_eq!(parse_status_line("HTTP/1.0 503 Busy"), Some(503));
-        assert_eq!(parse_status_line("SSH-2.0-x"), None);
-        assert_eq!(parse_status_line("HTTP/1.1 2000 x"), None);
-        assert_eq!(parse_status_line(""), None);
-    }
 
     #[test]
     fn posts_shutdown() {

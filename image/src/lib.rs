@@ -7,6 +7,7 @@
 //! - [`qemu`]: the QEMU command line as a typed value; exit statuses;
 //! - [`probe`]: the NBD handshake that proves the appliance listens;
 //! - [`console`]: the appliance's machine-readable console lines;
+//! - [`http`]: the HTTP/1.1 client for the management endpoint;
 //! - [`control`]: `POST /shutdown` and QMP `quit`;
 //! - [`mgmt`]: `strata geom`, `geom list` and `gstat` over the management endpoint;
 //! - [`kernel`]: building the appliance kernel;
@@ -18,6 +19,7 @@ pub mod backlog;
 pub mod console;
 pub mod control;
 pub mod disk;
+pub mod http;
 pub mod kernel;
 pub mod memfile;
 pub mod mgmt;

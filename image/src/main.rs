@@ -3,6 +3,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::disk::{ensure_disk, DiskSpec, DEFAULT_DISK_SIZE_BYTES};
+use image::http;
 use image::kernel::{build_kernel, ensure_kernel};
 use image::memfile::MemFile;
 use image::mgmt;
@@ -325,7 +326,7 @@ fn mgmt_addr(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
 }
 
-fn mgmt_request(port: u16, method: &str, path: &str, body: &str) -> Result<mgmt::Reply, Failure> {
+fn mgmt_request(port: u16, method: &str, path: &str, body: &str) -> Result<http::Reply, Failure> {
     mgmt::request(mgmt_addr(port), method, path, body, MGMT_TIMEOUT).map_err(|e| {
         Failure::runtime(format!(
             "cannot reach the appliance at 127.0.0.1:{port} ({method} {path}): {e}"
@@ -350,14 +351,14 @@ fn cmd_geom(a: GeomArgs) -> Result<(), Failure> {
                 return Err(Failure::runtime(format!(
                     "GET /geom: HTTP {}: {}",
                     r.status,
-                    r.body.trim()
+                    r.text().trim()
                 )));
             }
             if json {
-                let _ = write!(out, "{}", r.body);
+                let _ = write!(out, "{}", r.text());
                 return Ok(());
             }
-            let v: serde_json::Value = serde_json::from_str(&r.body)
+            let v: serde_json::Value = serde_json::from_str(&r.text())
                 .map_err(|e| Failure::runtime(format!("GET /geom: not JSON: {e}")))?;
             let text = mgmt::format_geom_list(&v)
                 .map_err(|e| Failure::runtime(format!("GET /geom: {e}")))?;
@@ -385,7 +386,7 @@ fn cmd_gstat(a: GstatArgs) -> Result<(), Failure> {
         if r.status != 200 {
             return Err(Failure::runtime(format!("GET /metrics: HTTP {}", r.status)));
         }
-        Ok((std::time::Instant::now(), mgmt::parse_metrics(&r.body)))
+        Ok((std::time::Instant::now(), mgmt::parse_metrics(&r.text())))
     };
     let mut prev = sample()?;
     let mut shown = 0u64;
