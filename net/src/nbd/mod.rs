@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!            rx slice                                   tx slice
-//!   socket ───────────▶ on_recv ──┐            ┌──▶ fill_tx ───────────▶ socket
+//!   socket ───────────▶ on_recv ──┐            ┌──▶ copy_out ──────────▶ socket
 //!      (or readv into rx_pieces)  ▼            │    (or writev of tx_pieces)
 //!                         ┌──────────────────────────┐
 //!            on_tick ───▶ │        Connection        │
@@ -31,7 +31,7 @@
 //!     while let Some((tag, bio, result)) = stack.take_completed() {
 //!         conns[tag >> 32].complete(tag as u32 as u64, bio, result);
 //!     }
-//!     let n = conn.fill_tx(tx_slice);
+//!     let n = net::session::copy_out(&mut conn, tx_slice);
 //!     if peer_sent_fin { conn.input_closed(); }
 //!     if conn.is_finished() { /* close the socket, drop the connection */ }
 //! }
