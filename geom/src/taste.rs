@@ -20,13 +20,13 @@
 //! has been read, so a class that can run degraded (mirror) waits for it
 //! before assembling with members missing; stripe and concat need all
 //! members and do not care. A member that appears after its geom was
-//! assembled goes to [`Class::join`] (mirror: a returning disk).
+//! assembled goes to [`crate::class::Class::join`] (mirror: a returning disk).
 //!
 //! Labelling is the other direction: [`Stack::write_meta`] writes a record
 //! into a provider's last sector (FUA, so it is stable when it completes).
 //!
-//! A class with metadata implements [`Class::assemble`] (and, when it can
-//! run degraded, [`Class::ready`] and [`Class::join`]) and writes its
+//! A class with metadata implements [`crate::class::Class::assemble`] (and, when it can
+//! run degraded, [`crate::class::Class::ready`] and [`crate::class::Class::join`]) and writes its
 //! records with [`Stack::write_meta`] from its label command; every class
 //! in [`crate::class::CLASSES`] is asked about the records naming it.
 

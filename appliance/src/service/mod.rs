@@ -18,7 +18,7 @@
 //! are a provider, a protocol and options ([`exports`]). The platform owns
 //! sockets and devices; the service owns everything else and never blocks:
 //! config lines (at boot and from `POST /geom`) run as jobs of the loop
-//! ([`control`]), so labelling a mirror does not stall other clients.
+//! (`control`), so labelling a mirror does not stall other clients.
 
 #![forbid(unsafe_code)]
 

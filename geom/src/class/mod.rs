@@ -6,7 +6,7 @@
 //!
 //! To add a class, copy `nop.rs` (pass-through, no metadata) or
 //! `concat.rs` (several members, metadata, tasting) and add its name to
-//! the [`classes!`] line below; `docs/writing-a-class.md` walks through it.
+//! the `classes!` line below; `docs/writing-a-class.md` walks through it.
 
 use crate::bio::{GeomId, ProviderId};
 use crate::config::{Args, ConfigError};
