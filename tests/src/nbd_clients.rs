@@ -535,20 +535,32 @@ pub fn simultaneous_management(p: Platform) {
     for (i, t) in threads.into_iter().enumerate() {
         t.join().unwrap_or_else(|_| panic!("request {i} failed"));
     }
-    // Idle connections up to the limit, each seen by the server (an idle
-    // one is counted once it is established).
-    let mut idle: Vec<TcpStream> = (0..HTTP_CONNECTION_LIMIT).map(|_| tcp(port)).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Idle connections up to the limit, all held by the server: one the
+    // server did not take is closed at once, so once every connection
+    // opened stays open, the server holds the limit.
+    let mut idle: Vec<TcpStream> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut extra = tcp(port);
-        if closed_without_data(&mut extra, Duration::from_secs(5)) {
+        while idle.len() < HTTP_CONNECTION_LIMIT {
+            idle.push(tcp(port));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        idle.retain(|s| {
+            !closed_without_data(&mut s.try_clone().unwrap(), Duration::from_millis(100))
+        });
+        if idle.len() == HTTP_CONNECTION_LIMIT {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "a management client over the limit is closed at once"
+            "the server holds idle connections"
         );
     }
+    let mut extra = tcp(port);
+    assert!(
+        closed_without_data(&mut extra, Duration::from_secs(10)),
+        "a management client over the limit is closed at once"
+    );
     drop(idle.pop());
     let mut answered = false;
     for _ in 0..50 {
