@@ -30,7 +30,7 @@ use geom::page::{DataCounters, Page};
 
 /// Most pieces handed out by one [`Session::rx_pieces`] or
 /// [`Session::tx_pieces`] call (one vectored system call's worth).
-pub const MAX_PIECES: usize = 128;
+pub const MAX_PIECES: usize = 512;
 
 /// A byte range of a bio page handed to the transport: a vectored
 /// transport moves the bytes by the page's address, as a device would
