@@ -61,8 +61,8 @@ pub enum BioError {
     Io,
     /// Offset, length or alignment is invalid (EINVAL).
     Invalid,
-    /// The request ends past the end of the provider (ENOSPC on write,
-    /// EINVAL otherwise, as the engine decides).
+    /// The request ends past the end of the provider (EINVAL; NBD
+    /// answers a write past the end with ENOSPC, as proto.md asks).
     OutOfRange,
     /// The provider is gone (ENXIO): its device died or its geom was destroyed.
     Orphaned,
@@ -72,6 +72,9 @@ pub enum BioError {
     NotSupported,
     /// No memory or queue space; the request may be retried (ENOMEM).
     NoMemory,
+    /// The medium has no room left (ENOSPC): a host file system that is
+    /// full, a thin device out of space.
+    NoSpace,
 }
 
 impl BioError {
@@ -80,11 +83,12 @@ impl BioError {
         match self {
             BioError::Io => 5,
             BioError::Invalid => 22,
-            BioError::OutOfRange => 28,
+            BioError::OutOfRange => 22,
             BioError::Orphaned => 6,
             BioError::Access => 1,
             BioError::NotSupported => 95,
             BioError::NoMemory => 12,
+            BioError::NoSpace => 28,
         }
     }
 }

@@ -7,9 +7,16 @@
 //! write followed by a flush, since virtio-blk has no FUA bit. It answers
 //! GET_ALLOCATION itself from [`BlockDevice::allocation`].
 //!
-//! A device that fails [`DEFAULT_ERROR_LIMIT`] requests in a row is taken
-//! for dead: the disk geom orphans its provider, and the failure travels
-//! up the stack as orphan events (bios in flight still complete).
+//! A device that fails [`DEFAULT_ERROR_LIMIT`] requests in a row, or as
+//! many writes in a row whatever its reads do, is taken for dead: the disk
+//! geom orphans its provider, and the failure travels up the stack as
+//! orphan events (bios in flight still complete).
+//!
+//! A failed FLUSH stays failed: the data it was to make stable may be gone
+//! (a host file system that failed `fdatasync` has dropped the dirty pages),
+//! so every later FLUSH on the disk fails too, until the disk is orphaned
+//! or attached anew. A later success must never tell a client that writes
+//! acknowledged before the failure are safe.
 
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ProviderId};
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
@@ -86,6 +93,10 @@ pub struct DiskGeom {
     next_key: u64,
     error_limit: u32,
     errors_in_a_row: u32,
+    /// Write errors since the last successful write.
+    write_errors_in_a_row: u32,
+    /// A flush failed: every later flush fails.
+    flush_failed: bool,
     errors_total: u64,
 }
 
@@ -134,6 +145,8 @@ impl DiskGeom {
                 next_key: 0,
                 error_limit,
                 errors_in_a_row: 0,
+                write_errors_in_a_row: 0,
+                flush_failed: false,
                 errors_total: 0,
             }),
         );
@@ -150,14 +163,29 @@ impl DiskGeom {
         }
     }
 
-    /// Counts device errors; too many in a row orphan the provider.
-    fn note(&mut self, io: &mut Io<'_>, result: BioResult) {
+    /// Counts device errors; too many in a row (or too many writes in a
+    /// row) orphan the provider. A failed flush is remembered.
+    fn note(&mut self, io: &mut Io<'_>, cmd: BioCmd, result: BioResult) {
+        if cmd == BioCmd::Flush && result.is_err() {
+            self.flush_failed = true;
+        }
         match result {
-            Ok(()) => self.errors_in_a_row = 0,
-            Err(BioError::Io) => {
+            Ok(()) => {
+                self.errors_in_a_row = 0;
+                if cmd.is_write() {
+                    self.write_errors_in_a_row = 0;
+                }
+            }
+            Err(BioError::Io | BioError::NoSpace) => {
                 self.errors_in_a_row += 1;
                 self.errors_total += 1;
-                if self.error_limit > 0 && self.errors_in_a_row >= self.error_limit {
+                if cmd.is_write() {
+                    self.write_errors_in_a_row += 1;
+                }
+                let limit = self.error_limit;
+                if limit > 0
+                    && (self.errors_in_a_row >= limit || self.write_errors_in_a_row >= limit)
+                {
                     io.orphan_provider(self.provider);
                 }
             }
@@ -189,6 +217,11 @@ impl Geom for DiskGeom {
             io.deliver(bio, Ok(()));
             return;
         }
+        if self.flush_failed && (bio.cmd == BioCmd::Flush || (bio.fua && bio.cmd.is_write())) {
+            // What an earlier flush lost cannot be made stable now.
+            io.deliver(bio, Err(BioError::Io));
+            return;
+        }
         if bio.cmd == BioCmd::GetAllocation {
             bio.extents = self.dev.allocation(bio.offset, bio.length);
             io.deliver(bio, Ok(()));
@@ -211,8 +244,11 @@ impl Geom for DiskGeom {
         let n = self
             .dev
             .poll(&mut |bio, result| finished.push((bio, result)));
-        for (mut bio, result) in finished.drain(..) {
-            self.note(io, result);
+        for (mut bio, mut result) in finished.drain(..) {
+            self.note(io, bio.cmd, result);
+            if bio.cmd == BioCmd::Flush && self.flush_failed {
+                result = result.and(Err(BioError::Io));
+            }
             if bio.scratch & FUA_FLUSH != 0 {
                 let key = bio.scratch & !FUA_FLUSH;
                 if let Some(mut write) = self.fua_parked.remove(&key) {
@@ -241,6 +277,8 @@ impl Geom for DiskGeom {
             "read_only": self.info.read_only,
             "errors": self.errors_total,
             "errors_in_a_row": self.errors_in_a_row,
+            "write_errors_in_a_row": self.write_errors_in_a_row,
+            "flush_failed": self.flush_failed,
             "error_limit": self.error_limit,
             "queued": self.waiting.len(),
         })
@@ -250,4 +288,46 @@ impl Geom for DiskGeom {
 /// A device name for the n-th virtio disk, as FreeBSD names them.
 pub fn vtbd_name(n: usize) -> String {
     alloc::format!("vtbd{n}")
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bio::{Bio, BioError};
+    use crate::stack::Access;
+    use crate::testing::{self, write_bio};
+
+    #[test]
+    fn a_failed_flush_stays_failed() {
+        let (mut s, disks) = testing::stack_with_disks(1, 1 << 20, 512);
+        let c = s.open("vtbd0", Access::READ_WRITE).unwrap();
+        testing::write(&mut s, c, 0, &[1; 4096]).unwrap();
+        disks[0].fail_next(1);
+        assert_eq!(testing::flush(&mut s, c), Err(BioError::Io));
+        // The device works again, but what the failed flush was to make
+        // stable may be gone: later flushes, and FUA writes, fail too.
+        testing::write(&mut s, c, 4096, &[2; 4096]).unwrap();
+        assert_eq!(testing::flush(&mut s, c), Err(BioError::Io));
+        let mut fua = write_bio(8192, &[3; 4096]);
+        fua.fua = true;
+        assert_eq!(testing::io(&mut s, c, fua).1, Err(BioError::Io));
+        // Reads and plain writes still work.
+        assert_eq!(testing::read(&mut s, c, 0, 4096).unwrap(), [1; 4096]);
+        let g = s.find_geom("disk", "vtbd0").unwrap();
+        assert_eq!(s.dumpconf(g)["flush_failed"], true);
+    }
+
+    #[test]
+    fn a_disk_that_fails_writes_but_serves_reads_is_dropped() {
+        let (mut s, disks) = testing::stack_with_disks(1, 1 << 20, 512);
+        let c = s.open("vtbd0", Access::READ_WRITE).unwrap();
+        disks[0].set_fail_writes(true);
+        for i in 0..crate::disk::DEFAULT_ERROR_LIMIT {
+            let p = s.find_provider("vtbd0").unwrap();
+            assert!(!s.provider(p).orphaned, "after {i} write errors");
+            assert!(testing::read(&mut s, c, 0, 512).is_ok(), "reads still work");
+            assert!(testing::write(&mut s, c, 0, &[1; 512]).is_err());
+        }
+        let (_, r) = testing::io(&mut s, c, Bio::read(0, 512));
+        assert_eq!(r, Err(BioError::Orphaned));
+    }
 }

@@ -142,10 +142,13 @@ impl QemuConfig {
             push(&["-global", "virtio-mmio.force-legacy=false"]);
         }
         for (n, disk) in self.disks.iter().enumerate() {
+            // werror/rerror=report: a host error (ENOSPC, EIO) completes the
+            // request with an error status the appliance handles, instead
+            // of QEMU's default of pausing the whole VM on ENOSPC.
             push(&[
                 "-drive",
                 &format!(
-                    "file={},if=none,id=d{n},format=raw,cache=writeback,discard=unmap,aio=threads",
+                    "file={},if=none,id=d{n},format=raw,cache=writeback,discard=unmap,aio=threads,werror=report,rerror=report",
                     qemu_escape(&disk.to_string_lossy())
                 ),
             ]);
@@ -278,8 +281,8 @@ mod tests {
         assert_eq!(
             values(&a, "-drive"),
             [
-                "file=/d/a.img,if=none,id=d0,format=raw,cache=writeback,discard=unmap,aio=threads",
-                "file=/d/b,,c.img,if=none,id=d1,format=raw,cache=writeback,discard=unmap,aio=threads",
+                "file=/d/a.img,if=none,id=d0,format=raw,cache=writeback,discard=unmap,aio=threads,werror=report,rerror=report",
+                "file=/d/b,,c.img,if=none,id=d1,format=raw,cache=writeback,discard=unmap,aio=threads,werror=report,rerror=report",
             ]
         );
         assert_eq!(

@@ -295,7 +295,7 @@ impl Backing {
         );
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) => BioError::NotSupported,
-            Some(libc::ENOSPC) => BioError::OutOfRange,
+            Some(libc::ENOSPC) => BioError::NoSpace,
             _ => BioError::Io,
         }
     }

@@ -67,7 +67,7 @@ pub fn parse_error(s: &str) -> Option<BioError> {
         "EIO" | "5" => BioError::Io,
         "ENXIO" | "6" => BioError::Orphaned,
         "EINVAL" | "22" => BioError::Invalid,
-        "ENOSPC" | "28" => BioError::OutOfRange,
+        "ENOSPC" | "28" => BioError::NoSpace,
         "EPERM" | "1" => BioError::Access,
         "ENOMEM" | "12" => BioError::NoMemory,
         "EOPNOTSUPP" | "ENOTSUP" | "95" => BioError::NotSupported,

@@ -525,6 +525,7 @@ fn message_for(e: BioError) -> &'static str {
         BioError::Access => "permission denied",
         BioError::NotSupported => "operation not supported",
         BioError::NoMemory => "out of memory",
+        BioError::NoSpace => "no space left on the device",
     }
 }
 

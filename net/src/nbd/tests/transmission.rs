@@ -525,6 +525,11 @@ fn bio_errors_map_to_nbd_errnos() {
         (Command::Trim, BioError::NotSupported, EINVAL),
         (Command::Write, BioError::NoMemory, ENOMEM),
         (Command::Flush, BioError::Orphaned, EIO),
+        // A full host file system reaches the client as ENOSPC, whatever
+        // the command.
+        (Command::Write, BioError::NoSpace, ENOSPC),
+        (Command::Flush, BioError::NoSpace, ENOSPC),
+        (Command::Trim, BioError::NoSpace, ENOSPC),
     ];
     for (cmd, e, want) in cases {
         let mut h = harness(false);
