@@ -378,6 +378,7 @@ fn check_name(stack: &Stack, name: &str) -> Result<(), MirrorError> {
         sector_size: 512,
         flags: 0,
         params: [0; PARAMS],
+        tail: [0; crate::meta::TAIL_LEN],
     };
     if probe.check().is_err() || name.contains('/') {
         return Err(MirrorError::BadName(String::from(name)));

@@ -75,6 +75,7 @@ impl MirrorGeom {
             sector_size: m.sector_size,
             flags,
             params,
+            tail: [0; crate::meta::TAIL_LEN],
         }
     }
 

@@ -601,6 +601,7 @@ fn assembly_plan_follows_generations() {
             sector_size: 512,
             flags,
             params: [2, sync, (1 << 20) - 512, 512, 0, 0, 0, 0],
+            tail: [0; crate::meta::TAIL_LEN],
         },
     };
     let p = label::plan(&[rec(0, 5, 0, 0), rec(1, 4, 0, 0), rec(2, 5, 1, 8192 + 100)]).unwrap();
