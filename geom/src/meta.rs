@@ -26,7 +26,8 @@
 //!               (stripe: params[0] = stripe size in bytes)
 //!    208     4  crc32 (IEEE, crc32fast) of bytes 0..208
 //!    212   300  tail: class-defined, not covered by the crc above (a class
-//!               that keeps something there checks it itself)
+//!               that keeps something there checks it itself; mirror:
+//!               its history and write-intent bitmap with their own crc)
 //! ```
 //!
 //! The module has the three parts of a wire format in smoltcp's style: a
@@ -601,7 +602,7 @@ mod tests {
         assert!(big[512..].iter().all(|&b| b == 0));
         assert_eq!(MetaRepr::from_bytes(&big), Ok(r.clone()));
         // A flipped tail bit leaves the record valid: the tail is the
-        // class's to check.
+        // class's to check (mirror carries its own crc there).
         for byte in [META_LEN, META_LEN + 100, 511] {
             let mut b = s.clone();
             b[byte] ^= 0x10;
