@@ -4,7 +4,9 @@
 //! A `label` command writes it; at boot, and whenever a provider appears,
 //! the stack reads the last sector back ([`crate::taste`]), parses it, and
 //! hands it to the class it names. The record is little-endian and fits in
-//! a 512-byte sector; the rest of the sector is zero.
+//! a 512-byte sector; the bytes after it, up to the end of the first 512
+//! bytes, are the class's tail (zero for classes that keep nothing
+//! there); anything beyond 512 bytes of a larger sector is zero.
 //!
 //! ```text
 //! offset  size  field
@@ -23,6 +25,9 @@
 //!    144    64  params: 8 × u64, meaning chosen by the class
 //!               (stripe: params[0] = stripe size in bytes)
 //!    208     4  crc32 (IEEE, crc32fast) of bytes 0..208
+//!    212   300  tail: class-defined, not covered by the crc above (a class
+//!               that keeps something there checks it itself; mirror:
+//!               its history and write-intent bitmap with their own crc)
 //! ```
 //!
 //! The module has the three parts of a wire format in smoltcp's style: a
@@ -45,6 +50,9 @@ pub const CLASS_LEN: usize = 16;
 pub const NAME_LEN: usize = 64;
 /// Number of class parameter words.
 pub const PARAMS: usize = 8;
+/// Bytes of the class-defined tail after the record: the rest of the
+/// smallest sector.
+pub const TAIL_LEN: usize = 512 - META_LEN;
 
 mod field {
     use core::ops::Range;
@@ -62,6 +70,7 @@ mod field {
     pub const RESERVED: Range<usize> = 140..144;
     pub const PARAMS: usize = 144;
     pub const CRC: Range<usize> = 208..212;
+    pub const TAIL: Range<usize> = 212..512;
 }
 
 /// Why a sector does not hold valid metadata.
@@ -218,6 +227,13 @@ impl<T: AsRef<[u8]>> Meta<T> {
     pub fn compute_checksum(&self) -> u32 {
         crc32fast::hash(&self.b()[..field::CRC.start])
     }
+
+    /// The class-defined tail: the bytes after the record, as far as the
+    /// buffer reaches (at most [`TAIL_LEN`]).
+    pub fn tail(&self) -> &[u8] {
+        let b = self.b();
+        &b[field::TAIL.start..b.len().min(field::TAIL.end)]
+    }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Meta<T> {
@@ -302,6 +318,13 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Meta<T> {
         self.put(at..at + 8, &v.to_le_bytes());
     }
 
+    /// Writes the tail, as much of it as the buffer holds.
+    pub fn set_tail(&mut self, tail: &[u8; TAIL_LEN]) {
+        let end = self.bm().len().min(field::TAIL.end);
+        let n = end - field::TAIL.start;
+        self.bm()[field::TAIL.start..end].copy_from_slice(&tail[..n]);
+    }
+
     /// Stores the checksum of the record's current contents.
     pub fn fill_checksum(&mut self) {
         let c = self.compute_checksum();
@@ -354,6 +377,9 @@ pub struct MetaRepr {
     pub flags: u32,
     /// Class-defined parameters (stripe: `params[0]` = stripe size).
     pub params: [u64; PARAMS],
+    /// Class-defined bytes after the record (zero when the sector read
+    /// was shorter); not covered by the record's checksum.
+    pub tail: [u8; TAIL_LEN],
 }
 
 impl MetaRepr {
@@ -387,6 +413,9 @@ impl MetaRepr {
         for (i, p) in params.iter_mut().enumerate() {
             *p = view.param(i);
         }
+        let mut tail = [0u8; TAIL_LEN];
+        let t = view.tail();
+        tail[..t.len()].copy_from_slice(t);
         Ok(MetaRepr {
             class,
             name,
@@ -398,6 +427,7 @@ impl MetaRepr {
             sector_size: sector,
             flags: view.flags(),
             params,
+            tail,
         })
     }
 
@@ -432,6 +462,7 @@ impl MetaRepr {
             view.set_param(i, p);
         }
         view.fill_checksum();
+        view.set_tail(&self.tail);
         Ok(())
     }
 
@@ -471,6 +502,7 @@ mod tests {
             sector_size: 512,
             flags: 0xa5,
             params: [65536, 0, 0, 0, 0, 0, 0, 0x1122_3344_5566_7788],
+            tail: [0; TAIL_LEN],
         }
     }
 
@@ -552,6 +584,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_tail_follows_the_record_uncovered_by_its_checksum() {
+        let mut r = sample();
+        for (i, b) in r.tail.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(7) ^ 0x5a;
+        }
+        let s = r.to_sector(512).unwrap();
+        // The record's bytes are those of the layout table, whatever the
+        // tail holds; the tail fills bytes 212..512.
+        assert_eq!(&s[..META_LEN], &sample_bytes()[..]);
+        assert_eq!(&s[META_LEN..], &r.tail[..]);
+        assert_eq!(MetaRepr::from_bytes(&s), Ok(r.clone()));
+        // In a 4K sector the tail ends at byte 512 and zeroes follow.
+        let big = r.to_sector(4096).unwrap();
+        assert_eq!(&big[..512], &s[..]);
+        assert!(big[512..].iter().all(|&b| b == 0));
+        assert_eq!(MetaRepr::from_bytes(&big), Ok(r.clone()));
+        // A flipped tail bit leaves the record valid: the tail is the
+        // class's to check (mirror carries its own crc there).
+        for byte in [META_LEN, META_LEN + 100, 511] {
+            let mut b = s.clone();
+            b[byte] ^= 0x10;
+            let got = MetaRepr::from_bytes(&b).unwrap();
+            assert_eq!(got.tail[byte - META_LEN], r.tail[byte - META_LEN] ^ 0x10);
+        }
+        // A buffer that ends with the record reads as an all-zero tail.
+        assert_eq!(
+            MetaRepr::from_bytes(&s[..META_LEN]).unwrap().tail,
+            [0; TAIL_LEN]
+        );
+    }
+
     /// Rewrites a field and fixes the checksum, so only the field check can
     /// reject the record.
     fn with(f: impl FnOnce(&mut Meta<&mut [u8]>)) -> Result<MetaRepr, MetaError> {
@@ -627,12 +691,15 @@ mod tests {
         #[test]
         fn round_trip(id in any::<u64>(), generation in any::<u64>(), count in 1u32..64,
                       idx in any::<u32>(), sectors in 2u64..1 << 40, shift in 9u32..13,
-                      flags in any::<u32>(), p0 in any::<u64>(), name in "[a-z0-9._/-]{1,64}") {
+                      flags in any::<u32>(), p0 in any::<u64>(), name in "[a-z0-9._/-]{1,64}",
+                      tail in proptest::collection::vec(any::<u8>(), TAIL_LEN)) {
+            let mut t = [0u8; TAIL_LEN];
+            t.copy_from_slice(&tail);
             let r = MetaRepr {
                 class: "concat".into(), name, id, generation,
                 member_index: idx % count, member_count: count,
                 member_size: sectors << shift, sector_size: 1 << shift,
-                flags, params: [p0, 1, 2, 3, 4, 5, 6, 7],
+                flags, params: [p0, 1, 2, 3, 4, 5, 6, 7], tail: t,
             };
             let s = r.to_sector(4096).unwrap();
             prop_assert_eq!(MetaRepr::from_bytes(&s), Ok(r));

@@ -397,6 +397,24 @@ pub enum Op {
     },
     /// Flush.
     Flush,
+    /// Discard `len` sectors at `at` (the fake disks and md then read
+    /// zeroes there).
+    Discard {
+        /// First sector.
+        at: u64,
+        /// Sectors.
+        len: u64,
+    },
+    /// Write zeroes over `len` sectors at `at`.
+    WriteZeroes {
+        /// First sector.
+        at: u64,
+        /// Sectors.
+        len: u64,
+    },
+    /// A flush sent in the same batch as other requests, so it races the
+    /// writes still in flight (it promises nothing about them).
+    RacingFlush,
 }
 
 impl Op {
@@ -420,22 +438,73 @@ impl Op {
                 }
             }
             Op::Flush => Op::Flush,
-        }
-    }
-}
-
-impl Op {
-    fn range(&self, sector: u64) -> Option<(u64, u64)> {
-        match *self {
-            Op::Read { at, len } | Op::Write { at, len, .. } => {
-                Some((at * sector, (at + len) * sector))
+            Op::Discard { at, len } => {
+                let at = at % sectors;
+                Op::Discard {
+                    at,
+                    len: len.clamp(1, sectors - at),
+                }
             }
-            Op::Flush => None,
+            Op::WriteZeroes { at, len } => {
+                let at = at % sectors;
+                Op::WriteZeroes {
+                    at,
+                    len: len.clamp(1, sectors - at),
+                }
+            }
+            Op::RacingFlush => Op::RacingFlush,
         }
     }
 
-    fn is_write(&self) -> bool {
-        matches!(self, Op::Write { .. })
+    /// The byte range the step touches, for a device of `sector`-byte
+    /// sectors (`None` for flushes).
+    pub fn range(&self, sector: u64) -> Option<(u64, u64)> {
+        match *self {
+            Op::Read { at, len }
+            | Op::Write { at, len, .. }
+            | Op::Discard { at, len }
+            | Op::WriteZeroes { at, len } => Some((at * sector, (at + len) * sector)),
+            Op::Flush | Op::RacingFlush => None,
+        }
+    }
+
+    /// True for steps that change data (writes, discards, write-zeroes).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. }
+        )
+    }
+
+    /// The bio for the step on a device of `sector`-byte sectors.
+    pub fn bio(&self, sector: u64) -> Bio {
+        match *self {
+            Op::Read { at, len } => Bio::read(at * sector, len * sector),
+            Op::Write { at, len, seed } => write_bio(
+                at * sector,
+                &pattern(seed, at * sector, (len * sector) as usize),
+            ),
+            Op::Discard { at, len } => Bio::no_data(BioCmd::Discard, at * sector, len * sector),
+            Op::WriteZeroes { at, len } => {
+                Bio::no_data(BioCmd::WriteZeroes, at * sector, len * sector)
+            }
+            Op::Flush | Op::RacingFlush => Bio::flush(),
+        }
+    }
+
+    /// What a step that changes data leaves in `[s, e)` of the model.
+    pub fn apply(&self, model: &mut [u8], sector: u64) {
+        let Some((s, e)) = self.range(sector) else {
+            return;
+        };
+        let (s, e) = (s as usize, e as usize);
+        match *self {
+            Op::Write { seed, .. } => {
+                model[s..e].copy_from_slice(&pattern(seed, s as u64, e - s));
+            }
+            Op::Discard { .. } | Op::WriteZeroes { .. } => model[s..e].fill(0),
+            _ => {}
+        }
     }
 }
 
@@ -455,7 +524,8 @@ pub fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
 /// batches of up to four at once; a batch never holds a write that
 /// overlaps another op of the batch, so the model's order is the only
 /// possible one. After each flush every disk in `disks` must have made
-/// everything it holds durable (the flush reached them all).
+/// everything it holds durable (the flush reached them all); a racing
+/// flush (sent with the other requests of its batch) must succeed.
 pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDiskHandle]) {
     let p = stack.consumer_provider(c);
     let size = stack.provider(p).spec.media_size;
@@ -482,10 +552,15 @@ pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDisk
                 }
                 break;
             }
+            if matches!(op, Op::RacingFlush) {
+                batch.push(op);
+                i += 1;
+                continue;
+            }
             let (s, e) = op.range(sector).expect("data op");
             let clash = batch.iter().any(|b| {
-                let (bs, be) = b.range(sector).expect("data op");
-                (b.is_write() || op.is_write()) && s < be && bs < e
+                b.range(sector)
+                    .is_some_and(|(bs, be)| (b.is_write() || op.is_write()) && s < be && bs < e)
             });
             if clash {
                 break;
@@ -494,19 +569,12 @@ pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDisk
             i += 1;
         }
         for (tag, op) in batch.iter().enumerate() {
-            let bio = match **op {
-                Op::Read { at, len } => Bio::read(at * sector, len * sector),
-                Op::Write { at, len, seed } => write_bio(
-                    at * sector,
-                    &pattern(seed, at * sector, (len * sector) as usize),
-                ),
-                Op::Flush => Bio::flush(),
-            };
-            stack.submit(c, bio, tag as u64);
+            stack.submit(c, op.bio(sector), tag as u64);
         }
         for (tag, bio, r) in wait_all(stack, batch.len()) {
-            assert_eq!(r, Ok(()), "{:?} failed", batch[tag as usize]);
-            match *batch[tag as usize] {
+            let op = batch[tag as usize];
+            assert_eq!(r, Ok(()), "{op:?} failed");
+            match *op {
                 Op::Read { at, len } => {
                     let (s, e) = ((at * sector) as usize, ((at + len) * sector) as usize);
                     assert!(
@@ -514,15 +582,12 @@ pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDisk
                         "read {at}+{len} differs from the model"
                     );
                 }
-                Op::Write { at, len, seed } => {
-                    let (s, e) = ((at * sector) as usize, ((at + len) * sector) as usize);
-                    model[s..e].copy_from_slice(&pattern(seed, s as u64, e - s));
-                }
                 Op::Flush => {
                     for d in disks {
                         assert!(d.durable() == d.contents(), "a flush did not reach a disk");
                     }
                 }
+                _ => op.apply(&mut model, sector),
             }
         }
     }
@@ -541,6 +606,27 @@ pub fn ops(
         4 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Read { at, len }),
         4 => (0..sectors, 1..=max_len, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
         1 => Just(Op::Flush),
+    ];
+    proptest::collection::vec(op, 1..n)
+}
+
+/// Like [`ops`], with discards, write-zeroes and flushes racing the
+/// requests of their batch as well (for providers that offer discard and
+/// write-zeroes over devices that then read zeroes).
+#[cfg(test)]
+pub fn ops_all(
+    sectors: u64,
+    max_len: u64,
+    n: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        4 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Read { at, len }),
+        4 => (0..sectors, 1..=max_len, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
+        1 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Discard { at, len }),
+        1 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::WriteZeroes { at, len }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::RacingFlush),
     ];
     proptest::collection::vec(op, 1..n)
 }

@@ -11,7 +11,7 @@
 use crate::bio::{GeomId, ProviderId};
 use crate::config::{Args, ConfigError};
 use crate::ctl::{self, CtlError};
-use crate::meta::{MetaRepr, PARAMS};
+use crate::meta::{MetaRepr, PARAMS, TAIL_LEN};
 use crate::stack::{ProviderSpec, Stack, StackError};
 use crate::taste::{all_present, Member, TasteAction};
 use alloc::format;
@@ -356,6 +356,7 @@ pub fn write_labels(
             sector_size: spec.sector_size,
             flags: 0,
             params,
+            tail: [0; TAIL_LEN],
         };
         stack.write_meta(*p, Some(&m))?;
     }

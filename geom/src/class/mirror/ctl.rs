@@ -6,23 +6,33 @@
 //! members shares ([`crate::class::Destroy`], [`crate::class::Clear`]):
 //! destroy withers the geom, which notices its provider orphaned and
 //! stops; clear zeroes metadata sectors.
+//!
+//! Members whose histories conflict (each holds writes the other lacks)
+//! are not assembled: a [`RefusedMirror`] takes the mirror's name instead,
+//! serves nothing and touches no member, and says why in `/status` and
+//! `/geom`. The operator keeps one side with `mirror rebuild NAME
+//! PROVIDER`, which assembles the others and copies over `PROVIDER`
+//! (whose own writes are then lost), or sets the disks aside with `mirror
+//! destroy NAME`.
 
-use super::label::{complete_set, plan};
+use super::history::{relate, Relation};
+use super::intent::{Recovery, WriteIntent};
+use super::label::{complete_set, mix, plan, record_history, Plan, Refusal};
 use super::{
-    MemberState, MirrorBalance, MirrorError, MirrorGeom, MirrorState, MirrorStatus, Slab,
-    CLASS_NAME, DEFAULT_BALANCE,
+    history_json, Epoch, History, MemberState, MirrorBalance, MirrorError, MirrorGeom,
+    MirrorState, MirrorStatus, Slab, CLASS_NAME, DEFAULT_BALANCE,
 };
-use crate::bio::{GeomId, ProviderId};
+use crate::bio::{Bio, BioError, GeomId, ProviderId};
 use crate::class::{member_verb, unknown_verb, Class, Command, MemberVerb};
 use crate::config::{Args, ConfigError};
 use crate::ctl::CtlError;
-use crate::meta::{MetaRepr, PARAMS};
-use crate::stack::{Io, ProviderSpec, Stack, StackError};
+use crate::meta::{MetaRepr, PARAMS, TAIL_LEN};
+use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
 use crate::taste::Member as Tasted;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::sync::Arc;
-use serde_json::Value;
+use serde_json::{json, Value};
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -42,35 +52,12 @@ impl Class for MirrorClass {
     }
 
     fn assemble(&self, stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError> {
-        let p = plan(members).map_err(StackError::Invalid)?;
-        if stack.find_geom(CLASS_NAME, &p.name).is_some() {
-            return Err(StackError::NameInUse(MirrorGeom::provider_name(&p.name)));
-        }
-        let joining: Vec<Joining> = members
-            .iter()
-            .zip(&p.sync_from)
-            .map(|(m, &sync_from)| Joining {
-                provider: m.provider,
-                index: m.meta.member_index,
-                sync_from,
-            })
-            .collect();
-        create_geom(
-            stack,
-            Blueprint {
-                name: p.name,
-                id: p.id,
-                generation: p.generation,
-                balance: p.balance,
-                media_size: p.media_size,
-                sector_size: p.sector_size,
-                wanted: p.wanted,
-                labelled: true,
-                bump: p.bump,
-            },
-            &joining,
-        )
-        .map_err(|e| match e {
+        let p = match plan(members, None) {
+            Ok(p) => p,
+            Err(Refusal::Conflict(a, b)) => return Err(refuse(stack, members, a, b)),
+            Err(Refusal::Other(why)) => return Err(StackError::Invalid(why)),
+        };
+        assemble_plan(stack, members, p).map_err(|e| match e {
             MirrorError::Stack(e) => e,
             e => StackError::Invalid(e.to_string()),
         })
@@ -78,10 +65,22 @@ impl Class for MirrorClass {
 
     /// A member of a running mirror appeared (a disk that came back):
     /// unless its place is taken (it was replaced, or it is the same disk
-    /// seen through a pass-through geom) or its record is newer than the
-    /// mirror's, it joins and is copied over from the start.
+    /// seen through a pass-through geom) or its history is newer than the
+    /// mirror's or conflicts with it (then it is refused, and the mirror's
+    /// status says why), it joins and is copied over from the start. A
+    /// member of a refused mirror is listed with the others.
     fn join(&self, stack: &mut Stack, geom: GeomId, member: Tasted) {
-        stack.geom_as::<MirrorGeom, _>(geom, |m, io| m.rejoin(io, &member));
+        let name = stack.provider(member.provider).spec.name.clone();
+        if stack
+            .geom_as::<MirrorGeom, _>(geom, |m, io| m.rejoin(io, &member))
+            .is_none()
+        {
+            stack.geom_as::<RefusedMirror, _>(geom, |r, _| {
+                if !r.members.iter().any(|(n, _)| *n == name) {
+                    r.members.push((name, member));
+                }
+            });
+        }
     }
 
     fn parse(&self, args: &mut Args<'_>) -> Result<Arc<dyn Command>, ConfigError> {
@@ -290,6 +289,17 @@ struct Blueprint {
     labelled: bool,
     /// Write a new generation at once.
     bump: bool,
+    /// Begin a new epoch with the first write (members are missing or
+    /// stale).
+    epoch_due: bool,
+    /// The history the members' data belongs to.
+    history: History,
+    /// log2 of the write-intent region size.
+    region_shift: u8,
+    /// Byte ranges the members' bitmaps mark dirty (an unclean stop), and
+    /// the member (position in `joining`) to copy them from.
+    dirty: Vec<(u64, u64)>,
+    source: usize,
 }
 
 /// Builds the geom, its provider and its consumers (opened r1w1e1, as
@@ -337,14 +347,25 @@ fn create_geom(
         balance: bp.balance,
         id: bp.id,
         generation: bp.generation,
+        history: bp.history,
+        epoch_due: false,
+        epoch_version: 0,
+        meta_version: 0,
         members: Vec::new(),
         wanted: bp.wanted,
         labelled: bp.labelled,
         rr: 0,
         pending: Slab::new(),
-        delayed: VecDeque::new(),
+        queued: VecDeque::new(),
         parked: VecDeque::new(),
-        unpersisted: false,
+        park_barrier: 0,
+        flushes: 0,
+        intent: bp
+            .labelled
+            .then(|| WriteIntent::new(bp.region_shift, bp.media_size)),
+        recovery: None,
+        recovered: 0,
+        refused: Vec::new(),
         chunks: Slab::new(),
         clearing: Vec::new(),
         detaching: Vec::new(),
@@ -353,11 +374,30 @@ fn create_geom(
         tick: (0, 0),
         tick_spent: false,
     };
+    // Records on disk hold the geom's state unless something changes now.
+    let recorded = !bp.bump && bp.dirty.is_empty();
+    let source = consumers.get(bp.source).copied();
     for ((j, s), c) in joining.iter().zip(&specs).zip(consumers) {
-        geom.add_member(c, s, j.index, j.sync_from);
+        geom.add_member(c, s, j.index, j.sync_from, recorded);
     }
     if bp.bump {
         geom.bump_generation();
+    }
+    if bp.epoch_due {
+        geom.members_shrank();
+    }
+    if !bp.dirty.is_empty() {
+        // An unclean stop: the regions stay dirty on every member's record
+        // until copied and flushed, and writes there wait for that record.
+        let v = geom.touch_all();
+        if let Some(w) = geom.intent.as_mut() {
+            for &(start, end) in &bp.dirty {
+                w.mark(start, end, v);
+            }
+            if let (Some(src), true) = (source, geom.members.len() > 1) {
+                geom.recovery = Some(Recovery::new(src, w));
+            }
+        }
     }
     geom.refresh_state();
     stack.install(g, Box::new(geom));
@@ -378,6 +418,7 @@ fn check_name(stack: &Stack, name: &str) -> Result<(), MirrorError> {
         sector_size: 512,
         flags: 0,
         params: [0; PARAMS],
+        tail: [0; TAIL_LEN],
     };
     if probe.check().is_err() || name.contains('/') {
         return Err(MirrorError::BadName(String::from(name)));
@@ -438,6 +479,8 @@ pub fn create(
         return Err(MirrorError::TooSmall(smallest));
     }
     let id = stack.random_u64();
+    // The first epoch begins with the label (generation 1).
+    let epoch = mix(stack.random_u64() ^ id).max(1);
     let joining: Vec<Joining> = ids
         .iter()
         .enumerate()
@@ -459,6 +502,15 @@ pub fn create(
             wanted: ids.len() as u32,
             labelled: label,
             bump: true,
+            // A label is a new mirror, not a shrunken one.
+            epoch_due: false,
+            history: History::new(Epoch {
+                id: epoch,
+                since: 1,
+            }),
+            region_shift: super::history::region_shift_for(media_size),
+            dirty: Vec::new(),
+            source: 0,
         },
         &joining,
     )
@@ -491,8 +543,174 @@ pub fn remove(stack: &mut Stack, name: &str, provider: &str) -> Result<(), Mirro
 }
 
 /// `mirror rebuild NAME P`: copies the whole range onto member `P` again.
+/// On a mirror refused for conflicting histories, `P`'s history is given
+/// up: the other members assemble, and `P` is copied over from them.
 pub fn rebuild(stack: &mut Stack, name: &str, provider: &str) -> Result<(), MirrorError> {
+    if let Some(g) = stack.find_geom(CLASS_NAME, name) {
+        if let Some(members) = stack.geom_as::<RefusedMirror, _>(g, |r, _| r.members.clone()) {
+            return resolve(stack, g, members, provider);
+        }
+    }
     with_mirror(stack, name, |m, io| m.rebuild(io, provider))
+}
+
+/// `mirror rebuild` on a refused mirror: assembles it from its members
+/// with `provider`'s history given up.
+fn resolve(
+    stack: &mut Stack,
+    g: GeomId,
+    members: Vec<(String, Tasted)>,
+    provider: &str,
+) -> Result<(), MirrorError> {
+    let k = members
+        .iter()
+        .position(|(n, _)| n == provider)
+        .ok_or_else(|| MirrorError::NotMember(provider.to_string()))?;
+    for (n, t) in &members {
+        let live = stack
+            .get_provider(t.provider)
+            .is_some_and(|p| !p.orphaned && p.spec.name == *n);
+        if !live {
+            return Err(StackError::NoSuchProvider(n.clone()).into());
+        }
+    }
+    let tasted: Vec<Tasted> = members.into_iter().map(|(_, t)| t).collect();
+    let p = match plan(&tasted, Some(k)) {
+        Ok(p) => p,
+        Err(Refusal::Conflict(a, b)) => {
+            return Err(MirrorError::Conflict(conflict_reason(stack, &tasted, a, b)))
+        }
+        Err(Refusal::Other(why)) => return Err(MirrorError::Stack(StackError::Invalid(why))),
+    };
+    stack.destroy_geom(g, false)?;
+    assemble_plan(stack, &tasted, p).map(|_| ())
+}
+
+/// Builds the mirror `p` plans from `members`.
+fn assemble_plan(stack: &mut Stack, members: &[Tasted], p: Plan) -> Result<GeomId, MirrorError> {
+    if stack.find_geom(CLASS_NAME, &p.name).is_some() {
+        return Err(StackError::NameInUse(MirrorGeom::provider_name(&p.name)).into());
+    }
+    let joining: Vec<Joining> = members
+        .iter()
+        .zip(&p.sync_from)
+        .map(|(m, &sync_from)| Joining {
+            provider: m.provider,
+            index: m.meta.member_index,
+            sync_from,
+        })
+        .collect();
+    create_geom(
+        stack,
+        Blueprint {
+            name: p.name,
+            id: p.id,
+            generation: p.generation,
+            balance: p.balance,
+            media_size: p.media_size,
+            sector_size: p.sector_size,
+            wanted: p.wanted,
+            labelled: true,
+            bump: p.bump,
+            epoch_due: p.bump,
+            history: p.history,
+            region_shift: p.region_shift,
+            dirty: p.dirty,
+            source: p.source,
+        },
+        &joining,
+    )
+}
+
+/// Why members `a` and `b` (positions in `members`) are not assembled.
+fn conflict_reason(stack: &Stack, members: &[Tasted], a: usize, b: usize) -> String {
+    let who = |k: usize| {
+        let m = &members[k];
+        let name = stack
+            .get_provider(m.provider)
+            .map_or_else(|| String::from("?"), |p| p.spec.name.clone());
+        let epoch = record_history(&m.meta).map_or(0, |h| h.0.head.id);
+        format!(
+            "{name} (member {}, epoch {epoch:016x})",
+            m.meta.member_index
+        )
+    };
+    format!(
+        "conflicting histories: {} and {} each hold writes the other lacks; \
+         nothing was assembled and no member was touched (keep one side with \
+         `mirror rebuild {} PROVIDER`, which copies over PROVIDER)",
+        who(a),
+        who(b),
+        members[a].meta.name
+    )
+}
+
+/// Refuses to assemble members whose histories conflict: a
+/// [`RefusedMirror`] holds the name (so a member that turns up later
+/// cannot assemble a mirror on its own) and says why.
+fn refuse(stack: &mut Stack, members: &[Tasted], a: usize, b: usize) -> StackError {
+    let reason = conflict_reason(stack, members, a, b);
+    let name = members[a].meta.name.clone();
+    if stack.find_geom(CLASS_NAME, &name).is_none() {
+        let listed = members
+            .iter()
+            .map(|m| (stack.provider(m.provider).spec.name.clone(), m.clone()))
+            .collect();
+        let g = stack.reserve_geom(CLASS_NAME, &name);
+        stack.install(
+            g,
+            Box::new(RefusedMirror {
+                reason: reason.clone(),
+                members: listed,
+            }),
+        );
+    }
+    StackError::Invalid(reason)
+}
+
+/// A mirror whose members hold conflicting histories: no provider, no
+/// consumers (the members are left as they are); its `/geom` section and
+/// `/status` entry say why.
+pub struct RefusedMirror {
+    reason: String,
+    /// The members found, by provider name.
+    members: Vec<(String, Tasted)>,
+}
+
+impl Geom for RefusedMirror {
+    fn class_name(&self) -> &'static str {
+        CLASS_NAME
+    }
+
+    fn start(&mut self, io: &mut Io<'_>, _provider: ProviderId, bio: Bio) {
+        // It offers no provider; nothing can get here.
+        io.deliver(bio, Err(BioError::Io));
+    }
+
+    fn dumpconf(&self) -> Value {
+        let members: Vec<Value> = self
+            .members
+            .iter()
+            .map(|(name, t)| {
+                let history = match record_history(&t.meta) {
+                    Some((h, _)) => history_json(&h),
+                    None => Value::from("damaged"),
+                };
+                json!({
+                    "provider": name,
+                    "index": t.meta.member_index,
+                    "generation": t.meta.generation,
+                    "synchronizing": t.meta.flags & super::FLAG_SYNCHRONIZING != 0,
+                    "history": history,
+                })
+            })
+            .collect();
+        json!({"state": "refused", "reason": self.reason, "members": members})
+    }
+
+    fn as_any(&mut self) -> Option<&mut dyn core::any::Any> {
+        Some(self)
+    }
 }
 
 /// `mirror forget NAME`: forgets members that are gone, so the mirror of
@@ -554,7 +772,7 @@ impl MirrorGeom {
             let _ = io.detach(c);
             return Err(e.into());
         }
-        self.add_member(c, &spec, index, Some(0));
+        self.add_member(c, &spec, index, Some(0), false);
         self.bump_generation();
         self.refresh_state();
         self.after_event(io);
@@ -572,13 +790,52 @@ impl MirrorGeom {
         Ok(())
     }
 
-    /// A tasted member of this mirror appeared while it runs.
+    /// A tasted member of this mirror appeared while it runs: one whose
+    /// history the mirror's descends from (or shares) joins and is copied
+    /// over; one with a newer or conflicting history is refused, and the
+    /// status says why.
     fn rejoin(&mut self, io: &mut Io<'_>, t: &Tasted) {
+        let name = io.provider(t.provider).spec.name.clone();
         let taken = self
             .members
             .iter()
-            .any(|m| m.index == t.meta.member_index || io.provider(t.provider).spec.name == m.name);
-        if !self.serving() || taken || t.meta.generation > self.generation {
+            .any(|m| m.index == t.meta.member_index || name == m.name);
+        if !self.serving() {
+            return;
+        }
+        if t.meta.id != self.id {
+            self.refused.retain(|(n, _)| *n != name);
+            self.refused.push((
+                name,
+                format!(
+                    "it belongs to another mirror of this name (id {:016x})",
+                    t.meta.id
+                ),
+            ));
+            return;
+        }
+        if taken {
+            return;
+        }
+        // A damaged history record says nothing: copied over, as a stale
+        // member would be.
+        let why = record_history(&t.meta).and_then(|(h, _)| {
+            match relate(&h, t.meta.generation, &self.history, self.generation) {
+                Relation::Older | Relation::Same => None,
+                Relation::Newer => Some("newer than"),
+                Relation::Conflict => Some("in conflict with"),
+            }
+            .map(|rel| {
+                format!(
+                    "its history (epoch {:016x}, generation {}) is {rel} the mirror's \
+                     (epoch {:016x}, generation {}): it may hold writes the mirror lacks",
+                    h.head.id, t.meta.generation, self.history.head.id, self.generation
+                )
+            })
+        });
+        if let Some(why) = why {
+            self.refused.retain(|(n, _)| *n != name);
+            self.refused.push((name, why));
             return;
         }
         let _ = self.join_provider(io, t.provider, t.meta.member_index);
@@ -598,6 +855,8 @@ impl MirrorGeom {
         if m.sync.is_some() {
             self.abandon_chunks(Some(m.consumer));
         }
+        self.recovery_lost(m.consumer);
+        self.members_shrank();
         self.clear_metadata(&m);
         self.detaching.push(m.consumer);
         self.wanted = self.wanted.saturating_sub(1).max(1);
@@ -624,7 +883,10 @@ impl MirrorGeom {
         if self.active_count() == 1 {
             return Err(MirrorError::LastMember(provider.to_string()));
         }
+        let c = self.members[i].consumer;
+        self.recovery_lost(c);
         self.start_sync(i, 0);
+        self.members_shrank();
         self.bump_generation();
         self.refresh_state();
         self.after_event(io);

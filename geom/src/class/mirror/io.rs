@@ -3,11 +3,23 @@
 //! another, and what happens to a member that fails.
 //!
 //! ```text
-//!  write ─┬─▶ active P1 ─┐
-//!         ├─▶ active P2 ─┼─▶ all back: Ok if an active member wrote it
-//!         └─▶ P3 (only below its sync point) ┘
+//!  write ─▶ queued ─(no overlap with a write in flight or ahead, no resync
+//!           copy over it, its regions marked dirty and that record stable
+//!           on every member; a new epoch first if one is due)─┐
+//!     ┌──────────────────────────────────────────────────────┘
+//!     └─┬─▶ active P1 ─┐
+//!       ├─▶ active P2 ─┼─▶ all back: Ok if an active member wrote it; the
+//!       └─▶ P3 (only below its sync point) ┘   acknowledgement waits for a
+//!                                              new epoch if the member set
+//!                                              shrank meanwhile
 //!  read ──▶ P1 ──error──▶ drop P1, read P2 ──▶ Ok
+//!           (a region still being recovered: the recovery source only)
 //! ```
+//!
+//! Writes (and discards, write-zeroes) that overlap are serialized: one
+//! that overlaps a write still in flight, or one queued ahead of it,
+//! waits, so overlapping writes reach every member in the same order
+//! (arrival order). Writes that do not overlap go on in parallel.
 
 use super::{cookie, Kind, MemberState, MirrorGeom, MirrorState};
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId};
@@ -32,8 +44,26 @@ pub(super) enum Pending {
     /// A write, discard or write-zeroes (`left` children out, `ok` of
     /// them succeeded on an active member).
     Write { parent: Bio, left: u32, ok: u32 },
-    /// A flush, gathered like a write.
-    Flush { parent: Bio, left: u32, ok: u32 },
+    /// A flush, gathered like a write; `number` counts the FLUSHes sent.
+    Flush {
+        parent: Bio,
+        left: u32,
+        ok: u32,
+        number: u64,
+    },
+}
+
+/// A write not sent yet.
+#[derive(Debug)]
+pub(super) struct Queued {
+    pub(super) bio: Bio,
+    /// Once its regions are claimed: the metadata version every member's
+    /// record must reach before it is sent.
+    pub(super) needs: Option<u64>,
+}
+
+fn overlaps(b: &Bio, start: u64, end: u64) -> bool {
+    b.offset < end && start < b.end()
 }
 
 impl MirrorGeom {
@@ -48,22 +78,33 @@ impl MirrorGeom {
             // Members may differ while one resyncs: claim no knowledge
             // (every byte counts as data).
             BioCmd::GetAllocation => io.deliver(bio, Ok(())),
+            // A flush covers the writes completed before it: queued ones
+            // are not, so it goes at once.
             BioCmd::Flush => self.fan_out(io, bio),
             BioCmd::Write | BioCmd::Discard | BioCmd::WriteZeroes => {
-                // gmirror's sync collision: a write must not overtake the
-                // resync copy of the same range, or the copy would put the
-                // old bytes back on the new member.
-                if self.collides_with_sync(bio.offset, bio.end()) {
-                    self.delayed.push_back(bio);
-                } else {
-                    self.fan_out(io, bio);
-                }
+                self.queued.push_back(Queued { bio, needs: None });
+                self.release_queued(io);
             }
         }
     }
 
-    /// Picks the active member for the next read.
-    pub(super) fn pick_reader(&mut self) -> Option<usize> {
+    /// The member a read of `[start, end)` must go to while the range is
+    /// still being recovered: the recovery source.
+    fn recovery_reader(&self, start: u64, end: u64) -> Option<usize> {
+        let r = self.recovery.as_ref()?;
+        let w = self.intent.as_ref()?;
+        if !r.pending(w, start, end) {
+            return None;
+        }
+        self.member_index(r.source)
+            .filter(|&i| self.members[i].state == MemberState::Active)
+    }
+
+    /// Picks the active member for the next read of `[start, end)`.
+    pub(super) fn pick_reader(&mut self, start: u64, end: u64) -> Option<usize> {
+        if let Some(i) = self.recovery_reader(start, end) {
+            return Some(i);
+        }
         let n = self.members.len();
         let active = |m: &super::Member| m.state == MemberState::Active;
         let pick = match self.balance {
@@ -89,24 +130,28 @@ impl MirrorGeom {
     }
 
     /// Starts a read: one child, or with `split` balance and a large
-    /// read, one slice per active member (gmirror's split).
+    /// read, one slice per active member (gmirror's split); a read that
+    /// touches a region still being recovered goes whole to the source.
     fn start_read(&mut self, io: &mut Io<'_>, parent: Bio) {
         let n = self.active_count() as u64;
         let sector = u64::from(self.sector_size);
-        let pieces =
-            if self.balance == MirrorBalance::Split && n > 1 && parent.length > SPLIT_MIN_BYTES {
-                let per = parent.length.div_ceil(n).div_ceil(sector) * sector;
-                let mut v = Vec::new();
-                let mut at = 0;
-                while at < parent.length {
-                    let len = per.min(parent.length - at);
-                    v.push(parent.split(at, len, parent.offset + at));
-                    at += len;
-                }
-                v
-            } else {
-                alloc::vec![parent.clone_request()]
-            };
+        let split = self.balance == MirrorBalance::Split
+            && n > 1
+            && parent.length > SPLIT_MIN_BYTES
+            && self.recovery_reader(parent.offset, parent.end()).is_none();
+        let pieces = if split {
+            let per = parent.length.div_ceil(n).div_ceil(sector) * sector;
+            let mut v = Vec::new();
+            let mut at = 0;
+            while at < parent.length {
+                let len = per.min(parent.length - at);
+                v.push(parent.split(at, len, parent.offset + at));
+                at += len;
+            }
+            v
+        } else {
+            alloc::vec![parent.clone_request()]
+        };
         let slot = self.pending.insert(Pending::Read {
             parent,
             left: pieces.len() as u32,
@@ -120,7 +165,7 @@ impl MirrorGeom {
     /// Sends one read child of `slot` to an active member; with none left,
     /// counts it as failed.
     fn send_read(&mut self, io: &mut Io<'_>, slot: u32, child: Bio) {
-        let Some(i) = self.pick_reader() else {
+        let Some(i) = self.pick_reader(child.offset, child.end()) else {
             self.read_piece_over(io, slot, false);
             return;
         };
@@ -147,7 +192,7 @@ impl MirrorGeom {
     /// True when a write at `offset` must also go to member `m`: it is
     /// active, or synchronizing and the write starts below the range its
     /// resync has yet to copy.
-    fn write_reaches(m: &super::Member, offset: u64) -> bool {
+    pub(super) fn write_reaches(m: &super::Member, offset: u64) -> bool {
         match (&m.state, &m.sync) {
             (MemberState::Active, _) => true,
             (MemberState::Synchronizing, Some(s)) => offset < s.next,
@@ -162,16 +207,21 @@ impl MirrorGeom {
             .filter(|&i| flush || MirrorGeom::write_reaches(&self.members[i], parent.offset))
             .collect();
         if self.active_count() == 0 || targets.is_empty() {
+            if !flush {
+                self.write_over(&parent);
+            }
             io.deliver(parent, Err(BioError::Io));
             return;
         }
         let children: Vec<Bio> = targets.iter().map(|_| parent.clone_request()).collect();
         let left = targets.len() as u32;
         let slot = self.pending.insert(if flush {
+            self.flushes += 1;
             Pending::Flush {
                 parent,
                 left,
                 ok: 0,
+                number: self.flushes,
             }
         } else {
             Pending::Write {
@@ -233,8 +283,9 @@ impl MirrorGeom {
                     return;
                 }
                 let ok = *ok;
-                let parent = match self.pending.remove(slot) {
-                    Some(Pending::Write { parent, .. } | Pending::Flush { parent, .. }) => parent,
+                let (parent, flush) = match self.pending.remove(slot) {
+                    Some(Pending::Write { parent, .. }) => (parent, None),
+                    Some(Pending::Flush { parent, number, .. }) => (parent, Some(number)),
                     _ => return,
                 };
                 let r = if ok > 0 && self.serving() {
@@ -242,32 +293,37 @@ impl MirrorGeom {
                 } else {
                     Err(BioError::Io)
                 };
+                match flush {
+                    None => self.write_over(&parent),
+                    Some(n) if r.is_ok() => self.flushed(n),
+                    Some(_) => {}
+                }
                 self.complete(io, parent, r);
             }
         }
     }
 
-    /// Delivers a finished request, holding write and flush completions
-    /// back while a generation bump is not yet on disk.
+    /// Delivers a finished request. A write completed while a new epoch
+    /// is due (the member set shrank since it was sent) begins the epoch,
+    /// and write and flush completions are held until the record of the
+    /// newest epoch is stable on every member.
     fn complete(&mut self, io: &mut Io<'_>, bio: Bio, result: BioResult) {
-        if bio.cmd != BioCmd::Read && self.unpersisted {
-            self.parked.push_back((bio, result));
-        } else {
-            io.deliver(bio, result);
+        if bio.cmd != BioCmd::Read {
+            if bio.cmd != BioCmd::Flush && self.epoch_due && self.serving() {
+                self.begin_epoch(io);
+            }
+            if self.durable_all() < self.park_barrier {
+                self.parked.push_back((bio, result));
+                return;
+            }
         }
+        io.deliver(bio, result);
     }
 
-    /// Releases held completions once no generation bump is pending.
+    /// Releases held completions once every member's record reached the
+    /// barrier.
     pub(super) fn release_parked(&mut self, io: &mut Io<'_>) {
-        if self.unpersisted
-            && self
-                .members
-                .iter()
-                .all(|m| !m.meta_inflight && !m.meta_wanted)
-        {
-            self.unpersisted = false;
-        }
-        if self.unpersisted {
+        if self.durable_all() < self.park_barrier {
             return;
         }
         while let Some((bio, r)) = self.parked.pop_front() {
@@ -275,32 +331,132 @@ impl MirrorGeom {
         }
     }
 
-    /// Starts the held-back writes that no longer overlap a resync request
-    /// (or fails them if the mirror stopped serving).
-    pub(super) fn release_delayed(&mut self, io: &mut Io<'_>) {
-        for _ in 0..self.delayed.len() {
-            let Some(bio) = self.delayed.pop_front() else {
-                break;
-            };
-            if !self.serving() {
-                io.deliver(bio, Err(BioError::Io));
-            } else if self.collides_with_sync(bio.offset, bio.end()) {
-                self.delayed.push_back(bio);
-            } else {
-                self.fan_out(io, bio);
+    /// The oldest metadata version stable on every member (no limit for a
+    /// mirror without metadata).
+    pub(super) fn durable_all(&self) -> u64 {
+        if !self.labelled {
+            return u64::MAX;
+        }
+        self.members
+            .iter()
+            .map(|m| m.meta_durable)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Claims the regions of a write about to be sent: begins a due epoch,
+    /// marks clean regions dirty. Returns the metadata version the write
+    /// waits for.
+    fn claim(&mut self, io: &mut Io<'_>, start: u64, end: u64) -> u64 {
+        if !self.labelled {
+            return 0;
+        }
+        if self.epoch_due {
+            self.begin_epoch(io);
+        }
+        let mut needs = self.epoch_version;
+        let next = self.meta_version + 1;
+        if let Some(w) = self.intent.as_mut() {
+            let (n, fresh) = w.claim(start, end, next);
+            if fresh {
+                self.touch_all();
+            }
+            needs = needs.max(n);
+        }
+        needs
+    }
+
+    /// A write that claimed its regions is over (done, failed or given up).
+    fn write_over(&mut self, bio: &Bio) {
+        if let Some(w) = self.intent.as_mut() {
+            w.release(bio.offset, bio.end(), self.flushes);
+        }
+    }
+
+    /// FLUSH `number` succeeded: regions idle since before it was sent
+    /// are clean again (a record write). While writes go on nobody waits
+    /// for it; with none in flight or queued (an idle mirror, a clean
+    /// stop) the FLUSH's own acknowledgement does, so the bitmap on disk
+    /// is clean once the FLUSH is answered.
+    fn flushed(&mut self, number: u64) {
+        let quiet = self.queued.is_empty()
+            && !self
+                .pending
+                .iter()
+                .any(|(_, p)| matches!(p, Pending::Write { .. }));
+        let Some(w) = self.intent.as_mut() else {
+            return;
+        };
+        let recovery = &self.recovery;
+        let keep = |r: usize| recovery.as_ref().is_some_and(|rc| rc.todo[r] > 0);
+        if w.flushed(number, quiet, keep) {
+            let v = self.touch_all();
+            if quiet {
+                self.park_barrier = self.park_barrier.max(v);
             }
         }
     }
 
-    /// True when a regular write in flight or held back overlaps
-    /// `[start, end)` (gmirror's regular collision, seen from a resync
-    /// request about to start).
-    pub(super) fn collides_with_regular(&self, start: u64, end: u64) -> bool {
-        let overlaps = |b: &Bio| b.offset < end && start < b.end();
+    /// True when a write in flight overlaps `[start, end)`.
+    fn overlaps_sent(&self, start: u64, end: u64) -> bool {
         self.pending.iter().any(|(_, p)| match p {
-            Pending::Write { parent, .. } => overlaps(parent),
+            Pending::Write { parent, .. } => overlaps(parent, start, end),
             _ => false,
-        }) || self.delayed.iter().any(overlaps)
+        })
+    }
+
+    /// Sends the queued writes that may go, in order: a write waits while
+    /// it overlaps a write in flight or one queued ahead of it, or a
+    /// resync copy in flight, or until the record marking its regions
+    /// dirty is stable on every member. Fails them all once the mirror
+    /// stopped serving.
+    pub(super) fn release_queued(&mut self, io: &mut Io<'_>) {
+        let mut i = 0;
+        while i < self.queued.len() {
+            if !self.serving() {
+                while let Some(q) = self.queued.pop_front() {
+                    if q.needs.is_some() {
+                        self.write_over(&q.bio);
+                    }
+                    io.deliver(q.bio, Err(BioError::Io));
+                }
+                return;
+            }
+            let (start, end) = (self.queued[i].bio.offset, self.queued[i].bio.end());
+            let blocked = self.overlaps_sent(start, end)
+                || self
+                    .queued
+                    .iter()
+                    .take(i)
+                    .any(|q| overlaps(&q.bio, start, end))
+                || self.collides_with_sync(start, end);
+            if blocked {
+                i += 1;
+                continue;
+            }
+            let needs = match self.queued[i].needs {
+                Some(n) => n,
+                None => {
+                    let n = self.claim(io, start, end);
+                    self.queued[i].needs = Some(n);
+                    n
+                }
+            };
+            if self.durable_all() < needs {
+                i += 1;
+                continue;
+            }
+            if let Some(q) = self.queued.remove(i) {
+                self.fan_out(io, q.bio);
+            }
+        }
+    }
+
+    /// True when a regular write in flight or queued overlaps `[start,
+    /// end)` (gmirror's regular collision, seen from a resync request
+    /// about to start).
+    pub(super) fn collides_with_regular(&self, start: u64, end: u64) -> bool {
+        self.overlaps_sent(start, end) || self.queued.iter().any(|q| overlaps(&q.bio, start, end))
     }
 
     /// Drops a member after it failed (`why`): the mirror goes on degraded
@@ -316,10 +472,12 @@ impl MirrorGeom {
         if m.sync.is_some() {
             self.abandon_chunks(Some(consumer));
         }
+        self.recovery_lost(consumer);
         self.refresh_state();
         if self.state == MirrorState::Dead {
             self.die(io);
         } else {
+            self.members_shrank();
             self.bump_generation();
         }
     }
@@ -328,11 +486,15 @@ impl MirrorGeom {
     /// the mirror's provider so the loss travels up.
     pub(super) fn die(&mut self, io: &mut Io<'_>) {
         self.abandon_chunks(None);
+        self.recovery = None;
         for m in self.members.drain(..) {
             self.detaching.push(m.consumer);
         }
-        while let Some(bio) = self.delayed.pop_front() {
-            io.deliver(bio, Err(BioError::Io));
+        while let Some(q) = self.queued.pop_front() {
+            if q.needs.is_some() {
+                self.write_over(&q.bio);
+            }
+            io.deliver(q.bio, Err(BioError::Io));
         }
         io.wither();
     }

@@ -6,57 +6,98 @@
 //!                              │ start                 ▲ deliver
 //!                    ┌─────────▼──────────────────────┴───┐
 //!                    │ MirrorGeom                          │
-//!                    │  writes, flushes: every active      │
-//!                    │   member (fan-out, fan-in), and a   │
+//!                    │  writes: queued while they overlap  │
+//!                    │   a write in flight or ahead, then  │
+//!                    │   (regions marked dirty first) to   │
+//!                    │   every active member, and a        │
 //!                    │   synchronizing one below its sync  │
-//!                    │   point                             │
+//!                    │   point; flushes: every member      │
 //!                    │  reads: one active member (load,    │
 //!                    │   round-robin, prefer; split: a     │
 //!                    │   slice each), retried on another   │
-//!                    │   when it fails                     │
+//!                    │   when it fails; a region still     │
+//!                    │   being recovered: the source only  │
 //!                    │  resync: chunks read from an active │
 //!                    │   member, the same pages written to │
-//!                    │   the new one                       │
+//!                    │   the new one; recovery: the dirty  │
+//!                    │   regions of an unclean stop, from  │
+//!                    │   the source onto the others        │
 //!                    └───┬─────────────┬─────────────┬─────┘
 //!                 consumer│     consumer│     consumer│
 //!                         ▼             ▼             ▼
 //!                     P1 active     P2 active     P3 synchronizing
-//!            (last sector of each member: metadata with a generation)
+//!     (last sector of each member: metadata with a generation, and in its
+//!      tail the history (epoch and lineage) and the write-intent bitmap)
 //! ```
 //!
+//! **Never lose or mix acknowledged data.** Three mechanisms keep members
+//! from disagreeing about what the mirror holds:
+//!
+//! - *History identity* (`history`): each record names the epoch its data
+//!   belongs to and the last epochs before it. A new epoch begins with
+//!   the first write after the set of members holding the data shrank (a
+//!   member dropped, removed, rebuilt) or after an assembly with members
+//!   missing or stale; a completion that arrives while one is due waits
+//!   for it, so no write is acknowledged that a member lacking it could
+//!   hide after a power cut. A member that boots alone and writes nothing
+//!   starts no history. At assembly, a member whose history is an
+//!   ancestor of another's is stale: resynchronized from the start, never
+//!   trusted, never a source; two members whose histories conflict (each
+//!   holds writes the other lacks) are not assembled at all: a refused
+//!   mirror holds the name, touches no member, and says why in `/status`,
+//!   `/geom` and the taste log. A returning member (`join`) follows the
+//!   same rules: behind the mirror it is copied over, newer or in
+//!   conflict it is refused and listed.
+//! - *Write-intent bitmap* (`intent`): a write to a clean region waits
+//!   until a record with its bit set is stable on every member; bits clear
+//!   lazily after FLUSHes. At assembly, bits set mean an unclean stop: the
+//!   source member's dirty regions are copied onto the others (only
+//!   those), and until a region is copied its reads go to the source.
+//! - *Ordered overlapping writes* (`io`): a write, discard or write-zeroes
+//!   that overlaps one in flight (or queued ahead) waits for it, so every
+//!   member applies overlapping writes in the same (arrival) order;
+//!   writes that do not overlap go on in parallel.
+//!
 //! A member that fails a request is dropped from the mirror, which goes on
-//! degraded; the generation is bumped and written to the members left, so
-//! a dropped member that comes back after a restart is seen as stale and
-//! resynchronized rather than trusted. When no active member is left the
+//! degraded; the generation is bumped and written to the members left, and
+//! the next write begins a new epoch. When no active member is left the
 //! mirror's requests fail with EIO.
 //!
 //! The class is split by concern:
-//! - `io`: regular requests (fan-out of writes and flushes, balanced and
-//!   retried reads, dropping a failed member);
-//! - `resync`: copying the whole range onto a new member, interleaved
-//!   with regular I/O;
-//! - `label`: metadata use (the record, generation bumps, assembly from
-//!   tasted members);
-//! - `ctl`: the class as the stack sees it (tasting, assembly, config
-//!   statements) and the operator's commands.
+//! - `io`: regular requests (the write queue, fan-out of writes and
+//!   flushes, balanced and retried reads, dropping a failed member);
+//! - `resync`: copying the whole range onto a new member, and dirty
+//!   regions onto the others after an unclean stop, interleaved with
+//!   regular I/O;
+//! - `history`: epochs, lineage, how two records relate, and the tail's
+//!   format;
+//! - `intent`: the write-intent bitmap and the recovery of dirty regions;
+//! - `label`: metadata use (the record, generation and epoch changes,
+//!   metadata versions, the plan for assembling from tasted members);
+//! - `ctl`: the class as the stack sees it (tasting, assembly, a refused
+//!   mirror, config statements) and the operator's commands.
 //!
 //! ```text
 //! mirror create|label [-b load|prefer|round-robin|split] NAME PROVIDER...
 //! mirror insert NAME PROVIDER...     # new members, resynchronized live
 //! mirror remove NAME PROVIDER...
-//! mirror rebuild NAME PROVIDER       # copy over a member that differs
+//! mirror rebuild NAME PROVIDER       # copy over a member that differs; on a
+//!                                    # refused mirror: give up PROVIDER's
+//!                                    # history, assemble from the others
 //! mirror forget NAME                 # forget members that are gone
 //! mirror destroy [-f] NAME
 //! mirror clear PROVIDER...
 //! ```
 //!
 //! The mirror routes data and never maps it: regular requests share the
-//! caller's pages with their children, resync reads into pages that are
-//! then written as they are. Only the metadata sector is encoded through a
-//! map, counted with the stack's metadata counters, apart from the data
-//! path.
+//! caller's pages with their children, resync and recovery read into
+//! pages that are then written as they are. Only the metadata sector is
+//! encoded through a map, counted with the stack's metadata counters,
+//! apart from the data path.
 
 mod ctl;
+mod history;
+mod intent;
 mod io;
 mod label;
 mod resync;
@@ -66,6 +107,9 @@ mod tests;
 pub use ctl::{
     create, forget, insert, rebuild, remove, status, MirrorClass, MirrorCreate, MirrorForget,
     MirrorInsert, MirrorRebuild, MirrorRemove, CLASS,
+};
+pub use history::{
+    relate, Epoch, History, Relation, Tail, TailError, BITMAP_BITS, LINEAGE, MIN_REGION_SHIFT,
 };
 pub use label::FLAG_SYNCHRONIZING;
 
@@ -232,12 +276,40 @@ pub struct MirrorStatus {
     pub id: u64,
     /// Current metadata generation.
     pub generation: u64,
+    /// The history the members' data belongs to (labelled mirrors).
+    pub history: History,
+    /// The next write begins a new epoch (the member set shrank, or the
+    /// mirror was assembled incomplete).
+    pub epoch_due: bool,
+    /// Bytes of a write-intent region (0 without metadata).
+    pub region_bytes: u64,
+    /// Regions whose bit is set (writes not yet known stable everywhere).
+    pub dirty_regions: u32,
+    /// The copy of dirty regions after an unclean stop, while it runs.
+    pub recovery: Option<RecoveryStatus>,
+    /// Regions copied from the recovery source since the mirror started.
+    pub recovered_regions: u32,
     /// Size of the mirror's provider, bytes.
     pub media_size: u64,
     /// Current members, active first in label order.
     pub members: Vec<MemberStatus>,
     /// Providers dropped from the mirror since it started, with the reason.
     pub dropped: Vec<(String, &'static str)>,
+    /// Providers that turned up with this mirror's metadata and were not
+    /// taken, with the reason (a newer or conflicting history).
+    pub refused: Vec<(String, String)>,
+}
+
+/// The copy of dirty regions after an unclean stop, as reported by
+/// [`MirrorStatus`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryStatus {
+    /// The member copied from (and read from in regions still to copy).
+    pub source: String,
+    /// Regions dirty at assembly.
+    pub regions: u32,
+    /// Regions copied onto every other member so far.
+    pub copied: u32,
 }
 
 impl MirrorStatus {
@@ -278,17 +350,44 @@ impl MirrorStatus {
             .iter()
             .map(|(p, why)| json!({"provider": p, "reason": why}))
             .collect();
+        let refused: Vec<Value> = self
+            .refused
+            .iter()
+            .map(|(p, why)| json!({"provider": p, "reason": why}))
+            .collect();
+        let recovery = self.recovery.as_ref().map(|r| {
+            json!({"source": r.source, "regions": r.regions, "copied": r.copied})
+        });
         json!({
             "state": self.state.name(),
             "balance": self.balance.name(),
             "id": self.id,
             "generation": self.generation,
+            "history": history_json(&self.history),
+            "epoch_due": self.epoch_due,
             "media_size": self.media_size,
             "members": members,
             "resync": resync,
+            "write_intent": {
+                "region_bytes": self.region_bytes,
+                "dirty_regions": self.dirty_regions,
+            },
+            "recovered_regions": self.recovered_regions,
+            "recovery": recovery,
             "dropped": dropped,
+            "refused": refused,
         })
     }
+}
+
+/// A history as JSON: the head epoch and the lineage, ids in hex.
+pub(crate) fn history_json(h: &History) -> Value {
+    let epoch = |e: &Epoch| json!({"epoch": format!("{:016x}", e.id), "since": e.since});
+    json!({
+        "epoch": format!("{:016x}", h.head.id),
+        "since": h.head.since,
+        "lineage": h.past().map(epoch).collect::<Vec<_>>(),
+    })
 }
 
 /// Why a mirror operation was refused.
@@ -319,6 +418,8 @@ pub enum MirrorError {
     Dead(String),
     /// The name cannot be written in metadata.
     BadName(String),
+    /// Members hold conflicting histories (the reason says which).
+    Conflict(String),
 }
 
 impl From<StackError> for MirrorError {
@@ -351,6 +452,7 @@ impl core::fmt::Display for MirrorError {
             MirrorError::NoMirror(n) => write!(f, "no mirror named '{n}'"),
             MirrorError::Dead(p) => write!(f, "mirror '{p}' has no active member"),
             MirrorError::BadName(n) => write!(f, "'{n}' cannot be a mirror name"),
+            MirrorError::Conflict(why) => write!(f, "{why}"),
         }
     }
 }
@@ -378,6 +480,10 @@ struct Member {
     meta_inflight: bool,
     /// The metadata must be (re)written once the write in flight is done.
     meta_wanted: bool,
+    /// The metadata version of the write in flight.
+    meta_sent: u64,
+    /// The newest metadata version known stable on the member.
+    meta_durable: u64,
 }
 
 /// Marks the slab slot of a cookie.
@@ -476,16 +582,38 @@ pub struct MirrorGeom {
     labelled: bool,
     /// Round-robin cursor over members.
     rr: usize,
+    /// The history the members' data belongs to.
+    history: history::History,
+    /// The set of members holding the data shrank (or the mirror was
+    /// assembled incomplete) since the head epoch began: the next write
+    /// begins a new one.
+    epoch_due: bool,
+    /// The metadata version that recorded the head epoch.
+    epoch_version: u64,
+    /// The version of the metadata as it should be: bumped by every change
+    /// that all members' records must carry.
+    meta_version: u64,
     /// Regular requests in flight below.
     pending: Slab<io::Pending>,
-    /// Writes held back because they overlap a resync request in flight.
-    delayed: VecDeque<Bio>,
-    /// Write and flush completions held until a generation bump is on
-    /// every member's disk (so a dropped member cannot come back trusted
-    /// after a power cut).
+    /// Writes, discards and write-zeroes not sent yet, in arrival order:
+    /// they overlap a write in flight or ahead of them, or a resync copy,
+    /// or wait for the record that marks their regions dirty.
+    queued: VecDeque<io::Queued>,
+    /// Write and flush completions held until every member's record is at
+    /// least `park_barrier` (a new epoch after the member set shrank, so a
+    /// member that missed the write cannot come back trusted).
     parked: VecDeque<(Bio, BioResult)>,
-    /// A generation bump is not yet on every member.
-    unpersisted: bool,
+    park_barrier: u64,
+    /// FLUSHes sent to the members.
+    flushes: u64,
+    /// The write-intent bitmap (labelled mirrors).
+    intent: Option<intent::WriteIntent>,
+    /// The copy of dirty regions after an unclean stop.
+    recovery: Option<intent::Recovery>,
+    /// Regions copied by recoveries since the mirror started.
+    recovered: u32,
+    /// Providers with this mirror's metadata that were not taken, and why.
+    refused: Vec<(String, String)>,
     /// Resync requests in flight.
     chunks: Slab<resync::Chunk>,
     /// Former members whose metadata must be cleared: consumer, offset
@@ -545,6 +673,18 @@ impl MirrorGeom {
             balance: self.balance,
             id: self.id,
             generation: self.generation,
+            history: self.history.clone(),
+            epoch_due: self.epoch_due,
+            region_bytes: self.intent.as_ref().map_or(0, |w| 1u64 << w.shift()),
+            dirty_regions: self.intent.as_ref().map_or(0, |w| w.dirty_count() as u32),
+            recovery: self.recovery.as_ref().map(|r| RecoveryStatus {
+                source: self
+                    .member_index(r.source)
+                    .map_or_else(String::new, |i| self.members[i].name.clone()),
+                regions: r.total,
+                copied: r.copied,
+            }),
+            recovered_regions: self.recovered,
             media_size: self.media_size,
             members: self
                 .members
@@ -560,6 +700,7 @@ impl MirrorGeom {
                 })
                 .collect(),
             dropped: self.dropped.clone(),
+            refused: self.refused.clone(),
         }
     }
 
@@ -576,7 +717,7 @@ impl MirrorGeom {
                 self.detaching.push(m.consumer);
             }
         }
-        self.release_delayed(io);
+        self.release_queued(io);
         self.issue_metadata(io);
         self.pump_sync(io);
         self.release_parked(io);
@@ -597,6 +738,9 @@ impl Geom for MirrorGeom {
 
     fn start(&mut self, io: &mut Io<'_>, _provider: ProviderId, bio: Bio) {
         self.start_regular(io, bio);
+        // A write may have marked regions dirty or begun an epoch: its
+        // record goes out now.
+        self.issue_metadata(io);
     }
 
     fn done(&mut self, io: &mut Io<'_>, cookie: u64, bio: Bio, result: BioResult) {
