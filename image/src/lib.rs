@@ -10,6 +10,7 @@
 //! - [`http`]: the HTTP/1.1 client for the management endpoint;
 //! - [`control`]: `POST /shutdown` and QMP `quit`;
 //! - [`mgmt`]: `strata geom`, `geom list` and `gstat` over the management endpoint;
+//! - [`fault`]: `strata fault`, the fault campaign;
 //! - [`kernel`]: building the appliance kernel;
 //! - [`memfile`]: the configuration as a sealed in-memory file;
 //! - [`runner`]: starting, following and stopping QEMU;
@@ -19,6 +20,7 @@ pub mod backlog;
 pub mod console;
 pub mod control;
 pub mod disk;
+pub mod fault;
 pub mod http;
 pub mod kernel;
 pub mod memfile;

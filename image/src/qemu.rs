@@ -85,14 +85,51 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// Disk images, in order: the guest sees them as vtbd0, vtbd1, …
-    pub disks: Vec<PathBuf>,
+    /// Disks, in order: the guest sees them as vtbd0, vtbd1, …
+    pub disks: Vec<Drive>,
     /// Host port on 127.0.0.1 forwarded to the guest's NBD port.
     pub nbd_port: u16,
     /// Host port on 127.0.0.1 forwarded to the guest's HTTP port.
     pub http_port: u16,
     /// Unix socket for QMP, if any.
     pub qmp_socket: Option<PathBuf>,
+}
+
+/// Where a disk's blocks live on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Drive {
+    /// A raw image file.
+    File(PathBuf),
+    /// An NBD server on a Unix socket (its default export): a disk whose
+    /// backend another process owns, so it can fail, hang or vanish.
+    NbdUnix(PathBuf),
+}
+
+impl From<PathBuf> for Drive {
+    fn from(p: PathBuf) -> Drive {
+        Drive::File(p)
+    }
+}
+
+impl Drive {
+    /// The `-drive` value for the drive with id `id`.
+    ///
+    /// werror/rerror=report: a host error (ENOSPC, EIO) completes the
+    /// request with an error status the appliance handles, instead of
+    /// QEMU's default of pausing the whole VM on ENOSPC.
+    fn arg(&self, id: &str) -> String {
+        let common = "if=none,format=raw,cache=writeback,discard=unmap,werror=report,rerror=report";
+        match self {
+            Drive::File(p) => format!(
+                "file={},id={id},{common},aio=threads",
+                qemu_escape(&p.to_string_lossy())
+            ),
+            Drive::NbdUnix(sock) => format!(
+                "file.driver=nbd,file.server.type=unix,file.server.path={},id={id},{common}",
+                qemu_escape(&sock.to_string_lossy())
+            ),
+        }
+    }
 }
 
 /// Escapes a value for QEMU's comma-separated option syntax (`,` → `,,`).
@@ -142,16 +179,7 @@ impl QemuConfig {
             push(&["-global", "virtio-mmio.force-legacy=false"]);
         }
         for (n, disk) in self.disks.iter().enumerate() {
-            // werror/rerror=report: a host error (ENOSPC, EIO) completes the
-            // request with an error status the appliance handles, instead
-            // of QEMU's default of pausing the whole VM on ENOSPC.
-            push(&[
-                "-drive",
-                &format!(
-                    "file={},if=none,id=d{n},format=raw,cache=writeback,discard=unmap,aio=threads,werror=report,rerror=report",
-                    qemu_escape(&disk.to_string_lossy())
-                ),
-            ]);
+            push(&["-drive", &disk.arg(&format!("d{n}"))]);
             let dev = match self.machine {
                 Machine::Q35 => format!("virtio-blk-pci,drive=d{n},disable-legacy=on"),
                 Machine::Microvm => format!("virtio-blk-device,drive=d{n}"),
@@ -246,7 +274,10 @@ mod tests {
             machine,
             accel,
             memory_mib: 512,
-            disks: vec![PathBuf::from("/d/a.img"), PathBuf::from("/d/b,c.img")],
+            disks: vec![
+                Drive::File(PathBuf::from("/d/a.img")),
+                Drive::NbdUnix(PathBuf::from("/t/d,1.sock")),
+            ],
             nbd_port: 10809,
             http_port: 8080,
             qmp_socket: None,
@@ -281,8 +312,8 @@ mod tests {
         assert_eq!(
             values(&a, "-drive"),
             [
-                "file=/d/a.img,if=none,id=d0,format=raw,cache=writeback,discard=unmap,aio=threads,werror=report,rerror=report",
-                "file=/d/b,,c.img,if=none,id=d1,format=raw,cache=writeback,discard=unmap,aio=threads,werror=report,rerror=report",
+                "file=/d/a.img,id=d0,if=none,format=raw,cache=writeback,discard=unmap,werror=report,rerror=report,aio=threads",
+                "file.driver=nbd,file.server.type=unix,file.server.path=/t/d,,1.sock,id=d1,if=none,format=raw,cache=writeback,discard=unmap,werror=report,rerror=report",
             ]
         );
         assert_eq!(

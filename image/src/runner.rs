@@ -211,24 +211,7 @@ impl Vm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the child between fork and exec and
-        // calls only prctl(2) and getppid(2), which are async-signal-safe,
-        // and builds errors from raw errno values without allocating. The
-        // death signal is tied to the forking thread: QEMU is spawned from
-        // the main thread, which lives until the tool exits.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 Failure::host(format!(
@@ -277,6 +260,28 @@ impl Vm {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes the child `cmd` starts get SIGTERM when this process dies, so
+/// no QEMU or disk server is left behind. The death signal is tied to the
+/// forking thread: spawn from a thread that lives until the tool exits.
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only prctl(2) and getppid(2), which are async-signal-safe,
+    // and builds errors from raw errno values without allocating.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 
