@@ -101,6 +101,13 @@ impl From<crate::page::PageBusy> for BioError {
     }
 }
 
+impl From<crate::page::NoMemory> for BioError {
+    /// No memory for the pages a request needs: the request may be retried.
+    fn from(_: crate::page::NoMemory) -> BioError {
+        BioError::NoMemory
+    }
+}
+
 /// Result of a bio.
 pub type BioResult = Result<(), BioError>;
 

@@ -19,6 +19,7 @@
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use smallvec::SmallVec;
 
@@ -29,6 +30,43 @@ pub const PAGE_SIZE: usize = 4096;
 #[repr(C, align(4096))]
 pub struct PageData(pub [u8; PAGE_SIZE]);
 
+/// The heap had no room for a page (or a page list): the caller waits
+/// for memory to come back and tries again, or fails the request with
+/// [`crate::bio::BioError::NoMemory`]. Never a panic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoMemory;
+
+impl core::fmt::Display for NoMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "out of memory")
+    }
+}
+
+/// The bytes of one page on the heap, allocated fallibly: an exhausted
+/// heap is an error value ([`NoMemory`]), not a panic.
+pub struct PageBox(Box<[PageData]>);
+
+impl PageBox {
+    /// A zero-filled page, or [`NoMemory`].
+    pub fn try_zeroed() -> Result<PageBox, NoMemory> {
+        let mut v: Vec<PageData> = Vec::new();
+        v.try_reserve_exact(1).map_err(|_| NoMemory)?;
+        v.push(PageData([0; PAGE_SIZE]));
+        // Length equals capacity: no reallocation.
+        Ok(PageBox(v.into_boxed_slice()))
+    }
+
+    /// The page's bytes.
+    pub fn bytes(&self) -> &[u8; PAGE_SIZE] {
+        &self.0[0].0
+    }
+
+    /// The page's bytes, to change them.
+    pub fn bytes_mut(&mut self) -> &mut [u8; PAGE_SIZE] {
+        &mut self.0[0].0
+    }
+}
+
 /// [`PageInner::state`]: the CPU has the page mapped.
 const MAPPED: u32 = 1 << 31;
 
@@ -38,7 +76,7 @@ struct PageInner {
     addr: usize,
     /// [`MAPPED`], or the number of devices the page is lent to.
     state: AtomicU32,
-    data: spin::Mutex<Box<PageData>>,
+    data: spin::Mutex<PageBox>,
 }
 
 /// A page was asked for by the CPU while a device holds it, or by a
@@ -60,15 +98,26 @@ impl core::fmt::Display for PageBusy {
 pub struct Page(Arc<PageInner>);
 
 impl Page {
-    /// Allocates a zero-filled page.
+    /// Allocates a zero-filled page. An exhausted heap is the allocation
+    /// error (a panic): the I/O path uses [`Page::try_new_zeroed`].
     pub fn new_zeroed() -> Page {
-        let data = Box::new(PageData([0; PAGE_SIZE]));
-        let addr = &*data as *const PageData as usize;
-        Page(Arc::new(PageInner {
+        match Page::try_new_zeroed() {
+            Ok(p) => p,
+            Err(NoMemory) => {
+                alloc::alloc::handle_alloc_error(core::alloc::Layout::new::<PageData>())
+            }
+        }
+    }
+
+    /// Allocates a zero-filled page, or says there is no memory for one.
+    pub fn try_new_zeroed() -> Result<Page, NoMemory> {
+        let data = PageBox::try_zeroed()?;
+        let addr = data.bytes().as_ptr() as usize;
+        Ok(Page(Arc::new(PageInner {
             addr,
             state: AtomicU32::new(0),
             data: spin::Mutex::new(data),
-        }))
+        })))
     }
 
     /// True when both handles share the same bytes.
@@ -146,7 +195,7 @@ impl Page {
             .state
             .compare_exchange(0, MAPPED, Ordering::AcqRel, Ordering::Acquire)
             .map_err(|_| PageBusy)?;
-        let r = f(&mut self.0.data.lock().0);
+        let r = f(self.0.data.lock().bytes_mut());
         self.0.state.store(0, Ordering::Release);
         Ok(r)
     }
@@ -294,6 +343,14 @@ impl SgList {
         self.segs.capacity()
     }
 
+    /// An empty list with room for `segments` page ranges, or
+    /// [`NoMemory`] when the heap has no room for a long list.
+    pub fn try_with_capacity(segments: usize) -> Result<SgList, NoMemory> {
+        let mut segs = SmallVec::new();
+        segs.try_reserve_exact(segments).map_err(|_| NoMemory)?;
+        Ok(SgList { segs, len_bytes: 0 })
+    }
+
     /// Allocates fresh zeroed pages covering `len_bytes`.
     pub fn alloc(len_bytes: usize) -> SgList {
         let mut sg = SgList::with_capacity(len_bytes.div_ceil(PAGE_SIZE));
@@ -317,7 +374,7 @@ impl SgList {
         let mut sg = SgList::new();
         for chunk in bytes.chunks(PAGE_SIZE) {
             let page = Page::new_zeroed();
-            page.0.data.lock().0[..chunk.len()].copy_from_slice(chunk);
+            page.0.data.lock().bytes_mut()[..chunk.len()].copy_from_slice(chunk);
             counters.add_mapped(chunk.len());
             sg.push(PageRef {
                 page,
@@ -421,7 +478,7 @@ impl SgList {
             debug_assert!(r.page.is_lent());
             let start = r.offset as usize;
             let mut data = r.page.0.data.lock();
-            let bytes = &mut data.0[start..start + r.len as usize];
+            let bytes = &mut data.bytes_mut()[start..start + r.len as usize];
             counters.add_mapped(bytes.len());
             f(pos, bytes);
             pos += u64::from(r.len);

@@ -191,6 +191,42 @@ struct CommonArgs {
     /// Host port on 127.0.0.1 for the HTTP management endpoint.
     #[arg(long, value_name = "PORT", default_value_t = 8080)]
     http_port: u16,
+    /// Most payload bytes all connections may hold in memory together
+    /// (default: a quarter of the memory; hosted at most 1G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    payload_budget: Option<String>,
+    /// Time a management request has to arrive, in milliseconds (0:
+    /// none; default 30000).
+    #[arg(long, value_name = "MS")]
+    http_timeout_ms: Option<u64>,
+    /// Time an NBD client that holds payload pages may move no byte
+    /// before it is dropped, in milliseconds (0: none; default 60000).
+    #[arg(long, value_name = "MS")]
+    nbd_stall_timeout_ms: Option<u64>,
+}
+
+impl CommonArgs {
+    /// The limits given, as `(KEY, VALUE)` for the appliance's
+    /// `Limits::set`.
+    fn limits(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.payload_budget {
+            out.push(("payload_budget".into(), b.clone()));
+        }
+        if let Some(t) = self.http_timeout_ms {
+            out.push(("http_timeout_ms".into(), t.to_string()));
+        }
+        if let Some(t) = self.nbd_stall_timeout_ms {
+            out.push(("nbd_stall_timeout_ms".into(), t.to_string()));
+        }
+        out
+    }
+}
+
+/// A size (`512`, `64k`, `256m`, `1g`), kept as written.
+fn parse_size_arg(s: &str) -> Result<String, String> {
+    geom::config::parse_size(s)?;
+    Ok(s.to_string())
 }
 
 /// Options of `run`.
@@ -330,7 +366,13 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
         qemu: QemuConfig {
             kernel,
             initrd: config_file.as_ref().map(MemFile::path),
-            kernel_args: a.kernel_args,
+            kernel_args: a
+                .common
+                .limits()
+                .into_iter()
+                .map(|(k, v)| format!("strata.{k}={v}"))
+                .chain(a.kernel_args)
+                .collect(),
             machine: match a.machine {
                 MachineArg::Q35 => Machine::Q35,
                 MachineArg::Microvm => Machine::Microvm,
@@ -377,6 +419,7 @@ fn cmd_hosted(a: CommonArgs) -> Result<(), Failure> {
         config_text,
         disks,
         ports: vec![("nbd".into(), a.nbd_port), ("http".into(), a.http_port)],
+        limits: a.limits(),
     };
     appliance::hosted::run(&opts).map_err(Failure::runtime)
 }

@@ -8,6 +8,12 @@
 //! interim `100 Continue` before its body (RFC 9110 §10.1.1). Heads over
 //! [`MAX_HEAD`] bytes, bodies over [`MAX_BODY`] and chunked bodies are
 //! refused (413, 413, 411); malformed heads get 400.
+//!
+//! A connection holds one of the endpoint's few slots, so it is timed
+//! ([`Connection::with_timeout`], [`REQUEST_TIMEOUT_MS`] by default): a
+//! request that has not fully arrived that long after the connection's
+//! first tick is answered `408 Request Timeout` and the connection ends;
+//! so does one whose client takes no byte of the response for that long.
 
 use crate::session::{
     ControlRequest, ControlResponse, ExportInfo, Session, TxPiece, TxPieces, Work,
@@ -21,6 +27,9 @@ use geom::page::DataCounters;
 pub const MAX_HEAD: usize = 8192;
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Default time for a request to arrive, and most time a response may
+/// wait for its client to take a byte, in milliseconds.
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Most header fields in a request head.
 const MAX_HEADERS: usize = 32;
 
@@ -33,6 +42,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
@@ -152,6 +162,17 @@ pub struct Connection {
     /// The peer sent FIN.
     input_closed: bool,
     counters: DataCounters,
+    /// [`REQUEST_TIMEOUT_MS`] or what [`Connection::with_timeout`] set
+    /// (0: never).
+    timeout_ms: u64,
+    /// The first tick's time.
+    born_ms: Option<u64>,
+    /// The last tick at which the response moved (or began).
+    sent_ms: u64,
+    /// Bytes of the response were taken since the last tick.
+    moved: bool,
+    /// A timeout ended the connection.
+    timed_out: bool,
 }
 
 impl Default for Connection {
@@ -161,15 +182,70 @@ impl Default for Connection {
 }
 
 impl Connection {
-    /// A new connection waiting for a request.
+    /// A new connection waiting for a request, with the default
+    /// [`REQUEST_TIMEOUT_MS`].
     pub fn new() -> Connection {
+        Connection::with_timeout(REQUEST_TIMEOUT_MS)
+    }
+
+    /// A new connection whose request must arrive within `timeout_ms` of
+    /// its first tick, and whose response must not wait longer than that
+    /// for its client to take a byte (0: no timeout).
+    pub fn with_timeout(timeout_ms: u64) -> Connection {
         Connection {
             buf: Vec::new(),
             state: State::Head,
             interim: b"",
             input_closed: false,
             counters: DataCounters::new(),
+            timeout_ms,
+            born_ms: None,
+            sent_ms: 0,
+            moved: false,
+            timed_out: false,
         }
+    }
+
+    /// Tells the connection the time (milliseconds, monotonic) and
+    /// enforces its timeout; true if it ended the connection now.
+    pub fn on_tick(&mut self, now_ms: u64) -> bool {
+        let born = *self.born_ms.get_or_insert(now_ms);
+        if self.moved || !matches!(self.state, State::Sending { .. }) {
+            self.sent_ms = now_ms;
+            self.moved = false;
+        }
+        if self.timeout_ms == 0 {
+            return false;
+        }
+        let expired = |since: u64| now_ms.saturating_sub(since) >= self.timeout_ms;
+        match self.state {
+            State::Head | State::Body { .. } if expired(born) => {
+                self.timed_out = true;
+                self.respond(ControlResponse::error(
+                    408,
+                    "the request did not arrive in time",
+                ));
+                // The answer itself gets as long to leave.
+                self.sent_ms = now_ms;
+                true
+            }
+            State::Sending { .. } if expired(self.sent_ms) => {
+                self.timed_out = true;
+                self.shutdown_now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True once a timeout ended (or is ending) the connection.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    fn shutdown_now(&mut self) {
+        self.interim = b"";
+        self.state = State::Done;
     }
 
     /// Feeds received bytes; returns how many were consumed.
@@ -277,6 +353,7 @@ impl Session for Connection {
     }
 
     fn tx_advance(&mut self, mut n: usize) {
+        self.moved |= n > 0;
         let k = n.min(self.interim.len());
         self.interim = &self.interim[k..];
         n -= k;
@@ -301,8 +378,15 @@ impl Session for Connection {
     }
 
     fn shutdown(&mut self) {
-        self.interim = b"";
-        self.state = State::Done;
+        self.shutdown_now();
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        self.on_tick(now_ms);
+    }
+
+    fn timed_out(&self) -> bool {
+        Connection::timed_out(self)
     }
 
     fn wants_recv(&self) -> bool {
@@ -402,6 +486,50 @@ mod tests {
         let mut c = Connection::new();
         c.on_recv(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(drain(&mut c).starts_with("HTTP/1.1 411"));
+    }
+
+    #[test]
+    fn a_request_that_does_not_arrive_in_time_gets_408() {
+        // Nothing sent at all.
+        let mut c = Connection::with_timeout(1000);
+        assert!(!c.on_tick(5_000));
+        assert!(!c.on_tick(5_999));
+        assert!(c.on_tick(6_000));
+        assert!(c.timed_out());
+        assert!(drain(&mut c).starts_with("HTTP/1.1 408 Request Timeout\r\n"));
+        assert!(c.is_finished());
+        // Half a head, then half a body: the deadline runs from the start.
+        let mut c = Connection::with_timeout(1000);
+        c.on_tick(0);
+        c.on_recv(b"GET /status HTTP/1.1\r\nHo");
+        assert!(!c.on_tick(900));
+        assert!(c.on_tick(1000));
+        let mut c = Connection::with_timeout(1000);
+        c.on_tick(0);
+        c.on_recv(b"POST /geom HTTP/1.1\r\nContent-Length: 9\r\n\r\nmd");
+        assert!(c.on_tick(1000));
+        assert!(drain(&mut c).starts_with("HTTP/1.1 408"));
+        // A whole request waits for its answer as long as it takes.
+        let mut c = Connection::with_timeout(1000);
+        c.on_tick(0);
+        c.on_recv(b"GET /status HTTP/1.1\r\n\r\n");
+        assert!(c.take_request().is_some());
+        assert!(!c.on_tick(10_000));
+        // An answer nobody takes ends the connection, one moving does not.
+        c.respond(ControlResponse::new(200, "text/plain", "x".repeat(100)));
+        assert!(!c.on_tick(10_500));
+        let mut pieces = TxPieces::new();
+        c.tx_pieces(&mut pieces, 10);
+        drop(pieces);
+        c.tx_advance(10);
+        assert!(!c.on_tick(11_400));
+        assert!(!c.on_tick(12_300));
+        assert!(c.on_tick(13_300));
+        assert!(c.is_finished() && c.timed_out());
+        // No timeout at all.
+        let mut c = Connection::with_timeout(0);
+        assert!(!c.on_tick(0));
+        assert!(!c.on_tick(u64::MAX / 2));
     }
 
     #[test]

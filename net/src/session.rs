@@ -21,6 +21,16 @@
 //! Split-phase rules (as Tock's): work taken with [`Session::next_work`]
 //! is answered exactly once, later, by [`Session::complete`] or
 //! [`Session::respond`], never from inside another call.
+//!
+//! **Memory.** Payload pages are memory every session draws on, so the
+//! service keeps one budget for all of them, whatever the protocol. A
+//! session reports what it holds ([`Session::budget_held`]); once the
+//! header of a request that needs pages has arrived it asks before it
+//! allocates them ([`Session::budget_wanted`]) and takes no more input
+//! until the service admits it ([`Session::budget_grant`]): the rest stays
+//! in the socket, which is the backpressure. An admitted request whose
+//! pages cannot be had (the heap is exhausted) keeps waiting, and is
+//! admitted again later; nothing panics.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -239,6 +249,37 @@ pub trait Session {
     /// Bios handed out and not yet completed.
     fn in_flight(&self) -> usize {
         0
+    }
+
+    /// Payload bytes this session holds in memory: the pages of its
+    /// requests and of replies not yet sent, and spare pages it keeps for
+    /// reuse.
+    fn budget_held(&self) -> u64 {
+        0
+    }
+
+    /// `Some(bytes)` while a request whose header has arrived waits to be
+    /// admitted before its pages are allocated: the bytes it will hold
+    /// beyond [`Session::budget_held`] (0 when spare pages cover it).
+    /// Until then the session takes no more input.
+    fn budget_wanted(&self) -> Option<u64> {
+        None
+    }
+
+    /// Admits the waiting request: the session allocates its pages and
+    /// reads on. False if the memory could not be had: the request keeps
+    /// waiting and the session holds nothing more for it.
+    fn budget_grant(&mut self) -> bool {
+        true
+    }
+
+    /// Memory is short: give back what is held but not needed (spare
+    /// pages).
+    fn budget_trim(&mut self) {}
+
+    /// True once the connection was ended by one of its timeouts.
+    fn timed_out(&self) -> bool {
+        false
     }
 }
 

@@ -522,3 +522,6 @@ pub mod scenarios;
 
 /// Helpers shared by the benchmark programs.
 pub mod bench;
+/// Memory scenarios (floods of large writes, idle management clients,
+/// memory disks larger than the memory) for both platforms.
+pub mod memory;

@@ -71,3 +71,20 @@ fn fio_verify() {
 fn malformed_clients() {
     nbd::malformed_clients(Hosted);
 }
+
+#[test]
+fn flood_of_large_writes() {
+    // A budget just over one write: most requests wait their turn, and
+    // the first of each client's three is larger than what is left.
+    strata_tests::memory::flood(Hosted, &["--payload-budget", "40m"]);
+}
+
+#[test]
+fn http_request_timeout() {
+    strata_tests::memory::http_request_timeout(Hosted, &["--http-timeout-ms", "1000"]);
+}
+
+#[test]
+fn md_too_large() {
+    strata_tests::memory::md_too_large(Hosted, &[]);
+}

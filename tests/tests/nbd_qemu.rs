@@ -72,3 +72,18 @@ fn fio_verify() {
 fn malformed_clients() {
     nbd::malformed_clients(Qemu);
 }
+
+#[test]
+fn flood_of_large_writes() {
+    strata_tests::memory::flood(Qemu, &[]);
+}
+
+#[test]
+fn http_request_timeout() {
+    strata_tests::memory::http_request_timeout(Qemu, &["--http-timeout-ms", "2000"]);
+}
+
+#[test]
+fn md_too_large() {
+    strata_tests::memory::md_too_large(Qemu, &[]);
+}

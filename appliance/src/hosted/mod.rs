@@ -18,7 +18,9 @@
 
 pub mod disk;
 
-use crate::service::{Link, Phase, PlatformStatus, Recv, Sent, Service, Transport, PROTOCOLS};
+use crate::service::{
+    Limits, Link, Phase, PlatformStatus, Recv, Sent, Service, Transport, PROTOCOLS,
+};
 use arrayvec::ArrayVec;
 use geom::disk::BlockDevice;
 use geom::page::{DataCounters, PageLease};
@@ -41,6 +43,9 @@ pub struct HostedOptions {
     /// TCP port on 127.0.0.1 per protocol name; a protocol not named
     /// listens on its guest port.
     pub ports: Vec<(String, u16)>,
+    /// Limits given on the command line, as `(KEY, VALUE)` for
+    /// [`crate::service::Limits::set`] (`payload_budget`, `http_timeout_ms`, …).
+    pub limits: Vec<(String, String)>,
 }
 
 impl HostedOptions {
@@ -231,6 +236,36 @@ fn listen(port: u16) -> Result<TcpListener, String> {
     Ok(l)
 }
 
+/// Largest payload budget hosted sizes by itself.
+const HOSTED_MAX_BUDGET: u64 = crate::service::DEFAULT_PAYLOAD_BUDGET;
+
+/// The host's memory (`MemTotal` of `/proc/meminfo`), if it says.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The service's limits: sized from the host's memory (the payload
+/// budget at most [`HOSTED_MAX_BUDGET`]), then the options given.
+fn limits(opts: &HostedOptions) -> Result<Limits, String> {
+    let mut l = match host_memory_bytes() {
+        Some(m) => {
+            let mut l = Limits::for_memory(m);
+            l.payload_budget_bytes = l.payload_budget_bytes.min(HOSTED_MAX_BUDGET);
+            l
+        }
+        None => Limits::default(),
+    };
+    for (k, v) in &opts.limits {
+        if !l.set(k, v)? {
+            return Err(format!("unknown limit '{k}'"));
+        }
+    }
+    Ok(l)
+}
+
 fn memory_status() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let mut f = text.split_whitespace();
@@ -257,7 +292,9 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(std::process::id());
     let config_error = |e| format!("config error: {}", crate::service::locate_error(text, e));
+    let limits = limits(opts)?;
     let mut svc = Service::boot(&config, disks, seed).map_err(config_error)?;
+    svc.set_limits(limits);
     let started = Instant::now();
     svc.set_platform(Box::new(move || {
         let (total, used) = memory_status();

@@ -19,7 +19,7 @@
 //! are counted.
 
 use super::BootInfo;
-use crate::service::{Link, Phase, PlatformStatus, Service, PROTOCOLS};
+use crate::service::{Limits, Link, Phase, PlatformStatus, Service, PROTOCOLS};
 use crate::smol::{tcp_socket, Smol};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -103,6 +103,28 @@ fn status() -> PlatformStatus {
     }
 }
 
+/// The service's limits: sized from the heap's free memory now (devices
+/// probed, nothing served yet), then any `strata.KEY=VALUE` word of the
+/// command line that names a limit ([`Limits::set`]).
+fn limits(cmdline: &str) -> Limits {
+    let m = super::memory_stats();
+    let mut l = Limits::for_memory(m.total_bytes.saturating_sub(m.used_bytes));
+    for w in cmdline.split_ascii_whitespace() {
+        let Some((key, value)) = w.strip_prefix("strata.").and_then(|w| w.split_once('=')) else {
+            continue;
+        };
+        if let Err(e) = l.set(key, value) {
+            log::warn!("command line: {e}");
+        }
+    }
+    log::info!(
+        "memory: payload budget {} KiB, memory disks up to {} KiB",
+        l.payload_budget_bytes >> 10,
+        l.md_memory_bytes.unwrap_or(0) >> 10
+    );
+    l
+}
+
 /// Runs the appliance; never returns.
 pub fn serve(boot: BootInfo) -> ! {
     let (config, config_text) = config_from_boot(&boot);
@@ -156,6 +178,7 @@ pub fn serve(boot: BootInfo) -> ! {
         Err(e) => config_error(e),
     };
     svc.set_platform(Box::new(status));
+    svc.set_limits(limits(boot.cmdline));
     let buffers: Vec<usize> = PROTOCOLS
         .iter()
         .map(|p| socket_bytes(p, super::memory_stats().total_bytes))

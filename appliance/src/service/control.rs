@@ -323,7 +323,8 @@ impl Service {
 
     /// With no export in the boot config: every disk under its own name
     /// over the first protocol that serves exports, or a 256 MiB md0 when
-    /// there is no disk.
+    /// there is no disk (less, to the MiB, where memory disks may not
+    /// have that much).
     fn default_exports(&mut self, has_exports: bool) -> Result<(), ConfigError> {
         if has_exports {
             return Ok(());
@@ -337,8 +338,9 @@ impl Service {
             return Ok(());
         };
         let names: Vec<String> = if self.disks.is_empty() {
-            MdGeom::create(&mut self.stack, "md0", DEFAULT_MD_BYTES)
-                .map_err(|e| err(format!("{e}")))?;
+            let room = self.stack.data_memory_limit().unwrap_or(u64::MAX);
+            let size = DEFAULT_MD_BYTES.min(room & !((1 << 20) - 1)).max(1 << 20);
+            MdGeom::create(&mut self.stack, "md0", size).map_err(|e| err(format!("{e}")))?;
             alloc::vec![String::from("md0")]
         } else {
             self.disks.iter().map(|d| d.0.clone()).collect()

@@ -1,5 +1,6 @@
 //! The `/metrics` document, in Prometheus' text exposition format: every
-//! provider's counters, and each protocol's copies and connections.
+//! provider's counters, the payload budget and memory disks' memory, and
+//! each protocol's copies and connections.
 
 use super::{Service, PROTOCOLS};
 use alloc::string::String;
@@ -103,8 +104,46 @@ impl Service {
                 p.in_flight
             );
         }
+        let b = self.budget.counters();
+        let md_limit = self.limits.md_memory_bytes.unwrap_or(0);
+        let gauges: [(&str, &str, &str, u64); 12] = [
+            ("payload_budget_bytes", "gauge", "Most payload bytes all connections may hold in pages together.", self.budget.limit()),
+            ("payload_in_use_bytes", "gauge", "Payload bytes held in pages by all connections now (requests, unsent replies, spare pages).", self.payload_in_use()),
+            ("payload_peak_bytes", "gauge", "Most payload bytes held at once, as seen when admitting a request.", b.peak_bytes),
+            ("payload_waiting", "gauge", "Connections waiting for their next request to be admitted into the payload budget.", self.budget.waiting() as u64),
+            ("payload_grants_total", "counter", "Requests admitted into the payload budget.", b.grants),
+            ("payload_waits_total", "counter", "Requests that waited before they were admitted into the payload budget.", b.waits),
+            ("payload_oversized_total", "counter", "Requests larger than the whole payload budget, admitted alone.", b.oversized),
+            ("payload_no_memory_total", "counter", "Admitted requests whose pages the heap could not give (retried).", b.no_memory),
+            ("md_limit_bytes", "gauge", "Most bytes memory disks may commit (0: no limit known).", md_limit),
+            ("md_committed_bytes", "gauge", "Bytes committed to memory disks (their full sizes).", geom::class::md::committed_bytes(&self.stack)),
+            ("http_timeout_ms", "gauge", "Time a management request has to arrive, in milliseconds (0: none).", self.limits.http_timeout_ms),
+            ("nbd_stall_timeout_ms", "gauge", "Time an NBD client holding payload pages may move no byte, in milliseconds (0: none).", self.limits.nbd_stall_timeout_ms),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = writeln!(s, "# HELP strata_{name} {help}");
+            let _ = writeln!(s, "# TYPE strata_{name} {kind}");
+            let _ = writeln!(s, "strata_{name} {value}");
+        }
         for (i, proto) in PROTOCOLS.iter().enumerate() {
             let name = proto.name;
+            let cc = self.conn_counters[i];
+            for (what, help, value) in [
+                ("accepted", "accepted", cc.accepted),
+                (
+                    "refused",
+                    "refused at the connection limit (or while not serving)",
+                    cc.refused,
+                ),
+                ("timeouts", "ended by a timeout", cc.timed_out),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "# HELP strata_{name}_{what}_total {name} connections {help}."
+                );
+                let _ = writeln!(s, "# TYPE strata_{name}_{what}_total counter");
+                let _ = writeln!(s, "strata_{name}_{what}_total {value}");
+            }
             let live = self.sessions.values().filter(|c| c.protocol == i);
             let (mut mapped, mut copied, mut open) = (
                 self.closed_counters[i].bytes_mapped(),

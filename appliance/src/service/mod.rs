@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod budget;
 mod control;
 pub mod exports;
 pub mod link;
@@ -56,6 +57,89 @@ pub const DEFAULT_MD_BYTES: u64 = 256 << 20;
 
 /// Largest NBD request payload accepted.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// The global payload budget where the platform does not size one
+/// ([`Limits::default`]).
+pub const DEFAULT_PAYLOAD_BUDGET: u64 = 1 << 30;
+
+/// How the service uses memory, and how long its connections may dawdle.
+/// The platform sets it at boot ([`Service::set_limits`]), before the
+/// config runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most payload bytes every session of every protocol holds in pages
+    /// together (the global budget, [`budget`]).
+    pub payload_budget_bytes: u64,
+    /// Most bytes memory disks may commit, counted at their full size
+    /// (`None`: no limit known).
+    pub md_memory_bytes: Option<u64>,
+    /// A management request must arrive within this many milliseconds,
+    /// and a response may wait this long for its client (0: never).
+    pub http_timeout_ms: u64,
+    /// An NBD client that holds payload pages and moves no byte for this
+    /// many milliseconds is dropped (0: never).
+    pub nbd_stall_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            payload_budget_bytes: DEFAULT_PAYLOAD_BUDGET,
+            md_memory_bytes: None,
+            http_timeout_ms: net::http::REQUEST_TIMEOUT_MS,
+            nbd_stall_timeout_ms: net::nbd::STALL_TIMEOUT_MS,
+        }
+    }
+}
+
+impl Limits {
+    /// Limits for a platform whose heap has `memory_bytes` to give: a
+    /// quarter for payload pages in flight, and what is left after that
+    /// and the headroom for everything else (socket buffers take up to an
+    /// eighth, the stack, sessions and the network stack another
+    /// sixteenth) for memory disks: 9/16 of it.
+    pub fn for_memory(memory_bytes: u64) -> Limits {
+        let budget = memory_bytes / 4;
+        let headroom = memory_bytes / 8 + memory_bytes / 16;
+        Limits {
+            payload_budget_bytes: budget.max(1 << 20),
+            md_memory_bytes: Some(memory_bytes.saturating_sub(budget + headroom)),
+            ..Limits::default()
+        }
+    }
+}
+
+impl Limits {
+    /// Sets the limit named `key` from its text `value`, as the kernel
+    /// command line gives it (`strata.KEY=VALUE`): `payload_budget` and
+    /// `md_memory` take a size (`512`, `64m`, `1g`), `http_timeout_ms` and
+    /// `nbd_stall_timeout_ms` milliseconds. `Ok(false)` for a key that is
+    /// not a limit.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        let ms = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| alloc::format!("{key}={value}: not a number of milliseconds"))
+        };
+        let size = || geom::config::parse_size(value).map_err(|e| alloc::format!("{key}: {e}"));
+        match key {
+            "payload_budget" => self.payload_budget_bytes = size()?.max(1),
+            "md_memory" => self.md_memory_bytes = Some(size()?),
+            "http_timeout_ms" => self.http_timeout_ms = ms()?,
+            "nbd_stall_timeout_ms" => self.nbd_stall_timeout_ms = ms()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// Per protocol: what happened to its connections, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+struct ConnCounters {
+    accepted: u64,
+    refused: u64,
+    timed_out: u64,
+}
 
 /// After a clean stop's flushes, how long replies (the answer to
 /// `POST /shutdown`) may take to leave before the platform stops anyway.
@@ -122,6 +206,9 @@ pub struct Service {
     now_ms: u64,
     /// Connection ids, kept to save an allocation per poll.
     ids: Vec<ConnId>,
+    limits: Limits,
+    budget: budget::Budget,
+    conn_counters: Vec<ConnCounters>,
 }
 
 /// Parses a configuration as the appliance will run it: geom(8)-style
@@ -200,6 +287,9 @@ impl Service {
             platform: Box::new(PlatformStatus::default),
             now_ms: 0,
             ids: Vec::new(),
+            limits: Limits::default(),
+            budget: budget::Budget::new(Limits::default().payload_budget_bytes),
+            conn_counters: PROTOCOLS.iter().map(|_| ConnCounters::default()).collect(),
         };
         svc.control.boot(config.clone());
         Ok(svc)
@@ -209,6 +299,34 @@ impl Service {
     /// serving.
     pub fn phase(&self) -> &Phase {
         &self.phase
+    }
+
+    /// Sets how the service uses memory and times its connections; the
+    /// platform calls it right after [`Service::boot`], before the config
+    /// runs (memory disks are checked against it), and before any
+    /// connection opens.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.budget.set_limit(limits.payload_budget_bytes);
+        self.stack.set_data_memory_limit(limits.md_memory_bytes);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Payload bytes held by every session together.
+    pub fn payload_in_use(&self) -> u64 {
+        self.sessions
+            .values()
+            .map(|s| s.session.budget_held())
+            .sum()
+    }
+
+    /// The global payload budget.
+    pub fn budget(&self) -> &budget::Budget {
+        &self.budget
     }
 
     /// Tells the service how to learn the platform's facts for `/status`.
@@ -246,11 +364,13 @@ impl Service {
             || self.shutdown.is_some()
             || self.connections(p) >= proto.max_connections
         {
+            self.conn_counters[p].refused += 1;
             return None;
         }
+        self.conn_counters[p].accepted += 1;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        let mut session = (proto.new_session)();
+        let mut session = (proto.new_session)(&self.limits);
         session.tick(self.now_ms);
         self.sessions.insert(
             id,
@@ -267,7 +387,11 @@ impl Service {
     pub fn close(&mut self, id: ConnId) {
         if let Some(s) = self.sessions.remove(&id) {
             self.closed_counters[s.protocol].add(s.session.counters());
+            if s.session.timed_out() {
+                self.conn_counters[s.protocol].timed_out += 1;
+            }
         }
+        self.budget.forget(id);
     }
 
     fn session(&self, id: ConnId) -> Option<&dyn Session> {
@@ -279,11 +403,74 @@ impl Service {
     }
 
     /// Feeds received bytes to connection `id`; returns bytes consumed.
+    /// A request that stops the session for budget is admitted at once
+    /// when it may be, and feeding goes on.
     fn feed(&mut self, id: ConnId, data: &[u8]) -> usize {
-        match self.sessions.get_mut(&id) {
-            Some(s) => s.session.recv(self.exports.view(s.protocol), data),
-            None => data.len(),
+        let mut used = 0;
+        loop {
+            let Some(s) = self.sessions.get_mut(&id) else {
+                return data.len();
+            };
+            used += s.session.recv(self.exports.view(s.protocol), &data[used..]);
+            // A request left waiting is admitted, or queued, now.
+            if !self.admit(id) || used == data.len() {
+                return used;
+            }
         }
+    }
+
+    /// Admits connection `id`'s waiting request into the payload budget
+    /// if the budget's rules allow it now; true if it was admitted and its
+    /// pages allocated. When it does not fit, every session gives back its
+    /// spare pages (they count as held) and it is asked once more.
+    fn admit(&mut self, id: ConnId) -> bool {
+        for attempt in 0..2 {
+            let Some(wanted) = self.session(id).and_then(|s| s.budget_wanted()) else {
+                self.budget.forget(id);
+                return false;
+            };
+            let in_use = self.payload_in_use();
+            if self.budget.admit(id, wanted, in_use, self.now_ms) {
+                if self.session_mut(id).is_some_and(|s| s.budget_grant()) {
+                    return true;
+                }
+                // The heap is exhausted: wait for memory to come back.
+                self.budget.no_memory(id, in_use, self.now_ms);
+                self.trim_sessions();
+                return false;
+            }
+            if attempt == 0 && self.trim_sessions() {
+                continue;
+            }
+            return false;
+        }
+        false
+    }
+
+    /// Every session drops its spare pages; true if that gave any back.
+    fn trim_sessions(&mut self) -> bool {
+        let before = self.payload_in_use();
+        for s in self.sessions.values_mut() {
+            s.session.budget_trim();
+        }
+        self.payload_in_use() < before
+    }
+
+    /// Admits waiting requests in the budget's order, as far as they fit;
+    /// true if any was.
+    fn admit_waiting(&mut self) -> bool {
+        let mut any = false;
+        while let Some(head) = self.budget.head() {
+            if self.session(head).and_then(|s| s.budget_wanted()).is_none() {
+                self.budget.forget(head);
+                continue;
+            }
+            if !self.admit(head) {
+                break;
+            }
+            any = true;
+        }
+        any
     }
 
     /// Tells every session the time (milliseconds, monotonic) for their
@@ -328,6 +515,7 @@ impl Service {
             progress = true;
             self.complete(cookie, bio, result);
         }
+        progress |= self.admit_waiting();
         progress |= self.run_control();
         progress
     }

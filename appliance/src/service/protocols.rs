@@ -3,7 +3,7 @@
 //! engine (a [`net::session::Session`]) and one entry here; nothing else
 //! in the service or the platforms names it.
 
-use super::MAX_PAYLOAD;
+use super::{Limits, MAX_PAYLOAD};
 use alloc::boxed::Box;
 use alloc::format;
 use geom::config::{ConfigError, ExportStatement};
@@ -33,8 +33,8 @@ pub struct Protocol {
     pub max_connections: usize,
     /// TCP buffer per direction it wants (a platform may give less).
     pub buffer_bytes: usize,
-    /// A new engine for one connection.
-    pub new_session: fn() -> Box<dyn Session>,
+    /// A new engine for one connection, with the service's limits.
+    pub new_session: fn(&Limits) -> Box<dyn Session>,
     /// Checks the options of an `export` line for this protocol; `None`
     /// for a protocol that serves no exports.
     pub export_options: Option<ExportCheck>,
@@ -48,10 +48,12 @@ pub const NBD: Protocol = Protocol {
     guest_port: 10809,
     max_connections: 32,
     buffer_bytes: 512 * 1024,
-    new_session: || {
+    new_session: |limits| {
         Box::new(nbd::Connection::new(nbd::ServerConfig {
             max_in_flight: 64,
             max_payload: MAX_PAYLOAD,
+            stall_timeout_ms: limits.nbd_stall_timeout_ms,
+            budgeted: true,
             ..nbd::ServerConfig::default()
         }))
     },
@@ -65,7 +67,7 @@ pub const HTTP: Protocol = Protocol {
     guest_port: 8080,
     max_connections: 16,
     buffer_bytes: 16 * 1024,
-    new_session: || Box::new(http::Connection::new()),
+    new_session: |limits| Box::new(http::Connection::with_timeout(limits.http_timeout_ms)),
     export_options: None,
     uri: |hp, _| format!("http://{hp}/"),
 };

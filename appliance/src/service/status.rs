@@ -18,7 +18,15 @@ impl Service {
         doc.insert("uptime_ms".into(), st.uptime_ms.into());
         doc.insert(
             "memory".into(),
-            json!({"total_bytes": st.memory_total_bytes, "used_bytes": st.memory_used_bytes}),
+            json!({
+                "total_bytes": st.memory_total_bytes,
+                "used_bytes": st.memory_used_bytes,
+                "payload_budget_bytes": self.budget.limit(),
+                "payload_in_use_bytes": self.payload_in_use(),
+                "payload_waiting": self.budget.waiting(),
+                "md_limit_bytes": self.limits.md_memory_bytes,
+                "md_committed_bytes": geom::class::md::committed_bytes(&self.stack),
+            }),
         );
         let disks: Vec<Value> = self
             .disks

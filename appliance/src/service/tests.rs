@@ -346,3 +346,130 @@ fn forced_destroy_orphans_one_export_only() {
         );
     }
 }
+
+/// Receives `input` on `link` and runs the service, without sending:
+/// replies stay with the session (a client that does not read).
+fn receive_only(svc: &mut Service, link: &mut Link, t: &mut Mem, input: &[u8]) {
+    t.input.extend_from_slice(input);
+    for _ in 0..100 {
+        let moved = link.receive(svc, t) | svc.poll();
+        if !moved {
+            break;
+        }
+    }
+}
+
+fn metric(svc: &Service, name: &str) -> u64 {
+    let m = svc.metrics();
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+}
+
+#[test]
+fn the_payload_budget_is_shared_by_every_connection() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0\n");
+    svc.set_limits(Limits {
+        payload_budget_bytes: 8192,
+        ..Limits::default()
+    });
+    // A holds the whole budget in a reply it does not read.
+    let (mut a, mut ta) = (connect(&mut svc, NBD), Mem::default());
+    let mut input = export_name_opt("vol");
+    input.extend_from_slice(&request(0, 1, 0, 8192));
+    receive_only(&mut svc, &mut a, &mut ta, &input);
+    assert_eq!(svc.payload_in_use(), 8192);
+    // B's read waits: its header is taken, nothing behind it is.
+    let (mut b, mut tb) = (connect(&mut svc, NBD), Mem::default());
+    let mut input = export_name_opt("vol");
+    input.extend_from_slice(&request(0, 2, 0, 4096));
+    let mut w = request(1, 3, 0, 4096);
+    w.extend_from_slice(&[7; 4096]);
+    input.extend_from_slice(&w);
+    receive_only(&mut svc, &mut b, &mut tb, &input);
+    assert_eq!(svc.budget().waiting(), 1);
+    assert_eq!(svc.payload_in_use(), 8192, "B holds nothing yet");
+    assert_eq!(metric(&svc, "strata_payload_waiting"), 1);
+    // A third connection waits behind B, even for a smaller request.
+    let (mut c, mut tc) = (connect(&mut svc, NBD), Mem::default());
+    let mut input = export_name_opt("vol");
+    input.extend_from_slice(&request(0, 4, 0, 512));
+    receive_only(&mut svc, &mut c, &mut tc, &input);
+    assert_eq!(svc.budget().head(), Some(b.id()));
+    assert_eq!(svc.budget().waiting(), 2);
+    // A reads its reply: its pages go back (as spares, then given back
+    // because B waits), and B, then C, are admitted and answered.
+    a.send(&mut svc, &mut ta);
+    svc.poll();
+    for _ in 0..10 {
+        b.receive(&mut svc, &mut tb);
+        c.receive(&mut svc, &mut tc);
+        svc.poll();
+        b.send(&mut svc, &mut tb);
+        c.send(&mut svc, &mut tc);
+    }
+    assert_eq!(tb.output.len(), 18 + 10 + 16 + 4096 + 16, "B's replies");
+    assert_eq!(tc.output.len(), 18 + 10 + 16 + 512, "C's reply");
+    assert_eq!(svc.budget().waiting(), 0);
+    assert!(metric(&svc, "strata_payload_waits_total") >= 2);
+    assert!(svc.payload_in_use() <= 8192);
+    let st = svc.status_json();
+    assert!(st.contains("\"payload_budget_bytes\":8192"), "{st}");
+}
+
+#[test]
+fn a_request_larger_than_the_budget_runs_alone() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0\n");
+    svc.set_limits(Limits {
+        payload_budget_bytes: 4096,
+        ..Limits::default()
+    });
+    let mut link = connect(&mut svc, NBD);
+    let mut input = export_name_opt("vol");
+    let mut w = request(1, 1, 0, 65536);
+    w.extend_from_slice(&[9; 65536]);
+    input.extend_from_slice(&w);
+    input.extend_from_slice(&request(0, 2, 0, 65536));
+    let out = pump(&mut svc, &mut link, &input);
+    assert_eq!(out.len(), 18 + 10 + 16 + 16 + 65536);
+    assert!(out[out.len() - 65536..].iter().all(|&b| b == 9));
+    assert_eq!(metric(&svc, "strata_payload_oversized_total"), 2);
+}
+
+#[test]
+fn limits_from_words_and_memory() {
+    let mut l = Limits::default();
+    assert_eq!(l.set("payload_budget", "64m"), Ok(true));
+    assert_eq!(l.set("http_timeout_ms", "1500"), Ok(true));
+    assert_eq!(l.set("md_memory", "1g"), Ok(true));
+    assert_eq!(l.set("loglevel", "debug"), Ok(false));
+    assert!(l.set("payload_budget", "lots").is_err());
+    assert_eq!(
+        (l.payload_budget_bytes, l.http_timeout_ms, l.md_memory_bytes),
+        (64 << 20, 1500, Some(1 << 30))
+    );
+    let l = Limits::for_memory(512 << 20);
+    assert_eq!(l.payload_budget_bytes, 128 << 20);
+    assert_eq!(l.md_memory_bytes, Some(288 << 20));
+}
+
+#[test]
+fn md_create_beyond_memory_is_refused_through_the_api() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0\n");
+    svc.set_limits(Limits {
+        md_memory_bytes: Some(16 << 20),
+        ..Limits::default()
+    });
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "md create -s 1g big\n");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("more than the memory left for memory disks"),
+        "{body}"
+    );
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "md create -s 15m small\n");
+    assert_eq!(code, 200, "{body}");
+    assert!(svc
+        .status_json()
+        .contains("\"md_committed_bytes\":16777216"));
+}

@@ -4,6 +4,10 @@
 //! by DISCARD and WRITE_ZEROES (unless the zeroing asks to keep the range
 //! allocated), so an untouched md costs no memory and reads back zeroes.
 //! GET_ALLOCATION reports unallocated pages as holes that read as zeroes.
+//! A page that cannot be had (the heap is exhausted) fails the write with
+//! `NoMemory`, never a panic; `md create` refuses a size that, with the
+//! memory disks already there, is more than the stack's data memory limit
+//! ([`Stack::data_memory_limit`], set by the platform from its memory).
 //! md computes on data, so it maps: every byte it moves is counted as
 //! mapped and copied on its provider.
 //!
@@ -16,7 +20,7 @@ use super::{unknown_verb, Class, Command, Destroy};
 use crate::bio::{Bio, BioCmd, Extent, ProviderId, MAX_EXTENTS};
 use crate::config::{Args, ConfigError};
 use crate::ctl::CtlError;
-use crate::page::{PageData, PAGE_SIZE};
+use crate::page::{NoMemory, PageBox, PAGE_SIZE};
 use crate::stack::{Geom, Io, ProviderSpec, Stack, StackError};
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -94,7 +98,28 @@ pub const MD_SECTOR_SIZE: u32 = 512;
 
 /// One memory disk.
 pub struct MdGeom {
-    pages: Vec<Option<Box<PageData>>>,
+    pages: Vec<Option<PageBox>>,
+}
+
+/// A size for an error message: whole GiB or MiB where it is one, else
+/// bytes.
+fn size_text(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        alloc::format!("{} GiB", bytes >> 30)
+    } else if bytes >= 1 << 20 {
+        alloc::format!("{} MiB", bytes >> 20)
+    } else {
+        alloc::format!("{bytes} bytes")
+    }
+}
+
+/// Bytes committed to the memory disks of `stack`: the full size of each.
+pub fn committed_bytes(stack: &Stack) -> u64 {
+    stack
+        .providers()
+        .filter(|(_, p)| stack.geom_class(p.geom) == "md")
+        .map(|(_, p)| p.spec.media_size)
+        .sum()
 }
 
 impl MdGeom {
@@ -106,6 +131,28 @@ impl MdGeom {
         size_bytes: u64,
     ) -> Result<ProviderId, StackError> {
         let size = size_bytes - size_bytes % u64::from(MD_SECTOR_SIZE);
+        if let Some(limit) = stack.data_memory_limit() {
+            let committed = committed_bytes(stack);
+            let left = limit.saturating_sub(committed);
+            if size > left {
+                return Err(StackError::Invalid(alloc::format!(
+                    "md {name}: {} is more than the memory left for memory disks ({} of {}; {} taken by other memory disks)",
+                    size_text(size),
+                    size_text(left),
+                    size_text(limit),
+                    size_text(committed)
+                )));
+            }
+        }
+        let npages = size.div_ceil(PAGE_SIZE as u64) as usize;
+        let mut pages = Vec::new();
+        if pages.try_reserve_exact(npages).is_err() {
+            return Err(StackError::Invalid(alloc::format!(
+                "md {name}: no memory for the page table of {}",
+                size_text(size)
+            )));
+        }
+        pages.resize_with(npages, || None);
         let g = stack.reserve_geom("md", name);
         let mut spec = ProviderSpec::new(name, size, MD_SECTOR_SIZE);
         spec.can_flush = true;
@@ -118,9 +165,6 @@ impl MdGeom {
                 return Err(e);
             }
         };
-        let npages = size.div_ceil(PAGE_SIZE as u64) as usize;
-        let mut pages = Vec::new();
-        pages.resize_with(npages, || None);
         stack.install(g, Box::new(MdGeom { pages }));
         Ok(p)
     }
@@ -144,16 +188,34 @@ impl MdGeom {
         }
     }
 
+    /// Allocates every page of `[offset, offset + len)` that has none
+    /// yet. On [`NoMemory`] the pages allocated so far stay (they hold
+    /// zeroes, as the holes they were did).
+    fn populate(&mut self, offset: u64, len: u64) -> Result<(), NoMemory> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = (offset / PAGE_SIZE as u64) as usize;
+        let last = ((offset + len - 1) / PAGE_SIZE as u64) as usize;
+        for page in &mut self.pages[first..=last] {
+            if page.is_none() {
+                *page = Some(PageBox::try_zeroed()?);
+            }
+        }
+        Ok(())
+    }
+
     /// Zeroes a range keeping every page of it allocated (WRITE_ZEROES
     /// with `no_hole`).
-    fn zero_range(&mut self, offset: u64, len: u64) {
+    fn zero_range(&mut self, offset: u64, len: u64) -> Result<(), NoMemory> {
+        self.populate(offset, len)?;
         let pages = &mut self.pages;
         MdGeom::pieces(offset, len, |idx, within, _, n| {
-            pages[idx]
-                .get_or_insert_with(|| Box::new(PageData([0; PAGE_SIZE])))
-                .0[within..within + n]
-                .fill(0);
+            if let Some(page) = pages[idx].as_mut() {
+                page.bytes_mut()[within..within + n].fill(0);
+            }
         });
+        Ok(())
     }
 
     /// Runs of allocated and unallocated pages over a range, merged, at
@@ -186,7 +248,7 @@ impl MdGeom {
             if n == PAGE_SIZE {
                 pages[idx] = None;
             } else if let Some(page) = pages[idx].as_mut() {
-                page.0[within..within + n].fill(0);
+                page.bytes_mut()[within..within + n].fill(0);
             }
         });
     }
@@ -206,7 +268,7 @@ impl Geom for MdGeom {
                     MdGeom::pieces(bio.offset + at, dst.len() as u64, |idx, within, pos, n| {
                         let out = &mut dst[pos as usize..pos as usize + n];
                         match &pages[idx] {
-                            Some(page) => out.copy_from_slice(&page.0[within..within + n]),
+                            Some(page) => out.copy_from_slice(&page.bytes()[within..within + n]),
                             None => out.fill(0),
                         }
                     });
@@ -218,13 +280,17 @@ impl Geom for MdGeom {
                 counters.add_copied(bio.length as usize);
             }
             BioCmd::Write => {
+                if let Err(e) = self.populate(bio.offset, bio.length) {
+                    io.deliver(bio, Err(e.into()));
+                    return;
+                }
                 let pages = &mut self.pages;
                 let mapped = bio.sg.map(counters, |at, src| {
                     MdGeom::pieces(bio.offset + at, src.len() as u64, |idx, within, pos, n| {
-                        let page =
-                            pages[idx].get_or_insert_with(|| Box::new(PageData([0; PAGE_SIZE])));
-                        page.0[within..within + n]
-                            .copy_from_slice(&src[pos as usize..pos as usize + n]);
+                        if let Some(page) = pages[idx].as_mut() {
+                            page.bytes_mut()[within..within + n]
+                                .copy_from_slice(&src[pos as usize..pos as usize + n]);
+                        }
                     });
                 });
                 if let Err(e) = mapped {
@@ -233,7 +299,12 @@ impl Geom for MdGeom {
                 }
                 counters.add_copied(bio.length as usize);
             }
-            BioCmd::WriteZeroes if bio.no_hole => self.zero_range(bio.offset, bio.length),
+            BioCmd::WriteZeroes if bio.no_hole => {
+                if let Err(e) = self.zero_range(bio.offset, bio.length) {
+                    io.deliver(bio, Err(e.into()));
+                    return;
+                }
+            }
             BioCmd::Discard | BioCmd::WriteZeroes => self.free_range(bio.offset, bio.length),
             BioCmd::GetAllocation => {
                 let extents = self.allocation(bio.offset, bio.length);
@@ -393,6 +464,25 @@ mod tests {
             Err(BioError::OutOfRange)
         );
         assert_eq!(run_one(&mut s, rw, Bio::read(0, 0)).1, Ok(()));
+    }
+
+    #[test]
+    fn create_refuses_more_than_the_data_memory_limit() {
+        let mut s = Stack::new();
+        s.set_data_memory_limit(Some(96 << 20));
+        MdGeom::create(&mut s, "md0", 64 << 20).unwrap();
+        let e = MdGeom::create(&mut s, "md1", 64 << 20).unwrap_err();
+        let text = alloc::format!("{e}");
+        assert!(
+            text.contains("64 MiB is more than the memory left for memory disks (32 MiB of 96 MiB"),
+            "{text}"
+        );
+        assert!(s.find_provider("md1").is_none(), "nothing was created");
+        MdGeom::create(&mut s, "md1", 32 << 20).unwrap();
+        assert_eq!(committed_bytes(&s), 96 << 20);
+        // No limit known: any size the page table fits.
+        let mut s = Stack::new();
+        MdGeom::create(&mut s, "md0", 1 << 30).unwrap();
     }
 
     #[test]

@@ -172,6 +172,8 @@ pub struct Stack {
     pub(crate) geoms: Vec<Option<Box<dyn Geom>>>,
     pub(crate) core: Core,
     pub(crate) taste: crate::taste::TasteState,
+    /// Bytes the classes may commit to data they hold in memory.
+    data_memory: Option<u64>,
 }
 
 impl Default for Stack {
@@ -187,7 +189,20 @@ impl Stack {
             geoms: Vec::new(),
             core: Core::new(),
             taste: crate::taste::TasteState::default(),
+            data_memory: None,
         }
+    }
+
+    /// Sets how many bytes the classes may commit to data they hold in
+    /// memory (md's pages, counted at their full size when created); the
+    /// platform sizes it from its memory at boot. `None`: no limit is known.
+    pub fn set_data_memory_limit(&mut self, bytes: Option<u64>) {
+        self.data_memory = bytes;
+    }
+
+    /// The limit from [`Stack::set_data_memory_limit`].
+    pub fn data_memory_limit(&self) -> Option<u64> {
+        self.data_memory
     }
 
     /// Reseeds the generator behind label ids and [`Io::random_u64`];

@@ -134,12 +134,27 @@
 //!   Headers are gathered in a 28-byte buffer; option data up to 64 KiB. A
 //!   client that stops reading its replies therefore stops being read,
 //!   and holds no more than its budget, while other connections go on.
+//!   With [`ServerConfig::budgeted`] (as the appliance runs it) a read or
+//!   write whose header has arrived also waits, before its pages are
+//!   allocated, until the service admits it into the budget all
+//!   connections share ([`Connection::budget_wanted`],
+//!   [`Connection::grant`]); meanwhile nothing more is read. Pages are
+//!   allocated fallibly: an exhausted heap leaves the request waiting, and
+//!   a bio that comes back `NoMemory` is submitted again up to
+//!   [`NO_MEMORY_RETRIES`] times, [`NO_MEMORY_RETRY_MS`] apart, before
+//!   the client gets `ENOMEM`.
 //! - **Time.** The platform calls [`Connection::on_tick`] with a monotonic
 //!   clock. A client still negotiating [`HANDSHAKE_TIMEOUT_MS`] (30 s)
 //!   after its first tick is dropped; an idle timeout
 //!   ([`ServerConfig::idle_timeout_ms`], off by default) drops a connection
 //!   in transmission that moved no byte for that long while the stack held
-//!   none of its requests, whether it was idle or had stopped reading.
+//!   none of its requests, whether it was idle or had stopped reading. A
+//!   connection that holds payload pages (a write whose payload stopped
+//!   coming, replies its client does not read) and moves no byte for
+//!   [`ServerConfig::stall_timeout_ms`] ([`STALL_TIMEOUT_MS`], 60 s) is
+//!   dropped the same way, so it cannot keep memory from the others. Half
+//!   a request header holds no pages, so it is bounded only by the idle
+//!   timeout.
 //! - **Ending.** [`Connection::input_closed`] (the peer sent FIN): a request
 //!   cut short is dropped, the rest is answered, then the connection
 //!   finishes. [`Connection::begin_shutdown`] (the server is stopping): new
@@ -161,8 +176,9 @@ pub mod wire;
 pub use crate::session::{ExportInfo, PageSlice, TxPiece};
 pub use engine::{
     BlockLimits, Connection, Request, ServerConfig, ALLOCATION_CONTEXT_ID, HANDSHAKE_TIMEOUT_MS,
-    MAX_IN_FLIGHT_LIMIT, MAX_PAYLOAD_LIMIT, MAX_REPLY_EXTENTS, OPTION_DATA_MAX, POOL_IDLE_MS,
-    POOL_MAX_BYTES, STRING_MAX,
+    MAX_IN_FLIGHT_LIMIT, MAX_PAYLOAD_LIMIT, MAX_REPLY_EXTENTS, NO_MEMORY_RETRIES,
+    NO_MEMORY_RETRY_MS, OPTION_DATA_MAX, POOL_IDLE_MS, POOL_MAX_BYTES, STALL_TIMEOUT_MS,
+    STRING_MAX,
 };
 
 #[cfg(test)]

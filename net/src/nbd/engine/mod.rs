@@ -30,7 +30,7 @@ mod slots;
 mod transmission;
 mod tx;
 
-use crate::nbd::wire::{self, OptionView, RequestView};
+use crate::nbd::wire::{self, OptionView, RequestRepr, RequestView};
 use crate::session::{ControlResponse, ExportInfo, RxPieces, Session, TxPieces, Work};
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -41,7 +41,7 @@ use slots::{Slot, SlotState};
 use tx::TxCur;
 
 pub use handshake::{BlockLimits, ALLOCATION_CONTEXT_ID, OPTION_DATA_MAX, STRING_MAX};
-pub use slots::{POOL_IDLE_MS, POOL_MAX_BYTES};
+pub use slots::{NO_MEMORY_RETRIES, NO_MEMORY_RETRY_MS, POOL_IDLE_MS, POOL_MAX_BYTES};
 pub use transmission::MAX_REPLY_EXTENTS;
 
 /// Upper bound on [`ServerConfig::max_in_flight`] (request handles are
@@ -80,10 +80,23 @@ pub struct ServerConfig {
     /// dropped, whether it is idle or has stopped reading its replies
     /// (0: never).
     pub idle_timeout_ms: u64,
+    /// A connection in transmission that holds payload pages (a write
+    /// whose payload stopped arriving, replies its client does not read)
+    /// and moves no byte either way for this many milliseconds while the
+    /// stack holds none of its requests is dropped, so that it cannot
+    /// keep memory from the others forever (0: never).
+    pub stall_timeout_ms: u64,
+    /// A read's or write's pages wait for [`Connection::grant`] (the
+    /// service's global budget) unless spare pages cover them; false: the
+    /// connection admits its own requests.
+    pub budgeted: bool,
 }
 
 /// Default [`ServerConfig::handshake_timeout_ms`]: 30 s.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;
+
+/// Default [`ServerConfig::stall_timeout_ms`]: 60 s.
+pub const STALL_TIMEOUT_MS: u64 = 60_000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -92,6 +105,8 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
             idle_timeout_ms: 0,
+            stall_timeout_ms: STALL_TIMEOUT_MS,
+            budgeted: false,
         }
     }
 }
@@ -120,6 +135,9 @@ enum Rx {
     OptSkip { option: u32, left: u32, reply: u32 },
     /// Waiting for a request header.
     ReqHeader,
+    /// A checked read or write whose pages wait to be admitted
+    /// ([`Connection::grant`]); no input is taken meanwhile.
+    Admit(RequestRepr),
     /// Copying a write payload into the pages of slot `slot`.
     WriteData { slot: u32, got: u32 },
     /// Skipping `left` bytes of a refused write's payload; its error reply
@@ -165,6 +183,13 @@ pub struct Connection {
     last_active_ms: u64,
     /// Bytes moved since the last tick.
     active: bool,
+    /// A timeout ended the connection.
+    timed_out: bool,
+    /// The last tick's time.
+    now_ms: u64,
+    /// Slots whose bio came back `NoMemory`, with the time each may go
+    /// again.
+    retry: VecDeque<(u32, u64)>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     live: usize,
@@ -210,6 +235,9 @@ impl Connection {
             born_ms: None,
             last_active_ms: 0,
             active: false,
+            timed_out: false,
+            now_ms: 0,
+            retry: VecDeque::new(),
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -249,6 +277,7 @@ impl Connection {
     /// `rx.len()` are consumed when the connection is at its in-flight or
     /// buffer limit, or once it is closing; offer the rest again later.
     pub fn on_recv(&mut self, exports: &[ExportInfo], rx: &[u8]) -> usize {
+        self.admit_self();
         let mut used = 0;
         while let Some(input) = rx.get(used..).filter(|i| !i.is_empty()) {
             let n = self.step(exports, input);
@@ -263,12 +292,18 @@ impl Connection {
 
     /// Tells the connection the time (milliseconds on any monotonic clock);
     /// the platform calls it now and then (every few hundred milliseconds
-    /// is plenty). Enforces [`ServerConfig::handshake_timeout_ms`] and
-    /// [`ServerConfig::idle_timeout_ms`]: a connection past either is shut
+    /// is plenty). Enforces [`ServerConfig::handshake_timeout_ms`],
+    /// [`ServerConfig::idle_timeout_ms`] and
+    /// [`ServerConfig::stall_timeout_ms`]: a connection past one is shut
     /// down as by [`Connection::shutdown`]. Returns true if it was.
     pub fn on_tick(&mut self, now_ms: u64) -> bool {
+        // A request that met an exhausted heap tries again.
+        self.now_ms = now_ms;
+        self.admit_self();
+        self.retry_due();
         let born = *self.born_ms.get_or_insert(now_ms);
-        if self.active || self.submitted > 0 || self.last_active_ms < born {
+        if self.active || self.submitted > 0 || !self.retry.is_empty() || self.last_active_ms < born
+        {
             self.last_active_ms = now_ms;
             self.active = false;
         }
@@ -284,8 +319,10 @@ impl Connection {
             expired(self.cfg.handshake_timeout_ms, born)
         } else {
             expired(self.cfg.idle_timeout_ms, self.last_active_ms)
+                || (self.held_bytes > 0 && expired(self.cfg.stall_timeout_ms, self.last_active_ms))
         };
         if timed_out {
+            self.timed_out = true;
             self.hard_close();
         }
         timed_out
@@ -321,6 +358,7 @@ impl Connection {
             Rx::Done => false,
             Rx::OptHeader => self.hdr_len > 0 || self.ctl_pending() <= CTL_TX_LIMIT,
             Rx::ReqHeader => self.hdr_len > 0 || self.can_start_request(),
+            Rx::Admit(_) => false,
             _ => true,
         }
     }
@@ -392,6 +430,7 @@ impl Connection {
         self.replies.clear();
         self.pool = Vec::new();
         self.ready.clear();
+        self.retry.clear();
         self.opt_buf = Vec::new();
         for i in 0..self.slots.len() {
             if !matches!(self.slots[i].state, SlotState::Submitted) {
@@ -462,6 +501,7 @@ impl Connection {
                 n
             }
             Rx::WriteData { slot, got } => self.write_data(slot, got, input),
+            Rx::Admit(_) => 0,
             Rx::Skip { left, slot } => {
                 let k = (left as usize).min(input.len());
                 let left = left - k as u32;
@@ -555,5 +595,25 @@ impl Session for Connection {
 
     fn in_flight(&self) -> usize {
         self.submitted()
+    }
+
+    fn budget_held(&self) -> u64 {
+        Connection::budget_held(self)
+    }
+
+    fn budget_wanted(&self) -> Option<u64> {
+        Connection::budget_wanted(self)
+    }
+
+    fn budget_grant(&mut self) -> bool {
+        Connection::grant(self)
+    }
+
+    fn budget_trim(&mut self) {
+        Connection::trim(self)
+    }
+
+    fn timed_out(&self) -> bool {
+        self.timed_out
     }
 }

@@ -1,12 +1,13 @@
 //! The table of outstanding requests, one slot each, the budget of payload
-//! bytes they hold, and the reuse of pages and page lists between requests.
+//! bytes they hold, the admission of a request's pages into the service's
+//! global budget, and the reuse of pages and page lists between requests.
 
-use super::Connection;
+use super::{Connection, Rx};
 use crate::nbd::wire::{Command, RequestRepr};
 use alloc::vec::Vec;
 use core::mem;
 use geom::bio::Bio;
-use geom::page::{Page, PageRef, SgList, PAGE_SIZE};
+use geom::page::{NoMemory, Page, PageRef, SgList, PAGE_SIZE};
 
 /// A connection's pool of spare pages is dropped after this long without
 /// traffic.
@@ -15,6 +16,13 @@ pub const POOL_IDLE_MS: u64 = 1_000;
 /// Most bytes of spare pages a connection keeps (and never more than its
 /// buffer limit): enough for eight 1 MiB requests in flight.
 pub const POOL_MAX_BYTES: u64 = 8 << 20;
+
+/// Times a bio that comes back `NoMemory` is submitted again before the
+/// client gets `ENOMEM`.
+pub const NO_MEMORY_RETRIES: u8 = 100;
+
+/// Time between those attempts, in milliseconds (on the ticks' clock).
+pub const NO_MEMORY_RETRY_MS: u64 = 50;
 
 /// Most page lists a connection keeps for reuse (one per request in flight
 /// at the depths clients use).
@@ -58,6 +66,8 @@ pub(super) struct Slot {
     pub(super) flags: u16,
     /// Payload bytes held in pages for this request (counted in the budget).
     pub(super) held: u64,
+    /// Times its bio came back `NoMemory` and was parked to go again.
+    pub(super) retries: u8,
     pub(super) state: SlotState,
 }
 
@@ -70,6 +80,7 @@ impl Default for Slot {
             length: 0,
             flags: 0,
             held: 0,
+            retries: 0,
             state: SlotState::Free,
         }
     }
@@ -96,6 +107,7 @@ impl Connection {
             length: r.length,
             flags: r.flags,
             held: 0,
+            retries: 0,
             state: SlotState::Free,
         };
         self.live += 1;
@@ -120,19 +132,23 @@ impl Connection {
         }
     }
 
-    /// Fresh pages for `len` bytes, from the pool where it has some. A
-    /// reused page holds old data; every user overwrites it whole (a
-    /// write's payload, a successful read's data).
-    pub(super) fn alloc_sg(&mut self, len: usize) -> SgList {
+    /// Fresh pages for `len` bytes, from the pool where it has some, or
+    /// [`NoMemory`] (the pages taken so far are freed). A reused page
+    /// holds old data; every user overwrites it whole (a write's payload,
+    /// a successful read's data).
+    pub(super) fn alloc_sg(&mut self, len: usize) -> Result<SgList, NoMemory> {
         let pages = len.div_ceil(PAGE_SIZE);
         let mut sg = match self.sg_pool.iter().position(|s| s.capacity() >= pages) {
             Some(i) => self.sg_pool.swap_remove(i),
-            None => SgList::with_capacity(pages),
+            None => SgList::try_with_capacity(pages)?,
         };
         let mut left = len;
         while left > 0 {
             let n = left.min(PAGE_SIZE);
-            let page = self.pool.pop().unwrap_or_else(Page::new_zeroed);
+            let page = match self.pool.pop() {
+                Some(p) => p,
+                None => Page::try_new_zeroed()?,
+            };
             sg.push(PageRef {
                 page,
                 offset: 0,
@@ -140,7 +156,97 @@ impl Connection {
             });
             left -= n;
         }
-        sg
+        Ok(sg)
+    }
+
+    /// Bytes of spare pages kept for reuse.
+    fn pool_bytes(&self) -> u64 {
+        (self.pool.len() * PAGE_SIZE) as u64
+    }
+
+    /// Payload bytes held in memory: the requests' pages (and block
+    /// status descriptors) and the spare pages.
+    pub fn budget_held(&self) -> u64 {
+        self.held_bytes + self.pool_bytes()
+    }
+
+    /// `Some(bytes)` while a checked read or write waits for
+    /// [`Connection::grant`]: what its pages add to
+    /// [`Connection::budget_held`] (spare pages count already).
+    pub fn budget_wanted(&self) -> Option<u64> {
+        match self.rx {
+            Rx::Admit(r) if self.closing.is_none() => {
+                Some(u64::from(r.length).saturating_sub(self.pool_bytes()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Admits the waiting read or write: allocates its pages and goes on
+    /// with it. False, with the request still waiting and nothing more
+    /// held, if the heap has no room for them.
+    pub fn grant(&mut self) -> bool {
+        let Rx::Admit(r) = self.rx else {
+            return true;
+        };
+        if self.closing.is_some() {
+            return true;
+        }
+        let Ok(sg) = self.alloc_sg(r.length as usize) else {
+            return false;
+        };
+        self.rx = Rx::ReqHeader;
+        self.start_admitted(&r, sg);
+        true
+    }
+
+    /// Admits a waiting request without the service where that is the
+    /// connection's to decide: always when it is not
+    /// [`super::ServerConfig::budgeted`], else when spare pages cover it.
+    pub(super) fn admit_self(&mut self) {
+        if matches!(self.rx, Rx::Admit(_))
+            && (!self.cfg.budgeted || self.budget_wanted() == Some(0))
+        {
+            self.grant();
+        }
+    }
+
+    /// A bio came back `NoMemory`: true (and the bio parked, its pages
+    /// still held, to be submitted again after [`NO_MEMORY_RETRY_MS`])
+    /// unless it has been tried [`NO_MEMORY_RETRIES`] times; else false
+    /// and the bio is handed back in `bio`.
+    pub(super) fn park_for_retry(&mut self, idx: usize, bio: &mut Option<Bio>) -> bool {
+        let Some(slot) = self.slots.get_mut(idx) else {
+            return false;
+        };
+        if slot.retries >= NO_MEMORY_RETRIES {
+            return false;
+        }
+        let Some(b) = bio.take() else {
+            return false;
+        };
+        slot.retries += 1;
+        slot.state = SlotState::Ready(b);
+        self.retry
+            .push_back((idx as u32, self.now_ms + NO_MEMORY_RETRY_MS));
+        true
+    }
+
+    /// Parked bios whose time has come go back to be submitted.
+    pub(super) fn retry_due(&mut self) {
+        while let Some(&(idx, at)) = self.retry.front() {
+            if at > self.now_ms {
+                break;
+            }
+            self.retry.pop_front();
+            self.ready.push_back(idx);
+        }
+    }
+
+    /// Drops the spare pages and page lists (memory is short).
+    pub fn trim(&mut self) {
+        self.pool = Vec::new();
+        self.sg_pool = Vec::new();
     }
 
     /// Keeps the pages of a finished request for later ones, when nothing

@@ -11,6 +11,7 @@ use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 use core::mem;
 use geom::bio::{Bio, BioCmd, BioError, BioResult, Extent};
+use geom::page::SgList;
 
 /// Most extents in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (proto.md says
 /// no more than 2^20; fewer keeps a reply within 128 KiB).
@@ -58,9 +59,8 @@ impl Connection {
             Command::Read => match self.check_read(&sel, &r) {
                 Err(f) => self.queue_error(&r, f),
                 Ok(()) => {
-                    let sg = self.alloc_sg(r.length as usize);
-                    let bio = Bio::with_data(BioCmd::Read, r.offset, sg);
-                    self.queue_bio(&r, bio, u64::from(r.length));
+                    self.rx = Rx::Admit(r);
+                    self.admit_self();
                 }
             },
             Command::Write => self.start_write(&sel, &r),
@@ -190,11 +190,23 @@ impl Connection {
             self.refuse_write(r, f);
             return;
         }
+        self.rx = Rx::Admit(*r);
+        self.admit_self();
+    }
+
+    /// A checked read or write whose pages were admitted into the
+    /// service's budget ([`Connection::grant`]) and allocated: the read
+    /// goes out as a bio, the write takes its payload into `sg`.
+    pub(super) fn start_admitted(&mut self, r: &RequestRepr, sg: SgList) {
+        if r.command == Command::Read {
+            let bio = Bio::with_data(BioCmd::Read, r.offset, sg);
+            self.queue_bio(r, bio, u64::from(r.length));
+            return;
+        }
         let idx = self.alloc_slot(r);
         let held = u64::from(r.length);
         self.slots[idx as usize].held = held;
         self.held_bytes += held;
-        let sg = self.alloc_sg(r.length as usize);
         self.slots[idx as usize].state = SlotState::Receiving(sg);
         if r.length == 0 {
             self.finish_write(idx);
@@ -380,7 +392,7 @@ impl Connection {
     /// Hands back a bio from [`Connection::next_request`] with its result.
     /// Returns false (and drops the bio) if `cookie` names no submitted
     /// request of this connection.
-    pub fn complete(&mut self, cookie: u64, mut bio: Bio, result: BioResult) -> bool {
+    pub fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) -> bool {
         let Ok(idx) = usize::try_from(cookie) else {
             return false;
         };
@@ -396,6 +408,15 @@ impl Connection {
             self.free_slot(idx);
             return true;
         }
+        // No memory below (a memory disk's pages): the same bio goes
+        // again a little later, its pages still held.
+        let mut held = Some(bio);
+        if result == Err(BioError::NoMemory) && self.park_for_retry(idx, &mut held) {
+            return true;
+        }
+        let Some(mut bio) = held else {
+            return false;
+        };
         if bio.cmd == BioCmd::Write {
             // A write's pages are done with: keep them for later requests.
             self.recycle(mem::take(&mut bio.sg));

@@ -1,6 +1,7 @@
 //! Tests of the NBD engine: handshake transcripts, transmission over a
 //! real stack of md disks, and random input.
 
+mod budget;
 mod corpus;
 mod features;
 mod fuzz;
