@@ -523,7 +523,7 @@ fn bio_errors_map_to_nbd_errnos() {
         (Command::Write, BioError::OutOfRange, ENOSPC),
         (Command::Write, BioError::Access, EPERM),
         (Command::Trim, BioError::NotSupported, EINVAL),
-        (Command::Write, BioError::NoMemory, ENOMEM),
+        // NoMemory is retried before it is answered: see budget.rs.
         (Command::Flush, BioError::Orphaned, EIO),
         // A full host file system reaches the client as ENOSPC, whatever
         // the command.
