@@ -146,6 +146,12 @@ pub fn start(stack: &mut Stack, stmt: &Statement) -> Result<Settling, CtlError> 
     Ok(settling)
 }
 
+/// At boot: true when tasting found on the disks what `stmt` would write
+/// (see [`crate::class::Command::on_disk`]), so the line is skipped.
+pub fn on_disk(stack: &mut Stack, stmt: &Statement) -> bool {
+    matches!(stmt, Statement::Geom(g) if g.command.on_disk(stack))
+}
+
 /// [`start`], then runs the stack until the statement's I/O is done (for
 /// tests and tools without a loop of their own).
 pub fn apply(stack: &mut Stack, stmt: &Statement) -> Result<(), CtlError> {

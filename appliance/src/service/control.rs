@@ -253,6 +253,13 @@ impl Service {
                 Statement::Net(_) => Err(String::from(
                     "network settings apply at boot only (put them in the config file)",
                 )),
+                stmt if origin == Origin::Boot && ctl::on_disk(&mut self.stack, stmt) => {
+                    log::info!(
+                        "config line {}: on disk already (found by tasting), skipped",
+                        line.line
+                    );
+                    Ok(Settling::now(&self.stack))
+                }
                 stmt => ctl::start(&mut self.stack, stmt).map_err(|e| e.to_string()),
             };
             match started {

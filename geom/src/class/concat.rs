@@ -208,6 +208,10 @@ impl Command for ConcatCreate {
     fn creates(&self) -> Option<(String, String)> {
         Some((format!("concat/{}", self.name), self.name.clone()))
     }
+
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        self.label && stack.find_geom("concat", &self.name).is_some()
+    }
 }
 
 impl Class for ConcatClass {

@@ -145,6 +145,14 @@ pub trait Command: CommandAny + Debug + Send + Sync {
     fn destroys(&self) -> Option<String> {
         None
     }
+
+    /// At boot: true when what the statement would write is on the disks
+    /// already and tasting has found it (a `mirror label` line on the
+    /// second boot), so the line is skipped instead of labelling again.
+    /// A live change (`POST /geom`) never asks.
+    fn on_disk(&self, _stack: &mut Stack) -> bool {
+        false
+    }
 }
 
 /// `CLASS destroy [-f] NAME`: removes a geom; refused while its provider

@@ -248,6 +248,10 @@ impl Command for StripeCreate {
     fn creates(&self) -> Option<(String, String)> {
         Some((format!("stripe/{}", self.name), self.name.clone()))
     }
+
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        self.label && stack.find_geom("stripe", &self.name).is_some()
+    }
 }
 
 impl Class for StripeClass {

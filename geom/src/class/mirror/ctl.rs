@@ -202,6 +202,13 @@ impl Command for MirrorCreate {
     fn creates(&self) -> Option<(String, String)> {
         Some((MirrorGeom::provider_name(&self.name), self.name.clone()))
     }
+
+    /// A labelled mirror that tasting assembled (whole, degraded, or as
+    /// the placeholder of a refused assembly) is never labelled again:
+    /// that would make stale members current.
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        self.label && stack.find_geom(super::CLASS_NAME, &self.name).is_some()
+    }
 }
 
 /// `mirror insert NAME PROVIDER...`: adds members and resyncs them.

@@ -667,17 +667,48 @@ impl Command for PartCreate {
         PartGeom::start_geom(stack, p, Some(Vec::new()), guid)?;
         Ok(())
     }
+
+    /// A table that tasting found is never replaced by an empty one.
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        stack.find_geom(CLASS_NAME, &self.provider).is_some()
+    }
+}
+
+/// The entries of the table on `provider`, if it has one.
+fn entries(stack: &mut Stack, provider: &str) -> Option<Vec<Partition>> {
+    let g = stack.find_geom(CLASS_NAME, provider)?;
+    stack.geom_as::<PartGeom, _>(g, |g, _| g.parts.iter().map(|p| p.entry.clone()).collect())
 }
 
 impl Command for PartAdd {
     fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
         with_part(stack, &self.provider, |g, io| g.add(io, self))
     }
+
+    /// The entry the line names (by `-i`, else by `-l`) is in the table
+    /// already; a line naming neither adds a partition at every boot, so
+    /// a config that is booted again names its partitions.
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        let Some(parts) = entries(stack, &self.provider) else {
+            return false;
+        };
+        match (self.index, &self.label) {
+            (Some(i), _) => parts.iter().any(|p| p.index + 1 == i),
+            (None, Some(l)) => parts.iter().any(|p| &p.name == l),
+            (None, None) => false,
+        }
+    }
 }
 
 impl Command for PartDelete {
     fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
         with_part(stack, &self.provider, |g, io| g.delete(io, self.index))
+    }
+
+    /// The entry is gone from the table already.
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        entries(stack, &self.provider)
+            .is_some_and(|parts| !parts.iter().any(|p| p.index + 1 == self.index))
     }
 }
 
