@@ -86,6 +86,22 @@ enum StackIo {
     Write(ProviderId, ConsumerId),
 }
 
+/// A taste refused because the provider is claimed ([`Stack::claim`]):
+/// metadata or a partition table found on a provider the config uses as
+/// it is (an export's provider, a nop's), which tasting leaves alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedTaste {
+    /// The claimed provider.
+    pub provider: String,
+    /// The class the metadata names (`part` for a partition table).
+    pub class: String,
+    /// Why the provider is claimed.
+    pub reason: String,
+}
+
+/// Most refused tastes kept.
+const REFUSED_MAX: usize = 64;
+
 /// Most lines kept in the taste log.
 const LOG_LINES: usize = 64;
 
@@ -98,6 +114,9 @@ pub(crate) struct TasteState {
     assembled: Vec<(GroupKey, GeomId)>,
     log: VecDeque<String>,
     write_errors: u64,
+    /// Claimed provider names and why.
+    claims: Vec<(String, String)>,
+    refused: Vec<RefusedTaste>,
 }
 
 impl TasteState {
@@ -117,6 +136,58 @@ impl TasteState {
 }
 
 impl Stack {
+    /// Claims the provider called `name` (present or yet to appear) for a
+    /// use the config makes of it as it is (`reason`: "exported as 'raw'
+    /// by line 3"): tasting never builds a geom over it. Its last sector
+    /// is still read, and metadata found there is refused
+    /// ([`Stack::refused_tastes`]) instead of assembled; no class is
+    /// offered it (no partition table is probed). The boot config's
+    /// claims are made before the first taste.
+    pub fn claim(&mut self, name: &str, reason: &str) {
+        if !self.taste.claims.iter().any(|(n, _)| n == name) {
+            self.taste
+                .claims
+                .push((String::from(name), String::from(reason)));
+        }
+    }
+
+    /// Why the provider called `name` is claimed, if it is.
+    pub fn claimed(&self, name: &str) -> Option<&str> {
+        self.taste
+            .claims
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| r.as_str())
+    }
+
+    /// Tastes refused because their provider is claimed, oldest first.
+    pub fn refused_tastes(&self) -> &[RefusedTaste] {
+        &self.taste.refused
+    }
+
+    fn refuse_taste(&mut self, p: ProviderId, class: &str) {
+        let provider = self.provider_name(p);
+        let Some(reason) = self.claimed(&provider).map(String::from) else {
+            return;
+        };
+        self.taste.log(format!(
+            "{provider}: {class} metadata refused: the provider is {reason}"
+        ));
+        if self.taste.refused.len() < REFUSED_MAX
+            && !self
+                .taste
+                .refused
+                .iter()
+                .any(|r| r.provider == provider && r.class == class)
+        {
+            self.taste.refused.push(RefusedTaste {
+                provider,
+                class: String::from(class),
+                reason,
+            });
+        }
+    }
+
     /// Recent tasting and labelling events, oldest first.
     pub fn taste_log(&self) -> impl Iterator<Item = &str> {
         self.taste.log.iter().map(|s| s.as_str())
@@ -179,7 +250,9 @@ impl Stack {
             if prov.orphaned || prov.spec.media_size < 2 * sector || !tasteable {
                 continue;
             }
-            offered.push(p);
+            if self.claimed(&prov.spec.name).is_none() {
+                offered.push(p);
+            }
             let at = prov.spec.media_size - sector;
             let c = self.core.attach(None, p);
             if self.core.access(c, 1, 0, 0).is_err() {
@@ -273,7 +346,13 @@ impl Stack {
                 {
                     return;
                 }
+                let claimed = self.claimed(&self.provider_name(p)).is_some();
                 match MetaRepr::from_bytes(&buf) {
+                    Ok(meta) if claimed => self.refuse_taste(p, &meta.class),
+                    Err(_) if claimed && buf.starts_with(b"EFI PART") => {
+                        // The backup header of a GPT.
+                        self.refuse_taste(p, "part")
+                    }
                     Ok(meta) => self.tasted(p, meta),
                     Err(MetaError::NoMagic) => {}
                     Err(e) => {
@@ -420,5 +499,213 @@ impl Stack {
                 )
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::class::CLASSES;
+    use crate::meta::{Meta, MetaRepr, META_LEN, PARAMS, TAIL_LEN};
+    use crate::testing::stack_from_images;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use proptest::prelude::*;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn image_with_last_sector(sector: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; SIZE as usize];
+        img[SIZE as usize - sector.len()..].copy_from_slice(sector);
+        img
+    }
+
+    #[test]
+    fn a_claimed_provider_is_tasted_but_never_built_over() {
+        for (class, line) in [
+            ("mirror", "mirror label x vtbd0"),
+            ("stripe", "stripe label -s 64k x vtbd0"),
+            ("concat", "concat label x vtbd0"),
+        ] {
+            let label = crate::testing::label_sector(line, SIZE, 512);
+            let img = image_with_last_sector(&label);
+            let (mut s, _) = stack_from_images(&[img.clone(), img], 512);
+            s.claim("vtbd0", "exported as 'raw' by config line 1");
+            assert!(s.settle(10_000));
+            let built: Vec<&str> = s
+                .providers()
+                .map(|(_, p)| p.spec.name.as_str())
+                .filter(|n| n.contains('/'))
+                .collect();
+            // vtbd1, unclaimed, carries the same one-member record: its
+            // geom assembles (the name is free because vtbd0's was
+            // refused), vtbd0 stays bare.
+            let log: Vec<&str> = s.taste_log().collect();
+            assert_eq!(built.len(), 1, "{class}: {built:?} {log:?}");
+            let refused = s.refused_tastes();
+            assert_eq!(refused.len(), 1, "{class}");
+            assert_eq!(refused[0].provider, "vtbd0");
+            assert_eq!(refused[0].class, class);
+            let (_, p0) = s.providers().find(|(_, p)| p.spec.name == "vtbd0").unwrap();
+            assert_eq!(
+                (p0.access.r, p0.access.w, p0.access.e),
+                (0, 0, 0),
+                "{class}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_claimed_provider_is_not_probed_for_a_partition_table() {
+        let (mut s, h) = crate::testing::stack_with_disks(1, 4 << 20, 512);
+        for line in ["part create vtbd0", "part add -t linux-data -s 1m vtbd0"] {
+            let stmt = crate::config::parse_line(line, 1).unwrap().unwrap();
+            crate::ctl::apply(&mut s, &stmt).unwrap();
+            assert!(s.settle(10_000));
+        }
+        assert!(s.settle(10_000));
+        let (mut s, _) = stack_from_images(&[h[0].contents()], 512);
+        s.claim("vtbd0", "exported as 'raw' by config line 1");
+        assert!(s.settle(10_000));
+        assert_eq!(s.providers().count(), 1, "only vtbd0");
+        assert_eq!(s.refused_tastes()[0].class, "part");
+    }
+
+    /// A sector holding a record with every field as given and a valid
+    /// checksum (the view's setters do not validate).
+    #[allow(clippy::too_many_arguments)]
+    fn raw_record(
+        class: &str,
+        count: u32,
+        index: u32,
+        size: u64,
+        sector: u32,
+        flags: u32,
+        generation: u64,
+        params: &[u64; PARAMS],
+        tail: &[u8; TAIL_LEN],
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; 512];
+        let mut m = Meta::new_checked(&mut buf[..]).unwrap();
+        m.set_magic();
+        m.set_version(1);
+        m.set_flags(flags);
+        m.set_class(class);
+        m.set_name("g");
+        m.set_id(1);
+        m.set_generation(generation);
+        m.set_member_index(index);
+        m.set_member_count(count);
+        m.set_member_size(size);
+        m.set_sector_size(sector);
+        m.clear_reserved();
+        for (i, p) in params.iter().enumerate() {
+            m.set_param(i, *p);
+        }
+        m.set_tail(tail);
+        m.fill_checksum();
+        buf
+    }
+
+    fn field_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(1),
+            Just(512),
+            Just(4096),
+            Just(65536),
+            Just(SIZE),
+            Just(SIZE - 512),
+            Just(u64::MAX),
+            Just(u64::MAX / 512),
+            Just(1 << 63),
+            any::<u64>(),
+        ]
+    }
+
+    fn field_u32() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(2),
+            Just(3),
+            Just(512),
+            Just(4096),
+            Just(u32::MAX),
+            any::<u32>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(192))]
+
+        /// Arbitrary bytes decode to a record or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(
+            bytes in proptest::collection::vec(any::<u8>(), 0..1024),
+        ) {
+            let _ = MetaRepr::from_bytes(&bytes);
+            let mut b = bytes.clone();
+            if b.len() >= META_LEN {
+                b[..16].copy_from_slice(&crate::meta::MAGIC);
+                let _ = MetaRepr::from_bytes(&b);
+            }
+        }
+
+        /// Hostile records with a valid checksum (any class, member
+        /// counts, sizes, offsets and parameters, overflowing fields) on
+        /// up to three disks: tasting and assembly never panic and settle.
+        #[test]
+        fn hostile_records_never_panic_tasting(
+            class in 0..CLASSES.len() + 1,
+            disks in 1usize..4,
+            fields in proptest::collection::vec(
+                (field_u32(), field_u32(), field_u64(), field_u32(), any::<u32>(), field_u64()),
+                3,
+            ),
+            params in proptest::array::uniform8(field_u64()),
+            tail in proptest::collection::vec(any::<u8>(), TAIL_LEN),
+        ) {
+            let class = CLASSES.get(class).map_or("bogus", |c| c.name());
+            let tail: [u8; TAIL_LEN] = tail.try_into().unwrap();
+            let images: Vec<Vec<u8>> = fields[..disks]
+                .iter()
+                .map(|&(count, index, size, sector, flags, generation)| {
+                    image_with_last_sector(&raw_record(
+                        class, count, index, size, sector, flags, generation, &params, &tail,
+                    ))
+                })
+                .collect();
+            let (mut s, _) = stack_from_images(&images, 512);
+            prop_assert!(s.settle(100_000));
+            for c in CLASSES {
+                let _ = c.status(&s);
+            }
+        }
+
+        /// The same, with each record sane but for one field, so the
+        /// classes' own checks (not the record's) are what refuse it.
+        #[test]
+        fn near_valid_records_never_panic_tasting(
+            class in 0..CLASSES.len(),
+            disks in 1usize..4,
+            params in proptest::array::uniform8(field_u64()),
+            flags in any::<u32>(),
+            tail in proptest::collection::vec(any::<u8>(), TAIL_LEN),
+        ) {
+            let class = CLASSES[class].name();
+            let tail: [u8; TAIL_LEN] = tail.try_into().unwrap();
+            let images: Vec<Vec<u8>> = (0..disks)
+                .map(|i| {
+                    image_with_last_sector(&raw_record(
+                        class, disks as u32, i as u32, SIZE, 512, flags, 1, &params, &tail,
+                    ))
+                })
+                .collect();
+            let (mut s, _) = stack_from_images(&images, 512);
+            prop_assert!(s.settle(100_000));
+            for c in CLASSES {
+                let _ = c.status(&s);
+            }
+        }
     }
 }

@@ -293,6 +293,20 @@ pub fn stack_with_disks(
     (s, handles)
 }
 
+/// The last sector a config `line` (`mirror label x vtbd0`) writes on
+/// vtbd0 of `size_bytes`: a genuine label, as a client of a raw export
+/// could forge one.
+pub fn label_sector(line: &str, size_bytes: u64, sector_size: u32) -> Vec<u8> {
+    let (mut s, h) = stack_with_disks(1, size_bytes, sector_size);
+    let stmt = crate::config::parse_line(line, 1)
+        .expect("a valid line")
+        .expect("a statement");
+    crate::ctl::apply(&mut s, &stmt).expect("the line applies");
+    assert!(s.settle(MAX_ROUNDS as u32), "labelling settles");
+    let img = h[0].contents();
+    img[img.len() - sector_size as usize..].to_vec()
+}
+
 /// A stack whose disks vtbd0… start with the given images.
 pub fn stack_from_images(images: &[Vec<u8>], sector_size: u32) -> (Stack, Vec<FakeDiskHandle>) {
     let mut s = Stack::new();

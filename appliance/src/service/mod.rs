@@ -43,7 +43,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use exports::Exports;
 use geom::bio::{Bio, BioResult};
-use geom::config::{Config, ConfigError};
+use geom::config::{Config, ConfigError, Statement};
 use geom::disk::{vtbd_name, BlockDevice, DiskGeom};
 use geom::page::DataCounters;
 use geom::stack::Stack;
@@ -222,6 +222,32 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// Claims, before the first taste, every provider the boot config uses as
+/// it is: each export's provider and each provider a line consumes without
+/// metadata of its own (`nop create`). Tasting builds nothing over a
+/// claimed provider, so a label or partition table a client writes into a
+/// raw export cannot take it (or the boot) away; the refusal is in
+/// `/status` under `taste`.
+fn claim_config(stack: &mut Stack, config: &Config) {
+    for l in &config.lines {
+        match &l.stmt {
+            Statement::Export(e) => stack.claim(
+                &e.provider,
+                &alloc::format!("exported as '{}' by config line {}", e.name, l.line),
+            ),
+            Statement::Geom(g) => {
+                for p in g.command.consumes() {
+                    stack.claim(
+                        &p,
+                        &alloc::format!("used by {} on config line {}", g.class, l.line),
+                    );
+                }
+            }
+            Statement::Net(_) => {}
+        }
+    }
+}
+
 impl Service {
     /// Builds the service over the platform's disks (named vtbd0, vtbd1, …
     /// in the order given) and runs the config to the end before
@@ -274,6 +300,7 @@ impl Service {
         for (line, e) in config.exports() {
             protocols::check_export(line, e)?;
         }
+        claim_config(&mut stack, config);
         let mut svc = Service {
             stack,
             exports: Exports::new(),

@@ -96,6 +96,13 @@ impl Service {
             })
             .collect();
         doc.insert("waiting".into(), waiting.into());
+        let refused: Vec<Value> = self
+            .stack
+            .refused_tastes()
+            .iter()
+            .map(|r| json!({"provider": r.provider, "class": r.class, "reason": r.reason}))
+            .collect();
+        doc.insert("taste".into(), refused.into());
         let mut conns = Map::new();
         for (i, p) in PROTOCOLS.iter().enumerate() {
             conns.insert(p.name.into(), self.connections(i).into());

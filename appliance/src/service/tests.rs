@@ -531,3 +531,62 @@ fn md_create_beyond_memory_is_refused_through_the_api() {
         .status_json()
         .contains("\"md_committed_bytes\":16777216"));
 }
+
+/// A genuine mirror label naming `name` for a disk of `size` bytes: what
+/// a client can write into a raw export's last sector.
+fn forged_mirror_sector(name: &str, size: u64) -> Vec<u8> {
+    geom::testing::label_sector(&alloc::format!("mirror label {name} vtbd0"), size, 512)
+}
+
+#[test]
+fn a_label_written_into_a_raw_export_is_refused_at_the_next_boot() {
+    let cfg = parse_config("export nbd raw vtbd0\nexport nbd other vtbd1\n").unwrap();
+    let size = 4u64 << 20;
+    let forged = forged_mirror_sector("evil", size);
+    let mut img = alloc::vec![0u8; size as usize];
+    img[size as usize - 512..].copy_from_slice(&forged);
+    let (devs, handles) = disks(&[img]);
+    let svc = Service::new(&cfg, devs).expect("the config boots over a forged label");
+    assert!(svc.stack().find_geom("mirror", "evil").is_none());
+    let names: Vec<&str> = svc.exports().iter().map(|e| e.info.name.as_str()).collect();
+    assert_eq!(names, ["raw", "other"]);
+    assert_eq!(svc.exports()[0].info.size_bytes, size, "the whole disk");
+    let status: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
+    let taste = status["taste"].as_array().expect("taste list");
+    assert_eq!(taste.len(), 1, "{status}");
+    assert_eq!(taste[0]["provider"], "vtbd0");
+    assert_eq!(taste[0]["class"], "mirror");
+    assert!(taste[0]["reason"].as_str().unwrap().contains("raw"));
+    let contents = handles[0].contents();
+    assert_eq!(
+        &contents[size as usize - 512..],
+        &forged[..],
+        "bytes intact"
+    );
+}
+
+#[test]
+fn a_label_under_a_nop_of_the_config_is_refused() {
+    let cfg = parse_config("nop create vtbd0\nexport nbd n vtbd0.nop\n").unwrap();
+    let size = 4u64 << 20;
+    let mut img = alloc::vec![0u8; size as usize];
+    img[size as usize - 512..].copy_from_slice(&forged_mirror_sector("evil", size));
+    let (devs, _) = disks(&[img]);
+    let svc = Service::new(&cfg, devs).expect("boots");
+    assert!(svc.stack().find_geom("mirror", "evil").is_none());
+    assert_eq!(svc.stack().refused_tastes()[0].provider, "vtbd0");
+}
+
+#[test]
+fn a_config_label_line_is_not_vetoed_by_claims() {
+    // vtbd0 and vtbd1 are a label line's members, not claimed: the
+    // mirror they hold comes back by tasting.
+    let cfg = parse_config("mirror label gm0 vtbd0 vtbd1\nexport nbd vol mirror/gm0\n").unwrap();
+    let (devs, handles) = disks(&[]);
+    drop(Service::new(&cfg, devs).unwrap());
+    let images: Vec<Vec<u8>> = handles.iter().map(|h| h.contents()).collect();
+    let (devs, _) = disks(&images);
+    let svc = Service::new(&cfg, devs).unwrap();
+    assert!(svc.stack().refused_tastes().is_empty());
+    assert!(svc.stack().find_geom("mirror", "gm0").is_some());
+}

@@ -153,6 +153,15 @@ pub trait Command: CommandAny + Debug + Send + Sync {
     fn on_disk(&self, _stack: &mut Stack) -> bool {
         false
     }
+
+    /// Providers the statement consumes as they are, without metadata of
+    /// its own on them (`nop create vtbd0` consumes vtbd0): at boot they
+    /// are claimed ([`Stack::claim`]) so tasting builds nothing over them.
+    /// A `label` line's members are not listed: tasting is what brings
+    /// its geom back.
+    fn consumes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// `CLASS destroy [-f] NAME`: removes a geom; refused while its provider

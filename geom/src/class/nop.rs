@@ -448,6 +448,10 @@ impl Command for NopCreate {
     fn creates(&self) -> Option<(String, String)> {
         Some((format!("{}.nop", self.provider), self.provider.clone()))
     }
+
+    fn consumes(&self) -> Vec<String> {
+        alloc::vec![self.provider.clone()]
+    }
 }
 
 impl Command for NopConfigure {
