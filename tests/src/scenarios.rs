@@ -828,3 +828,56 @@ pub fn labelling_does_not_stall_other_clients(p: Platform) {
         "only {during} requests completed during {took:?} of labelling"
     );
 }
+
+/// Tasting never overrules the config: a client writes a genuine mirror
+/// label (the last sector of a disk Strata labelled) into the last sector
+/// of raw export `raw` (vtbd0); restarted on the same disk files, the
+/// appliance serves the whole config, `raw` at full size with the
+/// client's bytes intact, builds no mirror over vtbd0, and lists the
+/// refused taste in `/status`.
+pub fn forged_label_in_raw_export(p: Platform) {
+    use crate::nbd_clients::{RawNbd, FLUSH, WRITE};
+    let dir = TempDir::new("forge");
+    let a = Start::new(p)
+        .disk(disk_spec(&dir, "src.img", "8M"))
+        .config("mirror label evil vtbd0\nexport nbd m mirror/evil\n")
+        .spawn()
+        .expect("label a source disk");
+    assert!(a.stop().success());
+    let src = std::fs::read(dir.path("src.img")).expect("source image");
+    let label = src[src.len() - 512..].to_vec();
+    assert!(label.starts_with(b"STRATA-GEOM-META"), "a label");
+
+    let (d0, d1) = (
+        disk_spec(&dir, "d0.img", "8M"),
+        disk_spec(&dir, "d1.img", "8M"),
+    );
+    let config = "export nbd raw vtbd0\nexport nbd other vtbd1\n";
+    let start = || Start::new(p).disk(&d0).disk(&d1).config(config);
+    let a = start().spawn().expect("start");
+    let mut c = RawNbd::connect(a.nbd_port, "raw", false).expect("connect raw");
+    let size = c.size;
+    assert_eq!(size, 8 << 20);
+    assert_eq!(c.call(WRITE, 0, size - 512, 512, &label).error, 0);
+    assert_eq!(c.call(FLUSH, 0, 0, 0, &[]).error, 0);
+    c.disconnect();
+    assert!(a.stop().success());
+
+    let a = start().spawn().expect("restart over the forged label");
+    assert_eq!(a.ready, vec![a.uri("raw"), a.uri("other")]);
+    let mut c = RawNbd::connect(a.nbd_port, "raw", false).expect("connect raw again");
+    assert_eq!(c.size, size, "the whole disk");
+    assert_eq!(c.read(size - 512, 512), label, "the client's bytes");
+    c.disconnect();
+    let topo = a.topology();
+    assert!(find_geom(&topo, "evil").is_none(), "{topo}");
+    let st = a.status();
+    let taste = st["taste"].as_array().cloned().unwrap_or_default();
+    assert!(
+        taste
+            .iter()
+            .any(|t| t["provider"] == "vtbd0" && t["class"] == "mirror"),
+        "/status lists the refused taste: {st}"
+    );
+    assert!(a.stop().success());
+}
