@@ -255,6 +255,31 @@ impl RawNbd {
     }
 }
 
+/// `NBD_EPERM`.
+pub const EPERM: u32 = 1;
+/// `NBD_FLAG_READ_ONLY` in the transmission flags.
+const FLAG_READ_ONLY: u16 = 1 << 1;
+
+/// The server itself refuses writes to read-only `export`: a raw client
+/// (which, unlike qemu-io or nbdsh, does not refuse them locally) sends
+/// a WRITE, a WRITE_ZEROES and a TRIM, on a simple and on a structured
+/// connection, each answered EPERM, the data unchanged and the
+/// connection still serving.
+pub fn assert_read_only_refuses(port: u16, export: &str) {
+    for structured in [false, true] {
+        let mut c = RawNbd::connect(port, export, structured).expect("connect");
+        assert_ne!(c.flags & FLAG_READ_ONLY, 0, "{export} is offered read-only");
+        let before = c.read(0, 4096);
+        let data = noise(4096, 0x0d0e);
+        for (cmd, payload) in [(WRITE, &data[..]), (WRITE_ZEROES, &[][..]), (TRIM, &[][..])] {
+            let r = c.call(cmd, 0, 0, 4096, payload);
+            assert_eq!(r.error, EPERM, "command {cmd} on read-only {export}");
+        }
+        assert_eq!(c.read(0, 4096), before, "{export} unchanged");
+        c.disconnect();
+    }
+}
+
 /// True if the peer closed `s` (EOF or reset) within `limit`, having sent
 /// nothing.
 fn closed_without_data(s: &mut TcpStream, limit: Duration) -> bool {
@@ -774,13 +799,15 @@ pub fn qemu_io_commands(p: Platform) {
         // Unaligned requests are done by qemu with read-modify-write.
         qemu_io(&uri, &["write -P 0x5c 100 1000", "read -P 0x5c 100 1000"]);
     }
-    // The read-only export refuses writes.
+    // The read-only export refuses writes: qemu-io refuses them itself,
+    // so the server's refusal is checked with a raw client.
     let o = qemu_io_any(&a.uri("ro"), &["write -P 1 0 4k"]);
     let text = o.stdout + &o.stderr;
     assert!(
         !o.ok || text.contains("failed") || text.contains("read-only"),
         "{text}"
     );
+    assert_read_only_refuses(a.nbd_port, "ro");
 }
 
 /// `nbdinfo --json`, `--list` and `--map`.

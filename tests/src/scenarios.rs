@@ -110,6 +110,8 @@ pub fn config_exports(p: Platform) {
             || text.contains("failed"),
         "write to a read-only export must fail: {text}"
     );
+    // qemu-io refuses locally; the server must refuse too.
+    crate::nbd_clients::assert_read_only_refuses(a.nbd_port, "scratch");
 }
 
 /// A config error is refused with its line number; nothing starts.
