@@ -6,14 +6,17 @@
 //! The input is a client's byte stream (a captured transcript, or anything
 //! else). How it is cut into `on_recv` calls, how output is drained (copied
 //! or vectored, and in what sizes), in which order bios go to the stack,
-//! and when the clock ticks or the server shuts down are all derived from
-//! a hash of the input, so one input always runs the same way.
+//! when the clock ticks or the server shuts down, and how completions
+//! come back (the disk completes asynchronously: a completion may be held
+//! back for later rounds, and those delivered are shuffled) are all
+//! derived from a hash of the input, so one input always runs the same
+//! way.
 
 use super::{Connection, ExportInfo, ServerConfig};
 use crate::session::TxPieces;
 use alloc::string::String;
 use alloc::vec::Vec;
-use geom::bio::ConsumerId;
+use geom::bio::{Bio, BioResult, ConsumerId};
 use geom::class::md::MdGeom;
 use geom::stack::Stack;
 
@@ -92,8 +95,21 @@ fn drain(conn: &mut Connection, rng: &mut Rng) -> usize {
     total
 }
 
-/// Moves bios through the stack, in a random order, and completions back.
-fn pump(conn: &mut Connection, stack: &mut Stack, consumers: &[ConsumerId], rng: &mut Rng) {
+/// Completions the stack has made that the driver has not delivered yet:
+/// an asynchronous disk, whose completions come later and out of order.
+type Held = Vec<(u64, Bio, BioResult)>;
+
+/// Moves bios through the stack, in a random order, and completions back:
+/// some held for a later round, the rest delivered in a shuffled order.
+/// With `all`, every held completion is delivered.
+fn pump(
+    conn: &mut Connection,
+    stack: &mut Stack,
+    consumers: &[ConsumerId],
+    rng: &mut Rng,
+    held: &mut Held,
+    all: bool,
+) {
     let mut reqs = Vec::new();
     while let Some(r) = conn.next_request() {
         assert!(r.cookie < 1 << 32, "cookie fits the tag");
@@ -105,7 +121,17 @@ fn pump(conn: &mut Connection, stack: &mut Stack, consumers: &[ConsumerId], rng:
         stack.submit(consumers[r.export], r.bio, r.cookie);
     }
     stack.run();
-    while let Some((tag, bio, res)) = stack.take_completed() {
+    while let Some(c) = stack.take_completed() {
+        held.push(c);
+    }
+    // Hold back a random share (none when `all`, some rounds none).
+    let keep = if all || rng.below(4) == 0 {
+        0
+    } else {
+        rng.below(held.len() as u64 + 1) as usize
+    };
+    while held.len() > keep {
+        let (tag, bio, res) = held.swap_remove(rng.below(held.len() as u64) as usize);
         assert!(conn.complete(tag, bio, res), "completion accepted");
     }
 }
@@ -141,6 +167,7 @@ pub fn run(data: &[u8]) {
     let mut off = 0;
     let mut now = 0u64;
     let mut stuck = 0;
+    let mut held = Held::new();
     while off < data.len() && stuck < 4 {
         let piece = match rng.below(4) {
             0 => 1 + rng.below(8),
@@ -151,7 +178,9 @@ pub fn run(data: &[u8]) {
         let used = conn.on_recv(&exports, &data[off..end]);
         assert!(used <= end - off, "consumed more than given");
         off += used;
-        pump(&mut conn, &mut stack, &consumers, &mut rng);
+        pump(
+            &mut conn, &mut stack, &consumers, &mut rng, &mut held, false,
+        );
         drain(&mut conn, &mut rng);
         assert!(conn.in_flight() <= cfg.max_in_flight, "in-flight bound");
         assert!(conn.buffered_bytes() <= limit, "buffer bound");
@@ -168,13 +197,21 @@ pub fn run(data: &[u8]) {
         if conn.is_finished() {
             break;
         }
-        stuck = if used == 0 { stuck + 1 } else { 0 };
+        // Held completions are still to come: not stuck yet.
+        stuck = match (used, held.is_empty()) {
+            (0, true) => stuck + 1,
+            (0, false) => stuck,
+            _ => 0,
+        };
     }
     // The transport goes away: everything in the stack comes back.
-    pump(&mut conn, &mut stack, &consumers, &mut rng);
+    pump(
+        &mut conn, &mut stack, &consumers, &mut rng, &mut held, false,
+    );
     drain(&mut conn, &mut rng);
     conn.shutdown();
-    pump(&mut conn, &mut stack, &consumers, &mut rng);
+    pump(&mut conn, &mut stack, &consumers, &mut rng, &mut held, true);
+    assert!(held.is_empty());
     assert_eq!(conn.submitted(), 0, "every bio handed back");
     assert!(conn.is_finished(), "finished after shutdown");
     assert!(!conn.has_tx());

@@ -5,8 +5,18 @@ use super::*;
 use proptest::prelude::*;
 
 /// Feeds `input` in pieces of the given sizes, pumping the stack between
-/// pieces, and checks the engine's invariants along the way.
-fn feed_and_pump(h: &mut Harness, input: &[u8], pieces: &[usize], tx_size: usize) {
+/// pieces, and checks the engine's invariants along the way. The disk
+/// completes asynchronously: `order` seeds which completions are held
+/// back for later pieces and the shuffled order the rest are delivered in.
+fn feed_and_pump(h: &mut Harness, input: &[u8], pieces: &[usize], tx_size: usize, order: u64) {
+    let mut rng = order | 1;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % (n as u64).max(1)) as usize
+    };
+    let mut held = Vec::new();
     let mut off = 0;
     let mut tx = alloc::vec![0u8; tx_size.max(1)];
     for (i, &p) in pieces.iter().cycle().enumerate() {
@@ -23,7 +33,12 @@ fn feed_and_pump(h: &mut Harness, input: &[u8], pieces: &[usize], tx_size: usize
             h.stack.submit(h.consumers[r.export], r.bio, r.cookie);
         }
         h.stack.run();
-        while let Some((tag, bio, res)) = h.stack.take_completed() {
+        while let Some(c) = h.stack.take_completed() {
+            held.push(c);
+        }
+        let keep = next(held.len() + 1);
+        while held.len() > keep {
+            let (tag, bio, res) = held.swap_remove(next(held.len()));
             assert!(h.conn.complete(tag, bio, res));
         }
         while crate::session::copy_out(&mut h.conn, &mut tx) > 0 {}
@@ -33,6 +48,12 @@ fn feed_and_pump(h: &mut Harness, input: &[u8], pieces: &[usize], tx_size: usize
             break;
         }
     }
+    // The late completions arrive, shuffled.
+    while !held.is_empty() {
+        let (tag, bio, res) = held.swap_remove(next(held.len()));
+        assert!(h.conn.complete(tag, bio, res));
+    }
+    while crate::session::copy_out(&mut h.conn, &mut tx) > 0 {}
     assert_eq!(h.conn.submitted(), 0);
 }
 
@@ -135,9 +156,10 @@ proptest! {
         pieces in proptest::collection::vec(1usize..300, 1..6),
         structured in any::<bool>(),
         tx in 1usize..200,
+        order in any::<u64>(),
     ) {
         let mut h = Harness::new(ServerConfig::default(), "disk", structured);
-        feed_and_pump(&mut h, &bytes, &pieces, tx);
+        feed_and_pump(&mut h, &bytes, &pieces, tx, order);
     }
 
     #[test]
