@@ -608,25 +608,10 @@ pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDisk
 }
 
 /// A proptest strategy for ops over a provider of up to `sectors` sectors,
-/// each op at most `max_len` sectors.
-#[cfg(test)]
-pub fn ops(
-    sectors: u64,
-    max_len: u64,
-    n: usize,
-) -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
-    use proptest::prelude::*;
-    let op = prop_oneof![
-        4 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Read { at, len }),
-        4 => (0..sectors, 1..=max_len, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
-        1 => Just(Op::Flush),
-    ];
-    proptest::collection::vec(op, 1..n)
-}
-
-/// Like [`ops`], with discards, write-zeroes and flushes racing the
-/// requests of their batch as well (for providers that offer discard and
-/// write-zeroes over devices that then read zeroes).
+/// each op at most `max_len` sectors: reads, writes, flushes, discards,
+/// write-zeroes and flushes racing the requests of their batch (every
+/// class's model test uses it; the fake disks and md read zeroes after a
+/// discard).
 #[cfg(test)]
 pub fn ops_all(
     sectors: u64,

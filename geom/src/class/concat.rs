@@ -454,7 +454,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
         #[test]
-        fn behaves_like_a_flat_array(ops in testing::ops(384, 40, 40), label in any::<bool>()) {
+        fn behaves_like_a_flat_array(ops in testing::ops_all(384, 40, 40), label in any::<bool>()) {
             let (mut s, disks) = three();
             let verb = if label { "label" } else { "create" };
             apply(&mut s, &format!("concat {verb} c0 vtbd0 vtbd1 vtbd2")).unwrap();

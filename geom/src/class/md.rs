@@ -327,6 +327,20 @@ impl Geom for MdGeom {
 mod tests {
     use crate::class::parse_test;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// md behaves like a flat array under every op, discard,
+        /// write-zeroes and racing flushes included.
+        #[test]
+        fn behaves_like_a_flat_array(ops in crate::testing::ops_all(1024, 64, 40)) {
+            let mut s = Stack::new();
+            MdGeom::create(&mut s, "md0", 1024 * 512).unwrap();
+            let c = s.open("md0", crate::stack::Access::READ_WRITE).unwrap();
+            crate::testing::run_model(&mut s, c, &ops, &[]);
+        }
+    }
+
     #[test]
     fn statements_parse() {
         assert_eq!(

@@ -733,7 +733,7 @@ mod tests {
         /// With no fault knob set, nop is invisible: the provider behaves
         /// like the disk below, and nothing is mapped or copied.
         #[test]
-        fn pass_through_behaves_like_a_flat_array(ops in testing::ops(2048, 64, 40), depth in 1usize..8) {
+        fn pass_through_behaves_like_a_flat_array(ops in testing::ops_all(2048, 64, 40), depth in 1usize..8) {
             let (mut s, disk, c) = nop_over_disk("");
             disk.set_depth(depth);
             testing::run_model(&mut s, c, &ops, &[disk]);

@@ -487,7 +487,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
         #[test]
-        fn behaves_like_a_flat_array(ops in testing::ops(400, 48, 40),
+        fn behaves_like_a_flat_array(ops in testing::ops_all(400, 48, 40),
                                      shift in 9u32..14, n in 1usize..5, label in any::<bool>()) {
             let (mut s, disks) = testing::stack_with_disks(n, 64 << 10, 512);
             let names: Vec<String> = (0..n).map(crate::disk::vtbd_name).collect();

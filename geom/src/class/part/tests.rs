@@ -223,7 +223,7 @@ proptest! {
     /// discards, zeroing and flushes, with the disk completing out of
     /// order; nothing outside the partition is touched.
     #[test]
-    fn a_partition_behaves_like_a_flat_array(ops in testing::ops(4096, 64, 48)) {
+    fn a_partition_behaves_like_a_flat_array(ops in testing::ops_all(4096, 64, 48)) {
         let (mut s, disks) = boot(&[image(&three())]);
         let before = disks[0].contents();
         let c = s.open("vtbd0p2", Access::READ_WRITE).unwrap();
