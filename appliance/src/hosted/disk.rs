@@ -337,6 +337,17 @@ impl BlockDevice for FileDisk {
     }
 
     fn submit(&mut self, bio: Bio) -> Result<(), Bio> {
+        // The disk class checks ranges already; the file would grow under
+        // a write past its end, so the device refuses one too.
+        let ranged = matches!(
+            bio.cmd,
+            BioCmd::Read | BioCmd::Write | BioCmd::Discard | BioCmd::WriteZeroes
+        );
+        let end = bio.offset.checked_add(bio.length);
+        if ranged && end.is_none_or(|e| e > self.size_bytes) {
+            self.done.push_back((bio, Err(BioError::Invalid)));
+            return Ok(());
+        }
         let inline = bio.cmd.has_data() && bio.length <= INLINE_MAX;
         // The pages belong to this device until the bio completes.
         let lease = bio.sg.lend().ok();
@@ -402,5 +413,162 @@ impl BlockDevice for FileDisk {
             pos = hole;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geom::disk::DiskGeom;
+    use geom::stack::{Access, Stack};
+    use geom::testing;
+    use std::path::PathBuf;
+
+    /// A scratch file of `len` bytes, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str, len: u64) -> Scratch {
+            let path =
+                std::env::temp_dir().join(format!("strata-filedisk-{tag}-{}", std::process::id()));
+            let f = File::create(&path).unwrap();
+            f.set_len(len).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A stack over the file as vtbd0, with or without I/O threads, and a
+    /// read-write consumer of it.
+    fn stack_over(path: &Path, threads: bool) -> (Stack, geom::bio::ConsumerId) {
+        let waker = threads.then(|| Arc::new(Waker::new().unwrap()));
+        let disk = FileDisk::open(path, waker).unwrap();
+        let mut s = Stack::new();
+        DiskGeom::create(&mut s, "vtbd0", Box::new(disk)).unwrap();
+        let c = s.open("vtbd0", Access::READ_WRITE).unwrap();
+        (s, c)
+    }
+
+    /// Submits `bio` straight to the device and waits for it.
+    fn direct(disk: &mut FileDisk, bio: Bio) -> BioResult {
+        disk.submit(bio).map_err(|_| ()).expect("accepted");
+        for _ in 0..100_000 {
+            let mut out = None;
+            disk.poll(&mut |_, r| out = Some(r));
+            if let Some(r) = out {
+                return r;
+            }
+            std::thread::yield_now();
+        }
+        panic!("no completion");
+    }
+
+    #[test]
+    fn round_trips_inline_and_on_threads() {
+        for threads in [false, true] {
+            let f = Scratch::new(&format!("rt{threads}"), 4 << 20);
+            let (mut s, c) = stack_over(&f.0, threads);
+            // Small (inline) and large (I/O thread) transfers.
+            for (at, len, seed) in [(0u64, 4096usize, 1u8), (1 << 20, 256 << 10, 2)] {
+                let data = testing::pattern(seed, at, len);
+                assert_eq!(testing::write(&mut s, c, at, &data), Ok(()));
+                assert_eq!(testing::read(&mut s, c, at, len), Ok(data));
+            }
+            assert_eq!(testing::flush(&mut s, c), Ok(()));
+            // TRIM and WRITE_ZEROES read back zeroes; WRITE_ZEROES that
+            // keeps the allocation too.
+            let zero = |s: &mut Stack, cmd, at, no_hole| {
+                let mut bio = Bio::no_data(cmd, at, 64 << 10);
+                bio.no_hole = no_hole;
+                let r = testing::io(s, c, bio).1;
+                (r, testing::read(s, c, at, 64 << 10))
+            };
+            let zeroes = Ok(vec![0u8; 64 << 10]);
+            assert_eq!(
+                zero(&mut s, BioCmd::WriteZeroes, 1 << 20, false),
+                (Ok(()), zeroes.clone())
+            );
+            let data = testing::pattern(3, 2 << 20, 64 << 10);
+            assert_eq!(testing::write(&mut s, c, 2 << 20, &data), Ok(()));
+            assert_eq!(
+                zero(&mut s, BioCmd::WriteZeroes, 2 << 20, true),
+                (Ok(()), zeroes.clone())
+            );
+            let r = zero(&mut s, BioCmd::Discard, 0, false);
+            assert_eq!(r.0, Ok(()));
+            // TRIM may keep the data (a file system without holes).
+            let after = r.1.unwrap();
+            assert!(
+                after == vec![0u8; 64 << 10] || after[..4096] == testing::pattern(1, 0, 4096)[..]
+            );
+            drop(s);
+            // The bytes are in the file.
+            let bytes = std::fs::read(&f.0).unwrap();
+            assert_eq!(bytes.len(), 4 << 20, "the file keeps its size");
+            assert_eq!(
+                &bytes[(1 << 20) + (64 << 10)..(1 << 20) + (256 << 10)],
+                &testing::pattern(2, 1 << 20, 256 << 10)[64 << 10..]
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_is_refused_and_the_file_does_not_grow() {
+        let f = Scratch::new("range", 1 << 20);
+        let mut disk = FileDisk::open(&f.0, None).unwrap();
+        let size = disk.info().size_bytes;
+        for bio in [
+            Bio::read(size, 512),
+            Bio::read(size - 512, 1024),
+            testing::write_bio(size, &[1u8; 512]),
+            testing::write_bio(u64::MAX - 511, &[1u8; 512]),
+            Bio::no_data(BioCmd::Discard, size - 512, 4096),
+            Bio::no_data(BioCmd::WriteZeroes, u64::MAX, 512),
+        ] {
+            assert_eq!(direct(&mut disk, bio), Err(BioError::Invalid));
+        }
+        assert_eq!(std::fs::metadata(&f.0).unwrap().len(), 1 << 20);
+        // The last sector itself is in range.
+        assert_eq!(
+            direct(&mut disk, testing::write_bio(size - 512, &[7u8; 512])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_short_file_is_whole_sectors_and_a_shrunk_one_fails_reads() {
+        let f = Scratch::new("short", 1000);
+        let disk = FileDisk::open(&f.0, None).unwrap();
+        assert_eq!(disk.info().size_bytes, 512, "rounded down to a sector");
+        let f = Scratch::new("tiny", 100);
+        assert_eq!(FileDisk::open(&f.0, None).unwrap().info().size_bytes, 0);
+        // A file cut short under the disk: the read past its new end fails.
+        let f = Scratch::new("shrunk", 1 << 20);
+        let (mut s, c) = stack_over(&f.0, false);
+        File::options()
+            .write(true)
+            .open(&f.0)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert!(testing::read(&mut s, c, 8192, 4096).is_err());
+        assert!(testing::read(&mut s, c, 0, 4096).is_ok());
+    }
+
+    #[test]
+    fn opening_what_is_not_a_writable_file_fails() {
+        assert!(FileDisk::open(Path::new("/nonexistent/strata-disk"), None).is_err());
+        assert!(
+            FileDisk::open(&std::env::temp_dir(), None).is_err(),
+            "a directory"
+        );
+        let disk = FileDisk::open(&Scratch::new("info", 4096).0, None).unwrap();
+        let info = disk.info();
+        assert!(!info.read_only && info.can_flush && info.can_discard && info.can_write_zeroes);
     }
 }
