@@ -109,6 +109,7 @@ fn pump(
     rng: &mut Rng,
     held: &mut Held,
     all: bool,
+    stats: &mut Stats,
 ) {
     let mut reqs = Vec::new();
     while let Some(r) = conn.next_request() {
@@ -130,16 +131,30 @@ fn pump(
     } else {
         rng.below(held.len() as u64 + 1) as usize
     };
+    stats.held_over += keep as u64;
     while held.len() > keep {
         let (tag, bio, res) = held.swap_remove(rng.below(held.len() as u64) as usize);
         assert!(conn.complete(tag, bio, res), "completion accepted");
     }
 }
 
+/// What one run did, for tests of the driver itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Completions the disk held back over a round (delivered later).
+    pub held_over: u64,
+}
+
 /// Runs one input through a connection and checks the invariants: no
 /// panic, input never over-consumed, in-flight and buffered bounds kept,
 /// every bio handed back, and the connection finishes once shut down.
 pub fn run(data: &[u8]) {
+    run_counted(data);
+}
+
+/// [`run`], returning what the driver did.
+pub fn run_counted(data: &[u8]) -> Stats {
+    let mut stats = Stats::default();
     let mut rng = Rng(seed(data));
     let cfg = ServerConfig {
         max_in_flight: 1 + rng.below(64) as usize,
@@ -179,7 +194,7 @@ pub fn run(data: &[u8]) {
         assert!(used <= end - off, "consumed more than given");
         off += used;
         pump(
-            &mut conn, &mut stack, &consumers, &mut rng, &mut held, false,
+            &mut conn, &mut stack, &consumers, &mut rng, &mut held, false, &mut stats,
         );
         drain(&mut conn, &mut rng);
         assert!(conn.in_flight() <= cfg.max_in_flight, "in-flight bound");
@@ -206,13 +221,16 @@ pub fn run(data: &[u8]) {
     }
     // The transport goes away: everything in the stack comes back.
     pump(
-        &mut conn, &mut stack, &consumers, &mut rng, &mut held, false,
+        &mut conn, &mut stack, &consumers, &mut rng, &mut held, false, &mut stats,
     );
     drain(&mut conn, &mut rng);
     conn.shutdown();
-    pump(&mut conn, &mut stack, &consumers, &mut rng, &mut held, true);
+    pump(
+        &mut conn, &mut stack, &consumers, &mut rng, &mut held, true, &mut stats,
+    );
     assert!(held.is_empty());
     assert_eq!(conn.submitted(), 0, "every bio handed back");
     assert!(conn.is_finished(), "finished after shutdown");
     assert!(!conn.has_tx());
+    stats
 }
