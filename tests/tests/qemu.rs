@@ -47,3 +47,8 @@ fn partitions_from_host_tools() {
 fn labelling_does_not_stall_other_clients() {
     scenarios::labelling_does_not_stall_other_clients(Qemu);
 }
+
+#[test]
+fn changes_need_the_token() {
+    scenarios::changes_need_the_token(Qemu);
+}
