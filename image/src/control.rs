@@ -8,10 +8,16 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// Sends `POST /shutdown` to the appliance's HTTP endpoint and returns the
-/// HTTP status code. Every step is bounded by `timeout`.
-pub fn http_shutdown(addr: SocketAddr, timeout: Duration) -> io::Result<u16> {
-    http::request(addr, "POST", "/shutdown", b"", &[], timeout).map(|r| r.status)
+/// Sends `POST /shutdown`, with the management token when given, to the
+/// appliance's HTTP endpoint and returns the HTTP status code. Every step
+/// is bounded by `timeout`.
+pub fn http_shutdown(addr: SocketAddr, token: Option<&str>, timeout: Duration) -> io::Result<u16> {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    http::request(addr, "POST", "/shutdown", b"", &headers, timeout).map(|r| r.status)
 }
 
 /// A QMP connection past capabilities negotiation (QEMU's
@@ -108,7 +114,10 @@ mod tests {
                 .unwrap();
             String::from_utf8(req).unwrap()
         });
-        assert_eq!(http_shutdown(addr, Duration::from_secs(2)).unwrap(), 202);
+        assert_eq!(
+            http_shutdown(addr, None, Duration::from_secs(2)).unwrap(),
+            202
+        );
         let req = server.join().unwrap();
         assert!(req.starts_with("POST /shutdown HTTP/1.1\r\n"), "{req}");
     }

@@ -30,3 +30,4 @@ pub mod qemu;
 pub mod runner;
 pub mod size;
 pub mod tempdir;
+pub mod token;

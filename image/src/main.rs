@@ -137,6 +137,10 @@ struct GeomArgs {
     /// Host port on 127.0.0.1 of the HTTP management endpoint.
     #[arg(long, value_name = "PORT", default_value_t = 8080, global = true)]
     http_port: u16,
+    /// File holding the management token (default: the one `strata run`
+    /// or `strata hosted` wrote for this management port).
+    #[arg(long, value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     sub: Option<GeomSub>,
     /// Config lines to apply, in order.
@@ -203,6 +207,27 @@ struct CommonArgs {
     /// before it is dropped, in milliseconds (0: none; default 60000).
     #[arg(long, value_name = "MS")]
     nbd_stall_timeout_ms: Option<u64>,
+    /// File holding the management token changes must present: used as it
+    /// is when it exists, else written (mode 0600) with a new random one
+    /// (default: ${XDG_RUNTIME_DIR:-/tmp}/strata-UID/http-PORT.token,
+    /// removed on exit).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl CommonArgs {
+    /// The management token for this appliance, in its file.
+    fn token(&self) -> Result<image::token::TokenFile, Failure> {
+        image::token::TokenFile::create(self.token_file.as_deref(), self.http_port).map_err(|e| {
+            Failure::host(format!(
+                "management token file {}: {e}",
+                self.token_file
+                    .clone()
+                    .unwrap_or_else(|| image::token::default_path(self.http_port))
+                    .display()
+            ))
+        })
+    }
 }
 
 impl CommonArgs {
@@ -353,6 +378,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
     }
     let disks = prepare_disks(&a.common.disks)?;
     let kernel = ensure_kernel().map_err(|e| Failure::host(e.to_string()))?;
+    let token = a.common.token()?;
     // The config reaches QEMU as a sealed in-memory file: nothing on disk
     // to clean up, whatever ends this process.
     let config_file = match &config {
@@ -383,6 +409,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
             nbd_port: a.common.nbd_port,
             http_port: a.common.http_port,
             qmp_socket: None,
+            token_file: Some(token.path.clone()),
         },
         accel: match a.accel {
             AccelArg::Auto => AccelChoice::Auto,
@@ -409,19 +436,24 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
     }
     let r = runner::run(&plan, &stop);
     drop(config_file);
+    drop(token);
     r
 }
 
 fn cmd_hosted(a: CommonArgs) -> Result<(), Failure> {
     let config_text = load_config(a.config.as_deref())?;
     let disks = prepare_disks(&a.disks)?;
+    let token = a.token()?;
     let opts = appliance::hosted::HostedOptions {
         config_text,
         disks,
         ports: vec![("nbd".into(), a.nbd_port), ("http".into(), a.http_port)],
         limits: a.limits(),
+        token: Some(token.token.clone()),
     };
-    appliance::hosted::run(&opts).map_err(Failure::runtime)
+    let r = appliance::hosted::run(&opts).map_err(Failure::runtime);
+    drop(token);
+    r
 }
 
 fn cmd_build() -> Result<(), Failure> {
@@ -438,8 +470,14 @@ fn mgmt_addr(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
 }
 
-fn mgmt_request(port: u16, method: &str, path: &str, body: &str) -> Result<http::Reply, Failure> {
-    mgmt::request(mgmt_addr(port), method, path, body, MGMT_TIMEOUT).map_err(|e| {
+fn mgmt_request(
+    port: u16,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<http::Reply, Failure> {
+    mgmt::request(mgmt_addr(port), method, path, body, token, MGMT_TIMEOUT).map_err(|e| {
         Failure::runtime(format!(
             "cannot reach the appliance at 127.0.0.1:{port} ({method} {path}): {e}"
         ))
@@ -458,7 +496,7 @@ fn cmd_geom(a: GeomArgs) -> Result<(), Failure> {
     };
     match sub {
         Some(GeomSub::List { json }) => {
-            let r = mgmt_request(a.http_port, "GET", "/geom", "")?;
+            let r = mgmt_request(a.http_port, None, "GET", "/geom", "")?;
             if r.status != 200 {
                 return Err(Failure::runtime(format!(
                     "GET /geom: HTTP {}: {}",
@@ -479,7 +517,9 @@ fn cmd_geom(a: GeomArgs) -> Result<(), Failure> {
         }
         None => {
             let body = mgmt::lines_from_args(&a.lines);
-            let r = mgmt_request(a.http_port, "POST", "/geom", &body)?;
+            let token = image::token::find(a.token_file.as_deref(), a.http_port)
+                .map_err(|e| Failure::config(format!("management token: {e}")))?;
+            let r = mgmt_request(a.http_port, token.as_deref(), "POST", "/geom", &body)?;
             match mgmt::geom_result(&r) {
                 Ok(text) => {
                     let _ = write!(out, "{text}");
@@ -494,7 +534,7 @@ fn cmd_geom(a: GeomArgs) -> Result<(), Failure> {
 
 fn cmd_gstat(a: GstatArgs) -> Result<(), Failure> {
     let sample = || -> Result<(std::time::Instant, Vec<(String, mgmt::Counters)>), Failure> {
-        let r = mgmt_request(a.http_port, "GET", "/metrics", "")?;
+        let r = mgmt_request(a.http_port, None, "GET", "/metrics", "")?;
         if r.status != 200 {
             return Err(Failure::runtime(format!("GET /metrics: HTTP {}", r.status)));
         }

@@ -93,6 +93,9 @@ pub struct QemuConfig {
     pub http_port: u16,
     /// Unix socket for QMP, if any.
     pub qmp_socket: Option<PathBuf>,
+    /// A file holding the management token, handed to the guest as the
+    /// fw_cfg file `opt/strata/token` (never on the command line).
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where a disk's blocks live on the host.
@@ -169,6 +172,15 @@ impl QemuConfig {
         push(&["-kernel", &self.kernel.to_string_lossy()]);
         if let Some(i) = &self.initrd {
             push(&["-initrd", &i.to_string_lossy()]);
+        }
+        if let Some(t) = &self.token_file {
+            push(&[
+                "-fw_cfg",
+                &format!(
+                    "name=opt/strata/token,file={}",
+                    qemu_escape(&t.to_string_lossy())
+                ),
+            ]);
         }
         if !self.kernel_args.is_empty() {
             push(&["-append", &self.kernel_args.join(" ")]);
@@ -281,6 +293,7 @@ mod tests {
             nbd_port: 10809,
             http_port: 8080,
             qmp_socket: None,
+            token_file: None,
         }
     }
 
@@ -309,6 +322,7 @@ mod tests {
         assert!(values(&a, "-initrd").is_empty());
         assert!(values(&a, "-append").is_empty());
         assert!(values(&a, "-qmp").is_empty());
+        assert!(values(&a, "-fw_cfg").is_empty());
         assert_eq!(
             values(&a, "-drive"),
             [
@@ -337,6 +351,7 @@ mod tests {
         let mut c = base(Machine::Q35, Accel::Kvm);
         c.initrd = Some(PathBuf::from("/t/strata.conf"));
         c.qmp_socket = Some(PathBuf::from("/t/qmp.sock"));
+        c.token_file = Some(PathBuf::from("/t/a,b.token"));
         c.nbd_port = 20000;
         c.http_port = 20001;
         c.memory_mib = 1024;
@@ -346,6 +361,11 @@ mod tests {
         assert_eq!(values(&a, "-m"), ["1024"]);
         assert_eq!(values(&a, "-initrd"), ["/t/strata.conf"]);
         assert_eq!(values(&a, "-qmp"), ["unix:/t/qmp.sock,server=on,wait=off"]);
+        // The token travels as a file, never as text on the command line.
+        assert_eq!(
+            values(&a, "-fw_cfg"),
+            ["name=opt/strata/token,file=/t/a,,b.token"]
+        );
         assert_eq!(
             values(&a, "-netdev"),
             ["user,id=n0,hostfwd=tcp:127.0.0.1:20000-:10809,hostfwd=tcp:127.0.0.1:20001-:8080"]

@@ -536,7 +536,13 @@ impl Session<'_> {
     fn stop_gracefully(&mut self) -> (ExitStatus, Option<String>) {
         let why = if self.listening {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.plan.qemu.http_port));
-            match http_shutdown(addr, HTTP_SHUTDOWN_TIMEOUT) {
+            let token = self
+                .plan
+                .qemu
+                .token_file
+                .as_deref()
+                .and_then(|f| crate::token::read(f).ok());
+            match http_shutdown(addr, token.as_deref(), HTTP_SHUTDOWN_TIMEOUT) {
                 Ok(code) if (200..300).contains(&code) => {
                     if let Some(st) = self.wait_exit(FLUSH_TIMEOUT) {
                         return (st, None);

@@ -416,15 +416,34 @@ pub fn http(port: u16, method: &str, path: &str) -> String {
     http_request(port, method, path, "").1
 }
 
-/// One HTTP/1.1 request with a body to 127.0.0.1:`port`; returns the
+/// The management token `strata run` or `strata hosted` wrote for the
+/// appliance on management port `port`, if there is one.
+pub fn token_for(port: u16) -> Option<String> {
+    image::token::find(None, port).ok().flatten()
+}
+
+/// One HTTP/1.1 request with a body to 127.0.0.1:`port`, presenting the
+/// appliance's management token (as `strata geom` does); returns the
 /// status code and the body.
 pub fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_request_as(port, token_for(port).as_deref(), method, path, body)
+}
+
+/// [`http_request`] presenting `token` (none: no `Authorization`).
+pub fn http_request_as(
+    port: u16,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     use std::io::Write;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: strata\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: strata\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

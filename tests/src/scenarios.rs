@@ -883,3 +883,56 @@ pub fn forged_label_in_raw_export(p: Platform) {
     );
     assert!(a.stop().success());
 }
+
+/// Changes need the management token: without it (or with a wrong one)
+/// `POST /geom` and `POST /shutdown` get 401 and change nothing; reads are
+/// open; the token file is private; `strata geom` finds it by the port.
+pub fn changes_need_the_token(p: Platform) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("token");
+    let a = Start::new(p)
+        .disk(disk_spec(&dir, "d0.img", "16M"))
+        .config("export nbd ro vtbd0 ro\n")
+        .spawn()
+        .expect("start");
+    let port = a.http_port;
+    let file = image::token::default_path(port);
+    let mode = std::fs::metadata(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    let token = crate::token_for(port).expect("a token");
+    assert!(token.len() >= 32);
+    let before = a.http_get("/status");
+    for bad in [None, Some("wrong"), Some(&token[1..])] {
+        let (code, body) =
+            crate::http_request_as(port, bad, "POST", "/geom", "export nbd rw2 vtbd0\n");
+        assert_eq!(code, 401, "{body}");
+        let (code, body) = crate::http_request_as(port, bad, "POST", "/shutdown", "");
+        assert_eq!(code, 401, "{body}");
+    }
+    // Nothing changed, and the appliance still serves.
+    let st = a.status();
+    assert!(!st.to_string().contains("rw2"), "{st}");
+    assert_eq!(a.http_get("/status").len(), before.len());
+    let o = client(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read 0 4k", &a.uri("ro")],
+    );
+    assert!(o.ok, "{}{}", o.stdout, o.stderr);
+    let o = client(
+        "nbdinfo",
+        &["--list", &format!("nbd://127.0.0.1:{}", a.nbd_port)],
+    );
+    assert!(
+        o.ok && !o.stdout.contains("rw2"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    // The host tool presents the token it finds from the port alone.
+    a.geom(&["md create -s 1m md9", "export nbd scratch md9"]);
+    qemu_io(&a.uri("scratch"), &["write -P 7 0 4k", "read -P 7 0 4k"]);
+    drop(a);
+}

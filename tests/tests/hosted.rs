@@ -51,3 +51,8 @@ fn labelling_does_not_stall_other_clients() {
 fn forged_label_in_raw_export() {
     scenarios::forged_label_in_raw_export(Hosted);
 }
+
+#[test]
+fn changes_need_the_token() {
+    scenarios::changes_need_the_token(Hosted);
+}

@@ -46,6 +46,9 @@ pub struct HostedOptions {
     /// Limits given on the command line, as `(KEY, VALUE)` for
     /// [`crate::service::Limits::set`] (`payload_budget`, `http_timeout_ms`, …).
     pub limits: Vec<(String, String)>,
+    /// The management token changes must present (none: every change
+    /// through the management port is refused).
+    pub token: Option<String>,
 }
 
 impl HostedOptions {
@@ -295,6 +298,7 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
     let limits = limits(opts)?;
     let mut svc = Service::boot(&config, disks, seed).map_err(config_error)?;
     svc.set_limits(limits);
+    svc.set_token(opts.token.clone());
     let started = Instant::now();
     svc.set_platform(Box::new(move || {
         let (total, used) = memory_status();

@@ -18,6 +18,7 @@ pub mod acpi;
 pub mod apic;
 pub mod boot;
 pub mod exit;
+pub mod fw_cfg;
 pub mod gdt;
 pub mod interrupts;
 pub mod logger;

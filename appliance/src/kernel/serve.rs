@@ -179,6 +179,7 @@ pub fn serve(boot: BootInfo) -> ! {
     };
     svc.set_platform(Box::new(status));
     svc.set_limits(limits(boot.cmdline));
+    svc.set_token(super::fw_cfg::token());
     let buffers: Vec<usize> = PROTOCOLS
         .iter()
         .map(|p| socket_bytes(p, super::memory_stats().total_bytes))

@@ -7,6 +7,9 @@
 //! | `GET /geom` | the topology ([`geom::ctl::topology`]) |
 //! | `POST /geom` | config lines, run as a job ([`super::control`]) |
 //! | `POST /shutdown` | flush every writable export, answer, stop |
+//!
+//! Every request but a read needs the management token ([`super::auth`]):
+//! without it the answer is 401 and nothing changes.
 
 use super::{ConnId, Service};
 use alloc::string::ToString;
@@ -22,6 +25,9 @@ impl Service {
     ) -> Option<ControlResponse> {
         let json =
             |body: alloc::string::String| ControlResponse::new(200, "application/json", body);
+        if let Err(why) = self.auth.check(&req.method, req.bearer.as_deref()) {
+            return Some(ControlResponse::error(401, why));
+        }
         Some(match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/status") => json(self.status_json()),
             ("GET", "/metrics") => {

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod auth;
 pub mod budget;
 mod control;
 pub mod exports;
@@ -209,6 +210,8 @@ pub struct Service {
     limits: Limits,
     budget: budget::Budget,
     conn_counters: Vec<ConnCounters>,
+    /// Who may change the appliance.
+    auth: auth::Auth,
 }
 
 /// Parses a configuration as the appliance will run it: geom(8)-style
@@ -317,6 +320,7 @@ impl Service {
             limits: Limits::default(),
             budget: budget::Budget::new(Limits::default().payload_budget_bytes),
             conn_counters: PROTOCOLS.iter().map(|_| ConnCounters::default()).collect(),
+            auth: auth::Auth::default(),
         };
         svc.control.boot(config.clone());
         Ok(svc)
@@ -336,6 +340,17 @@ impl Service {
         self.limits = limits;
         self.budget.set_limit(limits.payload_budget_bytes);
         self.stack.set_data_memory_limit(limits.md_memory_bytes);
+    }
+
+    /// Sets the management token every change must present (none: every
+    /// change is refused). The platform calls it before serving.
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.auth = auth::Auth::new(token);
+        if !self.auth.configured() {
+            log::warn!(
+                "management: no token given, changes through the management port are refused"
+            );
+        }
     }
 
     /// The limits in force.

@@ -105,8 +105,13 @@ fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     r
 }
 
+/// The management token of the services under test.
+const TOKEN: &str = "0123456789abcdef";
+
 fn service(text: &str) -> Service {
-    Service::new(&parse_config(text).unwrap(), Vec::new()).unwrap()
+    let mut svc = Service::new(&parse_config(text).unwrap(), Vec::new()).unwrap();
+    svc.set_token(Some(TOKEN.into()));
+    svc
 }
 
 #[test]
@@ -270,9 +275,21 @@ fn a_partitioned_config_boots_again_on_its_own_table() {
 }
 
 fn http_call(svc: &mut Service, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_call_as(svc, Some(TOKEN), method, path, body)
+}
+
+/// A request presenting `token` (none: no Authorization header).
+fn http_call_as(
+    svc: &mut Service,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let mut link = connect(svc, HTTP);
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let out = pump(svc, &mut link, req.as_bytes());
@@ -324,6 +341,7 @@ fn live_geom_creates_and_exports() {
 #[test]
 fn live_geom_errors_name_line_and_column() {
     let mut svc = Service::new(&Config::default(), Vec::new()).unwrap();
+    svc.set_token(Some(TOKEN.into()));
     // A syntax error applies nothing.
     let (code, body) = http_call(
         &mut svc,
@@ -589,4 +607,36 @@ fn a_config_label_line_is_not_vetoed_by_claims() {
     let svc = Service::new(&cfg, devs).unwrap();
     assert!(svc.stack().refused_tastes().is_empty());
     assert!(svc.stack().find_geom("mirror", "gm0").is_some());
+}
+
+#[test]
+fn changes_without_the_token_are_refused_and_change_nothing() {
+    let mut svc = service("md create -s 1m md0\nexport nbd vol md0 ro\n");
+    let before = svc.status_json();
+    for token in [None, Some("wrong"), Some("")] {
+        let (code, body) = http_call_as(&mut svc, token, "POST", "/geom", "export nbd rw2 md0\n");
+        assert_eq!(code, 401, "{body}");
+        let (code, _) = http_call_as(&mut svc, token, "POST", "/shutdown", "");
+        assert_eq!(code, 401);
+    }
+    assert!(!svc.shutdown_done() && !svc.stopped());
+    assert_eq!(svc.exports().len(), 1, "no export was added");
+    assert_eq!(svc.status_json(), before);
+    // Reads need no token.
+    let (code, body) = http_call_as(&mut svc, None, "GET", "/status", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http_call_as(&mut svc, None, "GET", "/metrics", "").0, 200);
+    // With it, the change is made.
+    let (code, body) = http_call(&mut svc, "POST", "/geom", "export nbd rw2 md0\n");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(svc.exports().len(), 2);
+}
+
+#[test]
+fn an_appliance_without_a_token_refuses_every_change() {
+    let mut svc =
+        Service::new(&parse_config("md create -s 1m md7\n").unwrap(), Vec::new()).unwrap();
+    let (code, body) = http_call_as(&mut svc, Some(""), "POST", "/geom", "md create -s 1m md8\n");
+    assert_eq!(code, 401);
+    assert!(body.contains("no management token"), "{body}");
 }

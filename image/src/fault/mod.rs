@@ -324,6 +324,11 @@ impl Campaign<'_> {
             }
             None => None,
         };
+        let token_file = self.o.dir.join("http.token");
+        if !token_file.exists() {
+            crate::token::write_new(&token_file)
+                .map_err(|e| format!("{}: {e}", token_file.display()))?;
+        }
         let cfg = QemuConfig {
             kernel: self.o.kernel.clone(),
             initrd,
@@ -339,6 +344,7 @@ impl Campaign<'_> {
             nbd_port: self.nbd_port,
             http_port: self.http_port,
             qmp_socket: None,
+            token_file: Some(token_file),
         };
         let console = self.o.dir.join(format!("console-{:03}.log", self.boots));
         Vm::boot(&cfg, console).map_err(|e| format!("cannot start QEMU: {e}"))

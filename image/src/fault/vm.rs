@@ -18,6 +18,7 @@ pub struct Vm {
     /// Where its console goes.
     pub console: PathBuf,
     http_port: u16,
+    token_file: Option<PathBuf>,
 }
 
 /// How a boot ended.
@@ -49,6 +50,7 @@ impl Vm {
             child: Some(child),
             console,
             http_port: cfg.http_port,
+            token_file: cfg.token_file.clone(),
         })
     }
 
@@ -72,7 +74,11 @@ impl Vm {
     /// `limit` for it to exit; cuts the power if it does not.
     pub fn stop(&mut self, limit: Duration) -> End {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
-        let asked = http_shutdown(addr, Duration::from_secs(5));
+        let token = self
+            .token_file
+            .as_deref()
+            .and_then(|f| crate::token::read(f).ok());
+        let asked = http_shutdown(addr, token.as_deref(), Duration::from_secs(5));
         if !matches!(asked, Ok(200..=299)) {
             self.cut();
             return End::NoStop;

@@ -21,22 +21,22 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Sends one request with a text body to the management endpoint at
-/// `addr`. Every step is bounded by `timeout`.
+/// `addr`, with the management token when given. Every step is bounded
+/// by `timeout`.
 pub fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: &str,
+    token: Option<&str>,
     timeout: Duration,
 ) -> io::Result<Reply> {
-    http::request(
-        addr,
-        method,
-        path,
-        body.as_bytes(),
-        &[("Content-Type", "text/plain")],
-        timeout,
-    )
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "text/plain")];
+    if let Some(b) = &bearer {
+        headers.push(("Authorization", b.as_str()));
+    }
+    http::request(addr, method, path, body.as_bytes(), &headers, timeout)
 }
 
 /// The text `strata geom LINE...` sends: each argument is one line, except
@@ -207,6 +207,7 @@ mod tests {
             "POST",
             "/geom",
             "md create -s 1m md0\n",
+            Some("t0ken"),
             Duration::from_secs(5),
         )
         .unwrap();
@@ -215,5 +216,6 @@ mod tests {
         let req = server.join().unwrap();
         assert!(req.starts_with("POST /geom HTTP/1.1\r\n"), "{req}");
         assert!(req.contains("Content-Length: 20\r\n"), "{req}");
+        assert!(req.contains("Authorization: Bearer t0ken\r\n"), "{req}");
     }
 }
