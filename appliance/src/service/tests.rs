@@ -501,6 +501,9 @@ fn limits_from_words_and_memory() {
     assert_eq!(l.set("payload_budget", "64m"), Ok(true));
     assert_eq!(l.set("http_timeout_ms", "1500"), Ok(true));
     assert_eq!(l.set("md_memory", "1g"), Ok(true));
+    assert_eq!(l.bio_deadline_ms, geom::disk::DEFAULT_BIO_DEADLINE_MS);
+    assert_eq!(l.set("bio_deadline_ms", "3000"), Ok(true));
+    assert_eq!(l.bio_deadline_ms, 3000);
     assert_eq!(l.set("loglevel", "debug"), Ok(false));
     assert!(l.set("payload_budget", "lots").is_err());
     assert_eq!(
