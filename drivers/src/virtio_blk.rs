@@ -50,11 +50,15 @@
 //! is reported in the log and [`BlkStats`] (the provider keeps its size).
 //!
 //! When the disk geom gives up on the device (a bio past its deadline,
-//! [`BlockDevice::abort`]), the driver resets it (device status 0): from
-//! then on the device touches none of the pages, so every bio it held
-//! goes back with `Io` and its pages are free for the CPU again. Until
-//! that reset, or until the device returns a chain, a bio's pages stay
-//! lent to the device (see docs/architecture.md, "Disks that hang").
+//! [`BlockDevice::abort`]), every bio goes back up with `Io` at once, but
+//! the device is not reset: QEMU's virtio-blk reset waits for the
+//! backend's requests to finish, so resetting a device whose backend hangs
+//! hangs the guest. A bio whose requests are still at the device leaves a
+//! stand-in behind that shares its pages and keeps them lent, so no one
+//! maps, reuses or frees them while the device may still write into them;
+//! when the device returns the last chain of it (or is reset because it
+//! asked to be), the pages come free. The rule is in docs/architecture.md,
+//! "Disks that hang".
 
 use crate::hal::IdentityHal;
 use crate::virtio::{self, InitError, F_RING_INDIRECT_DESC, F_VERSION_1};
@@ -476,6 +480,10 @@ struct BioSlot {
     queued: bool,
     /// The bio's pages, lent to the device until the bio is handed back.
     lease: Lease,
+    /// The bio itself went back up (the disk gave up on the device, which
+    /// was not reset); `bio` is a stand-in that shares its pages and keeps
+    /// them lent until the device returns every chain of it.
+    quarantined: bool,
 }
 
 /// Counters of one virtio-blk device.
@@ -534,6 +542,8 @@ pub struct VirtioBlk<T: Transport, H: Hal = IdentityHal> {
     done: VecDeque<(Bio, BioResult)>,
     in_flight: u32,
     broken: bool,
+    /// Bios given up on whose pages the device still holds.
+    quarantined: u32,
     /// Why the device was reset, if it was.
     failure: Option<&'static str>,
     config_flag: Option<ConfigFlag>,
@@ -589,6 +599,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             done: VecDeque::new(),
             in_flight: 0,
             broken: false,
+            quarantined: 0,
             failure: None,
             config_flag: None,
             stats: BlkStats::default(),
@@ -1004,6 +1015,13 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         }
         let b = self.bios[slot as usize].take().expect("bio slot");
         self.free_bios.push(slot);
+        if b.quarantined {
+            // The device is done with the pages at last; the bio went up
+            // long ago.
+            self.quarantined -= 1;
+            b.bio.sg.give_back(b.lease);
+            return;
+        }
         let result = match b.error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -1024,9 +1042,12 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                 self.free_bios.push(slot as u16);
                 // The device is reset: it touches the pages no more.
                 b.bio.sg.give_back(b.lease);
-                self.done.push_back((b.bio, Err(BioError::Io)));
+                if !b.quarantined {
+                    self.done.push_back((b.bio, Err(BioError::Io)));
+                }
             }
         }
+        self.quarantined = 0;
         self.in_flight = 0;
     }
 }
@@ -1107,6 +1128,7 @@ impl<T: Transport, H: Hal> BlockDevice for VirtioBlk<T, H> {
             error: None,
             queued: true,
             lease,
+            quarantined: false,
         });
         self.issue_q.push_back(slot);
         self.pump();
@@ -1116,12 +1138,40 @@ impl<T: Transport, H: Hal> BlockDevice for VirtioBlk<T, H> {
     fn abort(&mut self, done: &mut dyn FnMut(Bio, BioResult)) {
         if !self.broken {
             log::error!(
-                "virtio-blk: {} requests overdue; resetting the device",
+                "virtio-blk: {} requests overdue; giving up on the device",
                 self.in_flight
             );
-            // The reset is what makes the pages safe: after it the device
-            // writes into none of them and returns no more chains.
-            self.fail_device("a request passed its deadline");
+            // No reset: QEMU's reset waits for the backend's requests to
+            // finish, so resetting a device whose backend hangs would hang
+            // the guest. The device may still write into the pages of the
+            // requests it holds; they stay lent to it (quarantined) until it
+            // returns them, and every bio goes back up now.
+            self.broken = true;
+            self.failure.get_or_insert("a request passed its deadline");
+            self.issue_q.clear();
+            for slot in 0..self.bios.len() {
+                let Some(b) = self.bios[slot].as_mut() else {
+                    continue;
+                };
+                if b.outstanding == 0 {
+                    // Nothing of it is at the device.
+                    let b = self.bios[slot].take().expect("bio slot");
+                    self.free_bios.push(slot as u16);
+                    b.bio.sg.give_back(b.lease);
+                    self.done.push_back((b.bio, Err(BioError::Io)));
+                    continue;
+                }
+                let stand_in = Bio::with_data(
+                    b.bio.cmd,
+                    b.bio.offset,
+                    b.bio.sg.slice(0, b.bio.sg.len_bytes()),
+                );
+                let bio = core::mem::replace(&mut b.bio, stand_in);
+                b.quarantined = true;
+                b.queued = false;
+                self.quarantined += 1;
+                self.done.push_back((bio, Err(BioError::Io)));
+            }
         }
         while let Some((bio, _)) = self.done.pop_front() {
             done(bio, Err(BioError::Io));
@@ -1141,6 +1191,9 @@ impl<T: Transport, H: Hal> BlockDevice for VirtioBlk<T, H> {
         if !self.broken {
             self.reap();
             self.pump();
+        } else if self.quarantined > 0 {
+            // Chains of bios given up on: their pages come free.
+            self.reap();
         }
         let n = self.done.len();
         while let Some((bio, result)) = self.done.pop_front() {

@@ -19,10 +19,10 @@
 //! sooner). When one passes, the disk gives up on the device: it asks the
 //! device to stop ([`BlockDevice::abort`]), fails that bio and every other
 //! outstanding one with EIO, and orphans its provider, so a mirror drops
-//! the member and goes on with the others. A bio the device still holds
-//! after `abort` stays the device's, pages and all (they stay lent, so
-//! nothing maps, reuses or frees them while the device may still write
-//! into them); when the device does hand it back, it goes up with EIO.
+//! the member and goes on with the others. Pages the device may still
+//! write into stay lent to it (so nothing maps, reuses or frees them)
+//! until it really returns them; a bio the device keeps after `abort`
+//! goes up with EIO when it does hand it back.
 //! A device that reports itself failed ([`BlockDevice::failed`]: a virtio
 //! device that needs a reset) is orphaned the same way.
 //!
@@ -75,12 +75,13 @@ pub trait BlockDevice {
     /// Hands every completed bio to `done`; returns how many there were.
     fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize;
 
-    /// The disk gave up on the device (a bio passed its deadline): stop
-    /// the device so that it touches no page any more (a reset), and hand
-    /// every bio it can give back to `done`. A device that cannot be
-    /// stopped keeps the bios it cannot vouch for, with their pages, and
-    /// hands them back through [`BlockDevice::poll`] when they really
-    /// come back. The default gives nothing back.
+    /// The disk gave up on the device (a bio passed its deadline): hand
+    /// bios back to `done`, each only once the device can no longer touch
+    /// its pages, or with those pages kept lent by the device until it
+    /// really returns them (a driver that cannot reset without waiting for
+    /// the hung backend). A bio not handed back here stays the device's
+    /// and comes back through [`BlockDevice::poll`] when it really
+    /// completes. The default gives nothing back.
     fn abort(&mut self, done: &mut dyn FnMut(Bio, BioResult)) {
         let _ = done;
     }

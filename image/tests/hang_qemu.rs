@@ -1,0 +1,318 @@
+//! A mirror member whose disk stops answering, under QEMU: each disk is
+//! served by its own qemu-nbd over a Unix socket, and SIGSTOP on one
+//! server makes that disk hang. With a 3 s bio deadline the appliance
+//! (a) still becomes ready when the disk hangs before the boot tastes it,
+//! and serves the mirror degraded; (b) completes writes that were in
+//! flight, and new ones, from the good member once the deadline passed.
+//!
+//! Needs QEMU (TCG), qemu-nbd and the kernel (`strata build`). Run with
+//! `cargo test --release -p image --test hang_qemu -- --test-threads=1`.
+
+use image::fault::client::{Client, Cmd};
+use image::fault::vm::Vm;
+use image::qemu::{Accel, Drive, Machine, QemuConfig};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE_MS: u64 = 3000;
+const DISK_SIZE: u64 = 64 << 20;
+const CONFIG: &str = "mirror label gm0 vtbd0 vtbd1\nexport nbd vol mirror/gm0\n";
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One disk: a raw file behind its own qemu-nbd.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, name: &str) -> Server {
+        let file = dir.join(format!("{name}.img"));
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(DISK_SIZE)
+            .unwrap();
+        let socket = dir.join(format!("{name}.sock"));
+        let child = Command::new("qemu-nbd")
+            .arg(format!("--socket={}", socket.display()))
+            .args([
+                "--persistent",
+                "--shared=0",
+                "--format=raw",
+                "--cache=writeback",
+            ])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (apt-get install -y qemu-utils)");
+        let until = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < until, "qemu-nbd did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, socket }
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// The disk stops answering.
+    fn hang(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// It answers again.
+    fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.resume();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    dir: PathBuf,
+    servers: Vec<Server>,
+    kernel: PathBuf,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Setup {
+        let dir = std::env::temp_dir().join(format!("strata-hang-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("strata.conf"), CONFIG).unwrap();
+        let servers = vec![Server::start(&dir, "d0"), Server::start(&dir, "d1")];
+        let kernel = image::kernel::ensure_kernel().expect("kernel (strata build)");
+        Setup {
+            dir,
+            servers,
+            kernel,
+        }
+    }
+
+    fn boot(&self, n: u32, nbd: u16, http: u16) -> Vm {
+        let cfg = QemuConfig {
+            kernel: self.kernel.clone(),
+            initrd: Some(self.dir.join("strata.conf")),
+            kernel_args: vec![format!("strata.bio_deadline_ms={DEADLINE_MS}")],
+            machine: Machine::Q35,
+            accel: Accel::Tcg,
+            memory_mib: 512,
+            disks: self
+                .servers
+                .iter()
+                .map(|s| Drive::NbdUnix(s.socket.clone()))
+                .collect(),
+            nbd_port: nbd,
+            http_port: http,
+            qmp_socket: None,
+        };
+        Vm::boot(&cfg, self.dir.join(format!("console-{n}.log"))).expect("start QEMU")
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.servers.clear();
+        if std::thread::panicking() {
+            // Keep the consoles of a failed run.
+            eprintln!("consoles kept in {}", self.dir.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Connects to the export once it is served; panics after `limit`.
+fn connect(vm: &mut Vm, nbd: u16, limit: Duration) -> Client {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nbd));
+    let until = Instant::now() + limit;
+    loop {
+        assert!(vm.exited().is_none(), "the appliance exited");
+        if let Ok(c) = Client::connect(addr, "vol", Duration::from_secs(5)) {
+            return c;
+        }
+        assert!(
+            Instant::now() < until,
+            "export not served within {limit:?}; console: {}",
+            std::fs::read_to_string(&vm.console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+/// Waits for the reply to `cookie`; returns its error and data.
+fn reply(c: &mut Client, cookie: u64, limit: Duration) -> (u32, Vec<u8>) {
+    let until = Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no reply within {limit:?}");
+        if let Some(r) = c.recv(left).expect("connection") {
+            assert_eq!(r.cookie, cookie, "replies come in order here");
+            return (r.error, r.data);
+        }
+    }
+}
+
+fn write(c: &mut Client, offset: u64, data: &[u8]) {
+    let k = c
+        .send(Cmd::Write, 0, offset, data.len() as u32, data)
+        .unwrap();
+    assert_eq!(
+        reply(c, k, Duration::from_secs(60)).0,
+        0,
+        "write at {offset}"
+    );
+}
+
+fn read(c: &mut Client, offset: u64, len: u32) -> Vec<u8> {
+    let k = c.send(Cmd::Read, 0, offset, len, &[]).unwrap();
+    let (e, data) = reply(c, k, Duration::from_secs(60));
+    assert_eq!(e, 0, "read at {offset}");
+    data
+}
+
+fn status(http: u16) -> serde_json::Value {
+    let r = image::http::request(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, http)),
+        "GET",
+        "/status",
+        b"",
+        &[],
+        Duration::from_secs(10),
+    )
+    .expect("/status");
+    serde_json::from_slice(&r.body).expect("/status is JSON")
+}
+
+/// Asserts `/status` shows vtbd1 failed on its deadline and the mirror
+/// with vtbd0 alone.
+fn assert_member_gone(http: u16) {
+    let st = status(http);
+    let d1 = &st["disks"][1];
+    assert_eq!(d1["state"], "failed", "{st}");
+    assert!(
+        d1["failed"].as_str().unwrap_or("").contains("ms"),
+        "vtbd1 says why: {d1}"
+    );
+    assert_eq!(st["disks"][0]["state"], "ok", "{st}");
+    let text = st.to_string();
+    assert!(text.contains("vtbd0"), "{text}");
+}
+
+#[test]
+fn a_member_that_hangs_during_io_is_dropped_and_writes_complete_from_the_other() {
+    let setup = Setup::new("io");
+    let (nbd, http) = (free_port(), free_port());
+    let mut vm = setup.boot(1, nbd, http);
+    let mut c = connect(&mut vm, nbd, Duration::from_secs(120));
+    let before = pattern(1, 1 << 20);
+    write(&mut c, 0, &before);
+    // The second disk stops answering; writes go out at once.
+    setup.servers[1].hang();
+    let hung_at = Instant::now();
+    let mut cookies = Vec::new();
+    for k in 0..8u64 {
+        let data = pattern(10 + k as u8, 65536);
+        cookies.push(
+            c.send(Cmd::Write, 0, (2 << 20) + k * 65536, 65536, &data)
+                .unwrap(),
+        );
+    }
+    for k in cookies {
+        let (e, _) = reply(&mut c, k, Duration::from_secs(60));
+        assert_eq!(e, 0, "a write in flight when the member hung failed");
+    }
+    let took = hung_at.elapsed();
+    eprintln!("writes in flight completed {took:?} after the hang");
+    assert!(
+        took >= Duration::from_millis(DEADLINE_MS - 500),
+        "they waited for the deadline ({took:?})"
+    );
+    // New writes go to the good member.
+    let after = pattern(99, 1 << 20);
+    write(&mut c, 8 << 20, &after);
+    assert_eq!(read(&mut c, 0, 1 << 20), before);
+    assert_eq!(read(&mut c, 8 << 20, 1 << 20), after);
+    for k in 0..8u64 {
+        assert_eq!(
+            read(&mut c, (2 << 20) + k * 65536, 65536),
+            pattern(10 + k as u8, 65536)
+        );
+    }
+    assert_member_gone(http);
+    c.disconnect();
+    setup.servers[1].resume();
+    vm.stop(Duration::from_secs(30));
+}
+
+#[test]
+fn a_member_that_hangs_before_boot_does_not_hold_the_boot() {
+    let setup = Setup::new("boot");
+    let (nbd, http) = (free_port(), free_port());
+    // First boot: both disks answer; the mirror is labelled.
+    let t0 = Instant::now();
+    let mut vm = setup.boot(1, nbd, http);
+    let mut c = connect(&mut vm, nbd, Duration::from_secs(120));
+    let healthy = t0.elapsed();
+    let data = pattern(7, 1 << 20);
+    write(&mut c, 0, &data);
+    c.disconnect();
+    vm.stop(Duration::from_secs(30));
+    // Second boot: the second disk's server stops once QEMU has opened
+    // it (QEMU itself waits for the NBD handshake), before the guest
+    // tastes it.
+    let (nbd, http) = (free_port(), free_port());
+    let t0 = Instant::now();
+    let mut vm = setup.boot(2, nbd, http);
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&vm.console).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < until, "no console output");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    setup.servers[1].hang();
+    let mut c = connect(
+        &mut vm,
+        nbd,
+        healthy + Duration::from_millis(DEADLINE_MS) + Duration::from_secs(60),
+    );
+    let hung = t0.elapsed();
+    eprintln!("ready after {healthy:?} with both disks, {hung:?} with one hung");
+    assert_eq!(
+        read(&mut c, 0, 1 << 20),
+        data,
+        "served from the good member"
+    );
+    let more = pattern(8, 65536);
+    write(&mut c, 4 << 20, &more);
+    assert_eq!(read(&mut c, 4 << 20, 65536), more);
+    assert_member_gone(http);
+    c.disconnect();
+    setup.servers[1].resume();
+    vm.stop(Duration::from_secs(30));
+}
