@@ -42,23 +42,28 @@ impl Server {
             .set_len(DISK_SIZE)
             .unwrap();
         let socket = dir.join(format!("{name}.sock"));
-        let child = Command::new("qemu-nbd")
-            .arg(format!("--socket={}", socket.display()))
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg(format!("--socket={}", socket.display()))
             .args([
                 "--persistent",
                 "--shared=0",
                 "--format=raw",
                 "--cache=writeback",
             ])
-            .arg(&file)
+            .arg(&file);
+        Server::spawn(cmd, socket, "qemu-nbd (apt-get install -y qemu-utils)")
+    }
+
+    fn spawn(mut cmd: Command, socket: PathBuf, what: &str) -> Server {
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("qemu-nbd (apt-get install -y qemu-utils)");
+            .expect(what);
         let until = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
-            assert!(Instant::now() < until, "qemu-nbd did not listen");
+            assert!(Instant::now() < until, "{what} did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
         Server { child, socket }
@@ -110,7 +115,12 @@ impl Setup {
     }
 
     fn boot(&self, n: u32, nbd: u16, http: u16) -> Vm {
-        let cfg = QemuConfig {
+        let cfg = self.qemu(nbd, http, None);
+        Vm::boot(&cfg, self.dir.join(format!("console-{n}.log"))).expect("start QEMU")
+    }
+
+    fn qemu(&self, nbd: u16, http: u16, qmp: Option<PathBuf>) -> QemuConfig {
+        QemuConfig {
             kernel: self.kernel.clone(),
             initrd: Some(self.dir.join("strata.conf")),
             kernel_args: vec![format!("strata.bio_deadline_ms={DEADLINE_MS}")],
@@ -124,9 +134,8 @@ impl Setup {
                 .collect(),
             nbd_port: nbd,
             http_port: http,
-            qmp_socket: None,
-        };
-        Vm::boot(&cfg, self.dir.join(format!("console-{n}.log"))).expect("start QEMU")
+            qmp_socket: qmp,
+        }
     }
 }
 
@@ -142,22 +151,33 @@ impl Drop for Setup {
     }
 }
 
-/// Connects to the export once it is served; panics after `limit`.
-fn connect(vm: &mut Vm, nbd: u16, limit: Duration) -> Client {
+/// Connects to the export once it is served; panics after `limit` or
+/// when `exited` says the appliance is gone.
+fn connect_when(
+    mut exited: impl FnMut() -> bool,
+    console: &Path,
+    nbd: u16,
+    limit: Duration,
+) -> Client {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, nbd));
     let until = Instant::now() + limit;
     loop {
-        assert!(vm.exited().is_none(), "the appliance exited");
+        assert!(!exited(), "the appliance exited");
         if let Ok(c) = Client::connect(addr, "vol", Duration::from_secs(5)) {
             return c;
         }
         assert!(
             Instant::now() < until,
             "export not served within {limit:?}; console: {}",
-            std::fs::read_to_string(&vm.console).unwrap_or_default()
+            std::fs::read_to_string(console).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn connect(vm: &mut Vm, nbd: u16, limit: Duration) -> Client {
+    let console = vm.console.clone();
+    connect_when(|| vm.exited().is_some(), &console, nbd, limit)
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -244,9 +264,16 @@ fn a_member_that_hangs_during_io_is_dropped_and_writes_complete_from_the_other()
                 .unwrap(),
         );
     }
-    for k in cookies {
-        let (e, _) = reply(&mut c, k, Duration::from_secs(60));
-        assert_eq!(e, 0, "a write in flight when the member hung failed");
+    // Replies may come in any order.
+    let until = Instant::now() + Duration::from_secs(60);
+    while !cookies.is_empty() {
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "writes in flight never completed");
+        if let Some(r) = c.recv(left).expect("connection") {
+            assert!(cookies.contains(&r.cookie), "unknown cookie {}", r.cookie);
+            assert_eq!(r.error, 0, "a write in flight when the member hung failed");
+            cookies.retain(|&k| k != r.cookie);
+        }
     }
     let took = hung_at.elapsed();
     eprintln!("writes in flight completed {took:?} after the hang");
@@ -284,25 +311,53 @@ fn a_member_that_hangs_before_boot_does_not_hold_the_boot() {
     write(&mut c, 0, &data);
     c.disconnect();
     vm.stop(Duration::from_secs(30));
-    // Second boot: the second disk's server stops once QEMU has opened
-    // it (QEMU itself waits for the NBD handshake), before the guest
-    // tastes it.
+    // Second boot: the second disk stops answering before the guest runs.
+    // QEMU reads the first sector itself when it creates the drive (and
+    // would wait forever for a stopped server), so the machine starts
+    // paused (-S) and runs on once the server is stopped.
     let (nbd, http) = (free_port(), free_port());
-    let t0 = Instant::now();
-    let mut vm = setup.boot(2, nbd, http);
+    let qmp = setup.dir.join("qmp.sock");
+    let cfg = setup.qemu(nbd, http, Some(qmp.clone()));
+    let console = setup.dir.join("console-2.log");
+    let out = std::fs::File::create(&console).unwrap();
+    let mut qemu = Command::new(image::qemu::QEMU_BINARY)
+        .args(cfg.args())
+        .arg("-S")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("start QEMU");
     let until = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&vm.console).map_or(0, |m| m.len()) == 0 {
-        assert!(Instant::now() < until, "no console output");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut ctl = loop {
+        if let Ok(q) = image::control::Qmp::connect(&qmp, Duration::from_secs(5)) {
+            break q;
+        }
+        assert!(Instant::now() < until, "no QMP");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     setup.servers[1].hang();
-    let mut c = connect(
-        &mut vm,
+    let t0 = Instant::now();
+    ctl.execute("cont").expect("cont");
+    let mut c = connect_when(
+        || qemu.try_wait().ok().flatten().is_some(),
+        &console,
         nbd,
         healthy + Duration::from_millis(DEADLINE_MS) + Duration::from_secs(60),
     );
     let hung = t0.elapsed();
-    eprintln!("ready after {healthy:?} with both disks, {hung:?} with one hung");
+    eprintln!("ready after {healthy:?} with both disks, {hung:?} with one hung from the start");
+    assert!(
+        hung >= Duration::from_millis(DEADLINE_MS),
+        "the boot waited for the taste deadline ({hung:?})"
+    );
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("overdue"), "{text}");
+    for l in text.lines() {
+        if l.contains("overdue") || l.contains("listening") {
+            eprintln!("console: {l}");
+        }
+    }
     assert_eq!(
         read(&mut c, 0, 1 << 20),
         data,
@@ -314,5 +369,14 @@ fn a_member_that_hangs_before_boot_does_not_hold_the_boot() {
     assert_member_gone(http);
     c.disconnect();
     setup.servers[1].resume();
-    vm.stop(Duration::from_secs(30));
+    let _ = image::control::http_shutdown(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, http)),
+        Duration::from_secs(10),
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    while qemu.try_wait().ok().flatten().is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = qemu.kill();
+    let _ = qemu.wait();
 }
