@@ -253,9 +253,16 @@ fn a_member_that_hangs_during_io_is_dropped_and_writes_complete_from_the_other()
     let mut c = connect(&mut vm, nbd, Duration::from_secs(120));
     let before = pattern(1, 1 << 20);
     write(&mut c, 0, &before);
+    // Reads in flight when the member hangs go on a connection of their
+    // own: whatever they get must not be wrong data.
+    let mut r = connect(&mut vm, nbd, Duration::from_secs(10));
     // The second disk stops answering; writes go out at once.
     setup.servers[1].hang();
     let hung_at = Instant::now();
+    let mut reads = Vec::new();
+    for k in 0..4u64 {
+        reads.push((r.send(Cmd::Read, 0, k * 65536, 65536, &[]).unwrap(), k));
+    }
     let mut cookies = Vec::new();
     for k in 0..8u64 {
         let data = pattern(10 + k as u8, 65536);
@@ -276,6 +283,43 @@ fn a_member_that_hangs_during_io_is_dropped_and_writes_complete_from_the_other()
         }
     }
     let took = hung_at.elapsed();
+    let (mut good, mut failed, mut ended) = (0, 0, false);
+    let until = Instant::now() + Duration::from_secs(30);
+    while !reads.is_empty() && Instant::now() < until {
+        match r.recv(Duration::from_secs(1)) {
+            Ok(Some(rep)) => {
+                let k = reads
+                    .iter()
+                    .find(|x| x.0 == rep.cookie)
+                    .expect("known cookie")
+                    .1;
+                reads.retain(|x| x.0 != rep.cookie);
+                if rep.error == 0 {
+                    let at = (k * 65536) as usize;
+                    assert!(
+                        rep.data == before[at..at + 65536],
+                        "a read in flight returned wrong data"
+                    );
+                    good += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            Ok(None) => {}
+            Err(_) => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "reads in flight at the hang: {good} good, {failed} failed, {} unanswered, connection ended: {ended}",
+        reads.len()
+    );
+    assert!(
+        reads.is_empty() || ended,
+        "a read in flight on the hung member neither completed nor ended its connection"
+    );
     eprintln!("writes in flight completed {took:?} after the hang");
     assert!(
         took >= Duration::from_millis(DEADLINE_MS - 500),
