@@ -75,8 +75,8 @@ impl core::fmt::Display for Location {
 /// InterruptACK (§4.2.2). Acknowledging loses nothing: the loop polls the
 /// devices after acknowledging, and anything the device adds later raises
 /// a new interrupt. Call it for every device on each wake-up, then poll.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IrqAck(AckKind);
+#[derive(Clone, Copy, Debug)]
+pub struct IrqAck(AckKind, Option<virtio_blk::ConfigFlag>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AckKind {
@@ -88,8 +88,19 @@ enum AckKind {
 
 impl IrqAck {
     /// Reads and clears the device's interrupt status. Bit 0: the device
-    /// used buffers; bit 1: its configuration changed.
+    /// used buffers; bit 1: its configuration changed (a disk's driver
+    /// is told through its [`virtio_blk::ConfigFlag`]).
     pub fn ack(&self) -> u32 {
+        let isr = self.read_isr();
+        if isr & 2 != 0 {
+            if let Some(flag) = self.1 {
+                flag.store(true, core::sync::atomic::Ordering::Release);
+            }
+        }
+        isr
+    }
+
+    fn read_isr(&self) -> u32 {
         match self.0 {
             // SAFETY: built by `probe_all` from the device's ISR capability
             // inside an identity-mapped BAR; reading it only clears the
@@ -194,8 +205,14 @@ fn start(
     use virtio_drivers::transport::Transport;
     let device_type = transport.device_type();
     let result: Result<(), InitError> = match device_type {
-        DeviceType::Block => virtio_blk::VirtioBlk::new(transport).map(|device| {
+        DeviceType::Block => virtio_blk::VirtioBlk::new(transport).map(|mut device| {
             let name = format!("vtbd{}", out.blks.len());
+            // One flag per disk for the life of the appliance.
+            let flag: virtio_blk::ConfigFlag = alloc::boxed::Box::leak(alloc::boxed::Box::new(
+                core::sync::atomic::AtomicBool::new(false),
+            ));
+            device.set_config_flag(flag);
+            let irq_ack = irq_ack.map(|a| IrqAck(a.0, Some(flag)));
             out.blks.push(Probed {
                 name,
                 location,
@@ -270,7 +287,7 @@ pub unsafe fn probe_all(map_mmio: &mut dyn FnMut(u64, u64), cfg: &ProbeConfig) -
                 Ok(t) => {
                     log::debug!("virtio transport at {location}");
                     let ack = pci::isr_address(&pci::PortCam, f.bdf)
-                        .map(|a| IrqAck(AckKind::PciIsr(a as usize)));
+                        .map(|a| IrqAck(AckKind::PciIsr(a as usize), None));
                     start(&mut out, location, ack, SomeTransport::Pci(t), cfg)
                 }
                 Err(e) => {
@@ -297,7 +314,7 @@ pub unsafe fn probe_all(map_mmio: &mut dyn FnMut(u64, u64), cfg: &ProbeConfig) -
                 base: d.base,
                 irq: d.irq,
             };
-            let ack = Some(IrqAck(AckKind::Mmio(d.base)));
+            let ack = Some(IrqAck(AckKind::Mmio(d.base), None));
             start(
                 &mut out,
                 location,

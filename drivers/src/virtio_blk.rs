@@ -40,6 +40,25 @@
 //! chain, which maps to a request slot and its bio. A non-OK status becomes
 //! `BioError::Io` (or `NotSupported` for UNSUPP); a device that returns a
 //! token it was never given is reset and all its bios fail with `Io`.
+//!
+//! Configuration changes (§5.2.2, §2.1.1): whoever reads the ISR records
+//! a configuration-change interrupt in the driver's [`ConfigFlag`] (the
+//! `IrqAck` handle does it for the driver inside its geom), and the next
+//! poll reads the device status. DEVICE_NEEDS_RESET resets the device,
+//! fails every bio it held with `Io` and reports the device failed
+//! ([`BlockDevice::failed`]), so the disk geom orphans it; a new capacity
+//! is reported in the log and [`BlkStats`] (the provider keeps its size).
+//!
+//! When the disk geom gives up on the device (a bio past its deadline,
+//! [`BlockDevice::abort`]), every bio goes back up with `Io` at once, but
+//! the device is not reset: QEMU's virtio-blk reset waits for the
+//! backend's requests to finish, so resetting a device whose backend hangs
+//! hangs the guest. A bio whose requests are still at the device leaves a
+//! stand-in behind that shares its pages and keeps them lent, so no one
+//! maps, reuses or frees them while the device may still write into them;
+//! when the device returns the last chain of it (or is reset because it
+//! asked to be), the pages come free. The rule is in docs/architecture.md,
+//! "Disks that hang".
 
 use crate::hal::IdentityHal;
 use crate::virtio::{self, InitError, F_RING_INDIRECT_DESC, F_VERSION_1};
@@ -48,6 +67,7 @@ use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 use arrayvec::ArrayVec;
+use core::sync::atomic::{AtomicBool, Ordering};
 use geom::bio::{Bio, BioCmd, BioError, BioResult};
 use geom::disk::{BlockDevice, DiskInfo};
 use geom::page::{Lease, PageRef};
@@ -460,6 +480,10 @@ struct BioSlot {
     queued: bool,
     /// The bio's pages, lent to the device until the bio is handed back.
     lease: Lease,
+    /// The bio itself went back up (the disk gave up on the device, which
+    /// was not reset); `bio` is a stand-in that shares its pages and keeps
+    /// them lent until the device returns every chain of it.
+    quarantined: bool,
 }
 
 /// Counters of one virtio-blk device.
@@ -475,7 +499,17 @@ pub struct BlkStats {
     pub errors: u64,
     /// Most requests in flight at once.
     pub max_in_flight: u32,
+    /// Configuration-change interrupts seen.
+    pub config_changes: u64,
+    /// The capacity in bytes the device last reported, when it differs
+    /// from the one it started with.
+    pub new_capacity_bytes: Option<u64>,
 }
+
+/// Set by whoever reads the device's ISR when it shows a configuration
+/// change; the driver looks at the device status on its next poll. One
+/// per device, for the device's lifetime.
+pub type ConfigFlag = &'static AtomicBool;
 
 /// What happened when the issue loop looked at the head bio.
 enum Step {
@@ -508,6 +542,11 @@ pub struct VirtioBlk<T: Transport, H: Hal = IdentityHal> {
     done: VecDeque<(Bio, BioResult)>,
     in_flight: u32,
     broken: bool,
+    /// Bios given up on whose pages the device still holds.
+    quarantined: u32,
+    /// Why the device was reset, if it was.
+    failure: Option<&'static str>,
+    config_flag: Option<ConfigFlag>,
     stats: BlkStats,
 }
 
@@ -560,6 +599,9 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             done: VecDeque::new(),
             in_flight: 0,
             broken: false,
+            quarantined: 0,
+            failure: None,
+            config_flag: None,
             stats: BlkStats::default(),
         })
     }
@@ -596,20 +638,58 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
 
     /// Acknowledges an interrupt by reading the ISR (virtio 1.2 §4.1.4.5),
     /// which also deasserts INTx. Returns true when the device had raised
-    /// one. A configuration-change interrupt with DEVICE_NEEDS_RESET set
-    /// fails the device (§2.1.1).
+    /// one. A configuration-change interrupt is handled at once (see
+    /// [`VirtioBlk::config_changed`]).
     pub fn ack_interrupt(&mut self) -> bool {
         let isr = self.transport.ack_interrupt();
-        if isr.contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT)
-            && self
-                .transport
-                .get_status()
-                .contains(DeviceStatus::DEVICE_NEEDS_RESET)
-        {
-            log::error!("virtio-blk: device needs reset; failing its I/O");
-            self.fail_device();
+        if isr.contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT) {
+            self.config_changed();
         }
         !isr.is_empty()
+    }
+
+    /// Gives the driver the flag that its `IrqAck` sets on a
+    /// configuration-change interrupt; each poll checks it.
+    pub fn set_config_flag(&mut self, flag: ConfigFlag) {
+        self.config_flag = Some(flag);
+    }
+
+    /// The device signalled a configuration change: DEVICE_NEEDS_RESET
+    /// (§2.1.1) fails the device; otherwise a new capacity is reported.
+    pub fn config_changed(&mut self) {
+        self.stats.config_changes += 1;
+        if self.broken {
+            return;
+        }
+        if self
+            .transport
+            .get_status()
+            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
+        {
+            log::error!("virtio-blk: device needs reset; failing its I/O");
+            self.fail_device("the device needs a reset (DEVICE_NEEDS_RESET)");
+            return;
+        }
+        match BlkConfig::read(&self.transport) {
+            Ok(c) => {
+                let bytes = c.capacity_sectors.saturating_mul(SECTOR);
+                if bytes != self.info.size_bytes {
+                    log::warn!(
+                        "virtio-blk: capacity changed from {} to {bytes} bytes; the disk keeps its size until it is attached anew",
+                        self.info.size_bytes
+                    );
+                    self.stats.new_capacity_bytes = Some(bytes);
+                } else {
+                    self.stats.new_capacity_bytes = None;
+                }
+            }
+            Err(e) => log::warn!("virtio-blk: config change, config unreadable: {e:?}"),
+        }
+    }
+
+    /// Why the device was reset, if it was.
+    pub fn failure(&self) -> Option<&'static str> {
+        self.failure
     }
 
     /// Mutable access to the transport (for platform code).
@@ -881,7 +961,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             let ridx = self.by_token.get(token as usize).copied().unwrap_or(NO_REQ);
             let Some(req) = self.reqs.get_mut(ridx as usize).and_then(Option::take) else {
                 log::error!("virtio-blk: device returned unknown chain {token}; resetting it");
-                self.fail_device();
+                self.fail_device("the device returned a request it was never given");
                 return;
             };
             // SAFETY: `token` is the head of the next used chain (peeked
@@ -889,7 +969,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             if let Err(e) = unsafe { self.pop_chain(token, ridx, &req) } {
                 log::error!("virtio-blk: pop_used failed: {e:?}; resetting device");
                 self.reqs[ridx as usize] = Some(req);
-                self.fail_device();
+                self.fail_device("the device broke the ring protocol");
                 return;
             }
             self.by_token[token as usize] = NO_REQ;
@@ -935,6 +1015,13 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         }
         let b = self.bios[slot as usize].take().expect("bio slot");
         self.free_bios.push(slot);
+        if b.quarantined {
+            // The device is done with the pages at last; the bio went up
+            // long ago.
+            self.quarantined -= 1;
+            b.bio.sg.give_back(b.lease);
+            return;
+        }
         let result = match b.error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -945,8 +1032,9 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
 
     /// Resets a misbehaving device (so it stops touching memory) and fails
     /// every bio it held.
-    fn fail_device(&mut self) {
+    fn fail_device(&mut self, why: &'static str) {
         self.broken = true;
+        self.failure.get_or_insert(why);
         self.transport.set_status(DeviceStatus::empty());
         self.issue_q.clear();
         for slot in 0..self.bios.len() {
@@ -954,9 +1042,12 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
                 self.free_bios.push(slot as u16);
                 // The device is reset: it touches the pages no more.
                 b.bio.sg.give_back(b.lease);
-                self.done.push_back((b.bio, Err(BioError::Io)));
+                if !b.quarantined {
+                    self.done.push_back((b.bio, Err(BioError::Io)));
+                }
             }
         }
+        self.quarantined = 0;
         self.in_flight = 0;
     }
 }
@@ -1037,16 +1128,72 @@ impl<T: Transport, H: Hal> BlockDevice for VirtioBlk<T, H> {
             error: None,
             queued: true,
             lease,
+            quarantined: false,
         });
         self.issue_q.push_back(slot);
         self.pump();
         Ok(())
     }
 
+    fn abort(&mut self, done: &mut dyn FnMut(Bio, BioResult)) {
+        if !self.broken {
+            log::error!(
+                "virtio-blk: {} requests overdue; giving up on the device",
+                self.in_flight
+            );
+            // No reset: QEMU's reset waits for the backend's requests to
+            // finish, so resetting a device whose backend hangs would hang
+            // the guest. The device may still write into the pages of the
+            // requests it holds; they stay lent to it (quarantined) until it
+            // returns them, and every bio goes back up now.
+            self.broken = true;
+            self.failure.get_or_insert("a request passed its deadline");
+            self.issue_q.clear();
+            for slot in 0..self.bios.len() {
+                let Some(b) = self.bios[slot].as_mut() else {
+                    continue;
+                };
+                if b.outstanding == 0 {
+                    // Nothing of it is at the device.
+                    let b = self.bios[slot].take().expect("bio slot");
+                    self.free_bios.push(slot as u16);
+                    b.bio.sg.give_back(b.lease);
+                    self.done.push_back((b.bio, Err(BioError::Io)));
+                    continue;
+                }
+                let stand_in = Bio::with_data(
+                    b.bio.cmd,
+                    b.bio.offset,
+                    b.bio.sg.slice(0, b.bio.sg.len_bytes()),
+                );
+                let bio = core::mem::replace(&mut b.bio, stand_in);
+                b.quarantined = true;
+                b.queued = false;
+                self.quarantined += 1;
+                self.done.push_back((bio, Err(BioError::Io)));
+            }
+        }
+        while let Some((bio, _)) = self.done.pop_front() {
+            done(bio, Err(BioError::Io));
+        }
+    }
+
+    fn failed(&self) -> Option<&str> {
+        self.failure
+    }
+
     fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize {
+        if let Some(flag) = self.config_flag {
+            if flag.swap(false, Ordering::AcqRel) {
+                self.config_changed();
+            }
+        }
         if !self.broken {
             self.reap();
             self.pump();
+        } else if self.quarantined > 0 {
+            // Chains of bios given up on: their pages come free.
+            self.reap();
         }
         let n = self.done.len();
         while let Some((bio, result)) = self.done.pop_front() {

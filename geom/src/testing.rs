@@ -44,6 +44,8 @@ pub struct FakeStats {
     pub failed: u64,
     /// Most requests queued at once.
     pub max_queued: usize,
+    /// Times the disk geom gave up on the device ([`BlockDevice::abort`]).
+    pub aborts: u64,
 }
 
 struct State {
@@ -58,6 +60,11 @@ struct State {
     reorder: bool,
     depth: usize,
     hold: bool,
+    /// `abort` stops the device and hands back what it holds (a reset);
+    /// false: it keeps its bios, as a device that cannot be stopped.
+    stoppable: bool,
+    /// The device asks for a reset ([`BlockDevice::failed`]).
+    needs_reset: bool,
     dead: bool,
     fail_next: u32,
     fail_writes: bool,
@@ -143,6 +150,8 @@ impl FakeDisk {
             reorder: true,
             depth: 16,
             hold: false,
+            stoppable: true,
+            needs_reset: false,
             dead: false,
             fail_next: 0,
             fail_writes: false,
@@ -172,6 +181,31 @@ impl BlockDevice for FakeDisk {
         st.queue.push((bio, lease));
         st.stats.max_queued = st.stats.max_queued.max(st.queue.len());
         Ok(())
+    }
+
+    fn abort(&mut self, done: &mut dyn FnMut(Bio, BioResult)) {
+        let back: Vec<(Bio, Result<Lease, PageBusy>)> = {
+            let mut st = self.state.lock();
+            st.stats.aborts += 1;
+            if !st.stoppable {
+                return;
+            }
+            st.queue.drain(..).collect()
+        };
+        for (bio, lease) in back {
+            // Reset: the device touches the pages no more.
+            if let Ok(lease) = lease {
+                bio.sg.give_back(lease);
+            }
+            done(bio, Err(BioError::Io));
+        }
+    }
+
+    fn failed(&self) -> Option<&str> {
+        self.state
+            .lock()
+            .needs_reset
+            .then_some("the device needs a reset")
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(Bio, BioResult)) -> usize {
@@ -259,6 +293,17 @@ impl FakeDiskHandle {
     /// Holds completions back (true) until released (false).
     pub fn hold(&self, hold: bool) {
         self.state.lock().hold = hold;
+    }
+
+    /// Lets `abort` stop the device and take back its bios (true, the
+    /// default) or not (false: it keeps them until it completes them).
+    pub fn set_stoppable(&self, stoppable: bool) {
+        self.state.lock().stoppable = stoppable;
+    }
+
+    /// Makes the device report that it needs a reset.
+    pub fn set_needs_reset(&self, needs: bool) {
+        self.state.lock().needs_reset = needs;
     }
 
     /// Completes in submission order (false) or out of order (true).

@@ -207,6 +207,11 @@ struct CommonArgs {
     /// before it is dropped, in milliseconds (0: none; default 60000).
     #[arg(long, value_name = "MS")]
     nbd_stall_timeout_ms: Option<u64>,
+    /// Time a disk may keep a request before it is given up on: the
+    /// request fails with EIO and the disk is dropped (a mirror goes on
+    /// with its other members), in milliseconds (0: never; default 30000).
+    #[arg(long, value_name = "MS")]
+    bio_deadline_ms: Option<u64>,
     /// File holding the management token changes must present: used as it
     /// is when it exists, else written (mode 0600) with a new random one
     /// (default: ${XDG_RUNTIME_DIR:-/tmp}/strata-UID/http-PORT.token,
@@ -243,6 +248,9 @@ impl CommonArgs {
         }
         if let Some(t) = self.nbd_stall_timeout_ms {
             out.push(("nbd_stall_timeout_ms".into(), t.to_string()));
+        }
+        if let Some(t) = self.bio_deadline_ms {
+            out.push(("bio_deadline_ms".into(), t.to_string()));
         }
         out
     }

@@ -106,7 +106,7 @@ impl Service {
         }
         let b = self.budget.counters();
         let md_limit = self.limits.md_memory_bytes.unwrap_or(0);
-        let gauges: [(&str, &str, &str, u64); 12] = [
+        let gauges: [(&str, &str, &str, u64); 13] = [
             ("payload_budget_bytes", "gauge", "Most payload bytes all connections may hold in pages together.", self.budget.limit()),
             ("payload_in_use_bytes", "gauge", "Payload bytes held in pages by all connections now (requests, unsent replies, spare pages).", self.payload_in_use()),
             ("payload_peak_bytes", "gauge", "Most payload bytes held at once, as seen when admitting a request.", b.peak_bytes),
@@ -119,6 +119,7 @@ impl Service {
             ("md_committed_bytes", "gauge", "Bytes committed to memory disks (their full sizes).", geom::class::md::committed_bytes(&self.stack)),
             ("http_timeout_ms", "gauge", "Time a management request has to arrive, in milliseconds (0: none).", self.limits.http_timeout_ms),
             ("nbd_stall_timeout_ms", "gauge", "Time an NBD client holding payload pages may move no byte, in milliseconds (0: none).", self.limits.nbd_stall_timeout_ms),
+            ("bio_deadline_ms", "gauge", "Time a disk may keep a request before it is given up on, in milliseconds (0: none).", self.limits.bio_deadline_ms),
         ];
         for (name, kind, help, value) in gauges {
             let _ = writeln!(s, "# HELP strata_{name} {help}");

@@ -80,6 +80,10 @@ pub struct Limits {
     /// An NBD client that holds payload pages and moves no byte for this
     /// many milliseconds is dropped (0: never).
     pub nbd_stall_timeout_ms: u64,
+    /// A disk whose device keeps a bio longer than this many milliseconds
+    /// is given up on: the bio and every other outstanding one fail with
+    /// EIO and the disk is orphaned (0: never; see [`geom::disk`]).
+    pub bio_deadline_ms: u64,
 }
 
 impl Default for Limits {
@@ -89,6 +93,7 @@ impl Default for Limits {
             md_memory_bytes: None,
             http_timeout_ms: net::http::REQUEST_TIMEOUT_MS,
             nbd_stall_timeout_ms: net::nbd::STALL_TIMEOUT_MS,
+            bio_deadline_ms: geom::disk::DEFAULT_BIO_DEADLINE_MS,
         }
     }
 }
@@ -113,8 +118,8 @@ impl Limits {
 impl Limits {
     /// Sets the limit named `key` from its text `value`, as the kernel
     /// command line gives it (`strata.KEY=VALUE`): `payload_budget` and
-    /// `md_memory` take a size (`512`, `64m`, `1g`), `http_timeout_ms` and
-    /// `nbd_stall_timeout_ms` milliseconds. `Ok(false)` for a key that is
+    /// `md_memory` take a size (`512`, `64m`, `1g`), `http_timeout_ms`,
+    /// `nbd_stall_timeout_ms` and `bio_deadline_ms` milliseconds. `Ok(false)` for a key that is
     /// not a limit.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
         let ms = || {
@@ -128,6 +133,7 @@ impl Limits {
             "md_memory" => self.md_memory_bytes = Some(size()?),
             "http_timeout_ms" => self.http_timeout_ms = ms()?,
             "nbd_stall_timeout_ms" => self.nbd_stall_timeout_ms = ms()?,
+            "bio_deadline_ms" => self.bio_deadline_ms = ms()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -340,6 +346,7 @@ impl Service {
         self.limits = limits;
         self.budget.set_limit(limits.payload_budget_bytes);
         self.stack.set_data_memory_limit(limits.md_memory_bytes);
+        self.stack.set_bio_deadline_ms(limits.bio_deadline_ms);
     }
 
     /// Sets the management token every change must present (none: every

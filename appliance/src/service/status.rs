@@ -31,7 +31,25 @@ impl Service {
         let disks: Vec<Value> = self
             .disks
             .iter()
-            .map(|(name, size)| json!({"name": name, "size_bytes": size}))
+            .map(|(name, size)| {
+                // A disk the stack gave up on says why (its device hung
+                // past the bio deadline, or asked for a reset).
+                let failed = self
+                    .stack
+                    .find_geom("disk", name)
+                    .map(|g| self.stack.dumpconf(g)["failed"].clone())
+                    .unwrap_or(Value::Null);
+                let orphaned = self
+                    .stack
+                    .find_provider(name)
+                    .is_none_or(|p| self.stack.provider(p).orphaned);
+                json!({
+                    "name": name,
+                    "size_bytes": size,
+                    "state": if orphaned { "failed" } else { "ok" },
+                    "failed": failed,
+                })
+            })
             .collect();
         doc.insert("disks".into(), disks.into());
         let providers: Vec<Value> = self

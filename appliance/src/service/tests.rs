@@ -519,6 +519,9 @@ fn limits_from_words_and_memory() {
     assert_eq!(l.set("payload_budget", "64m"), Ok(true));
     assert_eq!(l.set("http_timeout_ms", "1500"), Ok(true));
     assert_eq!(l.set("md_memory", "1g"), Ok(true));
+    assert_eq!(l.bio_deadline_ms, geom::disk::DEFAULT_BIO_DEADLINE_MS);
+    assert_eq!(l.set("bio_deadline_ms", "3000"), Ok(true));
+    assert_eq!(l.bio_deadline_ms, 3000);
     assert_eq!(l.set("loglevel", "debug"), Ok(false));
     assert!(l.set("payload_budget", "lots").is_err());
     assert_eq!(
@@ -639,4 +642,50 @@ fn an_appliance_without_a_token_refuses_every_change() {
     let (code, body) = http_call_as(&mut svc, Some(""), "POST", "/geom", "md create -s 1m md8\n");
     assert_eq!(code, 401);
     assert!(body.contains("no management token"), "{body}");
+}
+
+/// Runs a booting service with its clock from `from_ms` on, 10 ms a
+/// step, until it serves; returns the clock then.
+fn boot_with_clock(svc: &mut Service, from_ms: u64, limit_ms: u64) -> u64 {
+    let mut now = from_ms;
+    while now < limit_ms {
+        svc.set_now_ns(now * 1_000_000);
+        svc.tick(now);
+        svc.poll();
+        match svc.phase() {
+            Phase::Serving => return now,
+            Phase::Failed(e) => panic!("boot failed: {e:?}"),
+            Phase::Booting => {}
+        }
+        now += 10;
+    }
+    panic!("not serving after {limit_ms} ms");
+}
+
+#[test]
+fn a_disk_that_hangs_at_boot_is_given_up_on_and_the_mirror_serves_degraded() {
+    let cfg = parse_config("mirror label gm0 vtbd0 vtbd1\nexport nbd vol mirror/gm0\n").unwrap();
+    let (devs, handles) = disks(&[]);
+    let svc = Service::new(&cfg, devs).unwrap();
+    drop(svc);
+    let images: Vec<Vec<u8>> = handles.iter().map(|h| h.contents()).collect();
+    let (devs, handles) = disks(&images);
+    // vtbd1 stops answering before the boot tastes it.
+    handles[1].hold(true);
+    let mut svc = Service::boot(&cfg, devs, 1).unwrap();
+    let mut limits = Limits::default();
+    limits.set("bio_deadline_ms", "3000").unwrap();
+    svc.set_limits(limits);
+    let ready = boot_with_clock(&mut svc, 1, 60_000);
+    assert!(
+        (3000..10_000).contains(&ready),
+        "served after {ready} ms: the deadline is 3000 ms"
+    );
+    assert_eq!(svc.exports()[0].info.name, "vol");
+    let st: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
+    let d1 = &st["disks"][1];
+    assert_eq!(d1["name"], "vtbd1");
+    assert_eq!(d1["state"], "failed");
+    assert!(d1["failed"].as_str().unwrap().contains("3000 ms"), "{d1}");
+    assert_eq!(st["disks"][0]["state"], "ok");
 }

@@ -645,3 +645,110 @@ fn ring_is_reused_many_times() {
     }
     assert_eq!(drv.in_flight(), 0);
 }
+
+/// A flag for [`VirtioBlk::set_config_flag`], as `probe_all` makes one.
+fn leaked_flag() -> ConfigFlag {
+    std::boxed::Box::leak(std::boxed::Box::new(core::sync::atomic::AtomicBool::new(
+        false,
+    )))
+}
+
+const NEEDS_RESET: u32 = 0x40;
+
+#[test]
+fn needs_reset_seen_through_the_config_flag_fails_bios_and_the_device() {
+    let (mut dev, mut drv) = blk(ALL, &qemu_like_config(64));
+    let flag = leaked_flag();
+    drv.set_config_flag(flag);
+    assert!(drv.submit(Bio::read(0, 512)).is_ok());
+    assert!(drv.submit(write_bio(4096, &pattern(4096, 3))).is_ok());
+    dev.fetch();
+    assert!(poll_all(&mut drv).is_empty(), "nothing completed yet");
+    assert_eq!(drv.failed(), None);
+    // The device sets DEVICE_NEEDS_RESET and raises a config interrupt;
+    // the loop's IrqAck sets the flag.
+    dev.t.0.borrow_mut().status |= NEEDS_RESET;
+    flag.store(true, core::sync::atomic::Ordering::Release);
+    let done = poll_all(&mut drv);
+    assert_eq!(done.len(), 2);
+    assert!(done.iter().all(|(_, r)| *r == Err(BioError::Io)));
+    // The pages are free for the CPU again: the device was reset.
+    for (b, _) in &done {
+        bio_bytes(b);
+    }
+    assert_eq!(dev.t.0.borrow().status, 0, "device was reset");
+    assert!(drv.is_broken());
+    assert!(drv.failed().unwrap().contains("needs a reset"));
+    // A late completion from the old ring changes nothing.
+    assert!(drv.submit(Bio::read(0, 512)).is_ok());
+    assert_eq!(poll_all(&mut drv)[0].1, Err(BioError::Io));
+}
+
+#[test]
+fn needs_reset_seen_on_an_interrupt_fails_the_device() {
+    let (mut dev, mut drv) = blk(ALL, &qemu_like_config(64));
+    assert!(drv.submit(Bio::read(0, 512)).is_ok());
+    dev.fetch();
+    {
+        let mut d = dev.t.0.borrow_mut();
+        d.status |= NEEDS_RESET;
+        d.isr = 2;
+    }
+    assert!(drv.ack_interrupt());
+    let done = poll_all(&mut drv);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].1, Err(BioError::Io));
+    assert!(drv.failed().is_some());
+}
+
+#[test]
+fn a_config_change_without_needs_reset_reports_the_new_capacity() {
+    let (mut dev, mut drv) = blk(ALL, &qemu_like_config(64));
+    let flag = leaked_flag();
+    drv.set_config_flag(flag);
+    dev.t.0.borrow_mut().config[0..8].copy_from_slice(&128u64.to_le_bytes());
+    flag.store(true, core::sync::atomic::Ordering::Release);
+    assert!(poll_all(&mut drv).is_empty());
+    assert_eq!(drv.stats().config_changes, 1);
+    assert_eq!(drv.stats().new_capacity_bytes, Some(128 * 512));
+    assert_eq!(drv.failed(), None, "a bigger disk is not a failed one");
+    // The device still works.
+    assert!(drv.submit(Bio::read(0, 512)).is_ok());
+    dev.complete(false);
+    assert_eq!(poll_all(&mut drv)[0].1, Ok(()));
+}
+
+#[test]
+fn abort_hands_back_every_bio_and_keeps_the_pages_until_the_device_returns_them() {
+    let (mut dev, mut drv) = blk(ALL, &qemu_like_config(64));
+    assert!(drv.submit(Bio::read(0, 512)).is_ok());
+    assert!(drv.submit(write_bio(4096, &pattern(8192, 5))).is_ok());
+    dev.fetch();
+    let mut back = Vec::new();
+    drv.abort(&mut |b, r| back.push((b, r)));
+    assert_eq!(back.len(), 2);
+    assert!(back.iter().all(|(_, r)| *r == Err(BioError::Io)));
+    assert!(drv.failed().unwrap().contains("deadline"));
+    assert!(
+        dev.t.0.borrow().status != 0,
+        "no reset: QEMU would wait for the hung backend"
+    );
+    // The device may still write into them: they stay lent.
+    let c = geom::page::DataCounters::new();
+    let mut buf = [0u8; 512];
+    for (b, _) in &back {
+        assert!(b.sg.copy_to_slice(0, &mut buf[..1], &c).is_err());
+    }
+    assert_eq!(drv.pending_bios(), 2, "the stand-ins hold the slots");
+    // A late completion frees them, and nothing comes back twice.
+    dev.complete(false);
+    assert!(poll_all(&mut drv).is_empty());
+    assert_eq!(drv.pending_bios(), 0);
+    for (b, _) in &back {
+        b.sg.copy_to_slice(0, &mut buf[..1], &c)
+            .expect("pages free again");
+    }
+    // New bios fail at once.
+    assert!(drv.submit(Bio::read(0, 512)).is_ok());
+    assert_eq!(poll_all(&mut drv)[0].1, Err(BioError::Io));
+}

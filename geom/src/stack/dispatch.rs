@@ -69,6 +69,12 @@ impl Io<'_> {
         self.core.clock_set
     }
 
+    /// How long a bio may stay at a disk's device, in ns (0: forever);
+    /// see [`Stack::set_bio_deadline_ms`].
+    pub fn bio_deadline_ns(&self) -> u64 {
+        self.core.bio_deadline_ns
+    }
+
     /// A number from the stack's seeded generator (ids for labels).
     pub fn random_u64(&mut self) -> u64 {
         self.core.rng.next_u64()

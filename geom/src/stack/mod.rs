@@ -224,6 +224,19 @@ impl Stack {
         self.core.clock_set = true;
     }
 
+    /// Sets how long a bio may stay at a disk's device before the disk
+    /// gives up on it (milliseconds, 0: forever; default
+    /// [`crate::disk::DEFAULT_BIO_DEADLINE_MS`]). Applies to bios that
+    /// reach a disk from then on.
+    pub fn set_bio_deadline_ms(&mut self, ms: u64) {
+        self.core.bio_deadline_ns = ms.saturating_mul(1_000_000);
+    }
+
+    /// The deadline from [`Stack::set_bio_deadline_ms`], in ms.
+    pub fn bio_deadline_ms(&self) -> u64 {
+        self.core.bio_deadline_ns / 1_000_000
+    }
+
     /// The clock as last set.
     pub fn now_ns(&self) -> u64 {
         self.core.now_ns

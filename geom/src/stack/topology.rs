@@ -104,6 +104,9 @@ pub struct Core {
     pub(crate) completed: VecDeque<(u64, Bio, BioResult)>,
     pub(crate) now_ns: u64,
     pub(crate) clock_set: bool,
+    /// How long a disk's bio may take (ns, 0: forever), see
+    /// [`crate::disk`].
+    pub(crate) bio_deadline_ns: u64,
     pub(crate) rng: XorShiftRng,
     /// Maps and copies of metadata I/O (tasting and labelling), kept apart
     /// from the providers' data-path figures.
@@ -123,6 +126,7 @@ impl Core {
             completed: VecDeque::new(),
             now_ns: 0,
             clock_set: false,
+            bio_deadline_ns: crate::disk::DEFAULT_BIO_DEADLINE_MS * 1_000_000,
             rng: XorShiftRng::seed_from_u64(0x5354_5241_5441),
             meta_counters: DataCounters::new(),
             new_providers: Vec::new(),

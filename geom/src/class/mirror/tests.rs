@@ -1344,3 +1344,57 @@ fn a_member_whose_history_record_is_damaged_is_copied_over_never_trusted() {
         .taste_log()
         .any(|l| l.contains("no member holds the current data")));
 }
+
+#[test]
+fn a_member_that_hangs_is_dropped_at_its_deadline_and_the_mirror_serves_on() {
+    let size = 1 << 20;
+    let (mut s, disks) = testing::stack_with_disks(2, size, 512);
+    s.set_bio_deadline_ms(3000);
+    let mut now_ms = 1;
+    s.set_now_ns(now_ms * 1_000_000);
+    apply(&mut s, "mirror label gm0 vtbd0 vtbd1").unwrap();
+    let c = s.open("mirror/gm0", crate::stack::Access::READ_WRITE).unwrap();
+    testing::write(&mut s, c, 0, &[1; 8192]).unwrap();
+    disks[1].hold(true);
+    // Writes and reads in flight when the member stops answering.
+    for k in 0..4u64 {
+        let bytes = testing::pattern(k as u8, k * 4096, 4096);
+        s.submit(c, testing::write_bio(k * 4096, &bytes), k);
+    }
+    s.submit(c, Bio::read(0, 4096), 10);
+    s.run();
+    let mut done = Vec::new();
+    while done.len() < 5 {
+        now_ms += 100;
+        assert!(now_ms < 10_000, "the mirror still waits for the hung member");
+        s.set_now_ns(now_ms * 1_000_000);
+        s.run();
+        while let Some((tag, bio, r)) = s.take_completed() {
+            done.push((tag, bio, r));
+        }
+    }
+    assert!(now_ms > 3000, "nothing waited for the deadline");
+    for (tag, bio, r) in &done {
+        assert_eq!(*r, Ok(()), "request {tag} failed");
+        if *tag == 10 {
+            // The read went to the good member (or was retried on it).
+            let got = testing::bio_bytes(bio);
+            assert!(got == [1; 4096] || got == testing::pattern(0, 0, 4096));
+        }
+    }
+    let m = st(&mut s);
+    assert_eq!(m.state, MirrorState::Degraded);
+    assert_eq!(m.members.len(), 1);
+    // New writes and reads go on from the good member.
+    let bytes = testing::pattern(9, 0, 8192);
+    testing::write(&mut s, c, 65536, &bytes).unwrap();
+    assert_eq!(testing::read(&mut s, c, 65536, 8192).unwrap(), bytes);
+    for k in 0..4u64 {
+        assert_eq!(
+            testing::read(&mut s, c, k * 4096, 4096).unwrap(),
+            testing::pattern(k as u8, k * 4096, 4096)
+        );
+    }
+    let p = s.find_provider("vtbd1").unwrap();
+    assert!(s.provider(p).orphaned);
+}
