@@ -251,6 +251,12 @@ pub trait Session {
         0
     }
 
+    /// Requests received and not yet answered, whether their bios are out
+    /// or still queued: a clean stop waits for them before it flushes.
+    fn requests_open(&self) -> usize {
+        self.in_flight()
+    }
+
     /// Payload bytes this session holds in memory: the pages of its
     /// requests and of replies not yet sent, and spare pages it keeps for
     /// reuse.

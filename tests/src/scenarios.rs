@@ -936,3 +936,66 @@ pub fn changes_need_the_token(p: Platform) {
     qemu_io(&a.uri("scratch"), &["write -P 7 0 4k", "read -P 7 0 4k"]);
     drop(a);
 }
+
+/// A clean stop answers the writes it has received before it flushes and
+/// exits: a client pipelines writes, `POST /shutdown` arrives behind them,
+/// and every write is answered (done, or refused with ESHUTDOWN if it came
+/// after the stop began); every one answered as done is in the disk file
+/// after the exit, which is a success.
+pub fn clean_stop_drains_writes(p: Platform) {
+    let dir = TempDir::new("drain");
+    let img = dir.path("d0.img");
+    let a = Start::new(p)
+        .disk(disk_spec(&dir, "d0.img", "16M"))
+        .config("export nbd vol vtbd0\n")
+        .spawn()
+        .expect("start");
+    let mut s = raw(a.nbd_port);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(handshake(&mut s, "vol"), 16 << 20);
+    const N: u64 = 48;
+    const LEN: usize = 64 << 10;
+    let mut out = Vec::new();
+    for i in 0..N {
+        out.extend_from_slice(&request(1, i, i * LEN as u64, LEN as u32));
+        out.extend_from_slice(&vec![(i as u8) | 0x80; LEN]);
+    }
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&out);
+    });
+    let mut done = Vec::new();
+    let mut answered = 0;
+    while answered < N {
+        if answered == 1 {
+            // The stop arrives while the rest are on their way or in flight.
+            let (code, body) = crate::http_request(a.http_port, "POST", "/shutdown", "");
+            assert_eq!(code, 200, "{body}");
+        }
+        let mut rep = [0u8; 16];
+        s.read_exact(&mut rep)
+            .unwrap_or_else(|e| panic!("{answered} of {N} writes answered, then: {e}"));
+        let err = u32::from_be_bytes(rep[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(rep[8..16].try_into().unwrap());
+        assert!(err == 0 || err == 108, "write {cookie}: error {err}");
+        if err == 0 {
+            done.push(cookie);
+        }
+        answered += 1;
+    }
+    let _ = writer.join();
+    let st = a.stop();
+    assert!(st.success(), "the clean stop failed: {st:?}");
+    let bytes = std::fs::read(&img).unwrap();
+    for i in &done {
+        let at = *i as usize * LEN;
+        assert!(
+            bytes[at..at + LEN].iter().all(|&b| b == (*i as u8) | 0x80),
+            "write {i} was answered but is not on the disk"
+        );
+    }
+    println!(
+        "{} of {N} writes done before the stop, the rest refused",
+        done.len()
+    );
+}

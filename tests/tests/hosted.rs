@@ -56,3 +56,8 @@ fn forged_label_in_raw_export() {
 fn changes_need_the_token() {
     scenarios::changes_need_the_token(Hosted);
 }
+
+#[test]
+fn clean_stop_drains_writes() {
+    scenarios::clean_stop_drains_writes(Hosted);
+}

@@ -328,8 +328,16 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
             svc.begin_shutdown();
         }
         if svc.stopped() {
-            eprintln!("strata: shutdown: disks flushed");
-            return Ok(());
+            let result = svc.shutdown_result();
+            // The disks' I/O threads are joined here, before the answer.
+            drop(svc);
+            return match result {
+                Ok(()) => {
+                    eprintln!("strata: shutdown: disks flushed");
+                    Ok(())
+                }
+                Err(why) => Err(format!("shutdown failed: {why}")),
+            };
         }
         match svc.phase() {
             Phase::Failed(e) => return Err(config_error(e.clone())),

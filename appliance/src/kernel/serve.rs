@@ -304,9 +304,18 @@ pub fn serve(boot: BootInfo) -> ! {
                 .iter()
                 .all(|s| sockets.get::<tcp::Socket<'_>>(s.handle).send_queue() == 0);
             if replies_out || t - since > crate::service::SHUTDOWN_GRACE_MS * 1_000_000 {
-                log::info!("shutdown: disks flushed");
-                super::console_write("strata: shutdown: disks flushed\n");
-                super::exit_qemu(true);
+                match svc.shutdown_result() {
+                    Ok(()) => {
+                        log::info!("shutdown: disks flushed");
+                        super::console_write("strata: shutdown: disks flushed\n");
+                        super::exit_qemu(true);
+                    }
+                    Err(why) => {
+                        log::error!("shutdown: {why}");
+                        super::console_write(&alloc::format!("strata: shutdown failed: {why}\n"));
+                        super::exit_qemu(false);
+                    }
+                }
             }
         }
 

@@ -183,10 +183,23 @@ pub enum Phase {
     Serving,
 }
 
+/// How long a clean stop waits for the requests it has received to be
+/// answered before it flushes anyway (a client that stopped sending a
+/// write's payload must not hold the stop).
+pub const DRAIN_LIMIT_MS: u64 = 10_000;
+
 /// A clean stop in progress.
 struct Shutdown {
+    /// When it was asked for.
+    asked_ms: u64,
+    /// The exports flushed, by cookie (empty until the drain is over).
+    flushing: Vec<String>,
+    /// The drain is over and the flushes were sent.
+    flush_sent: bool,
     /// Flushes not yet back.
     flushes_left: usize,
+    /// Flushes that failed: the export and why.
+    failed: Vec<String>,
     /// When the flushes were all back (for the replies' grace time).
     flushed_at_ms: Option<u64>,
 }
@@ -566,6 +579,7 @@ impl Service {
         }
         progress |= self.admit_waiting();
         progress |= self.run_control();
+        progress |= self.advance_shutdown();
         progress
     }
 
@@ -605,6 +619,14 @@ impl Service {
         if conn == SERVICE_CONN {
             if let Some(s) = self.shutdown.as_mut() {
                 s.flushes_left = s.flushes_left.saturating_sub(1);
+                if let Err(e) = result {
+                    let name = s
+                        .flushing
+                        .get((cookie & 0xffff_ffff) as usize)
+                        .map_or("?", String::as_str);
+                    s.failed
+                        .push(alloc::format!("the flush of export {name} failed: {e:?}"));
+                }
             }
             return;
         }
@@ -613,9 +635,11 @@ impl Service {
         }
     }
 
-    /// Starts a clean stop: sessions refuse new work (NBD: `ESHUTDOWN`),
-    /// and every writable export is flushed. The platform keeps polling
-    /// until [`Service::stopped`].
+    /// Starts a clean stop: sessions refuse new work (NBD: `ESHUTDOWN`);
+    /// requests already received are carried out and answered (for up to
+    /// [`DRAIN_LIMIT_MS`]); then every writable export is flushed and the
+    /// results kept ([`Service::shutdown_result`]). The platform keeps
+    /// polling until [`Service::stopped`].
     pub fn begin_shutdown(&mut self) {
         if self.shutdown.is_some() {
             return;
@@ -623,18 +647,61 @@ impl Service {
         for s in self.sessions.values_mut() {
             s.session.begin_shutdown();
         }
-        let mut n = 0;
-        for e in self.exports.all() {
-            if !e.info.read_only {
-                self.stack
-                    .submit(e.consumer, Bio::flush(), SERVICE_CONN << 32);
-                n += 1;
-            }
-        }
         self.shutdown = Some(Shutdown {
-            flushes_left: n,
+            asked_ms: self.now_ms,
+            flushing: Vec::new(),
+            flush_sent: false,
+            flushes_left: 0,
+            failed: Vec::new(),
             flushed_at_ms: None,
         });
+        self.advance_shutdown();
+    }
+
+    /// Once the sessions' requests are answered (or the drain limit has
+    /// passed), sends the stop's flushes; true when it did.
+    fn advance_shutdown(&mut self) -> bool {
+        let now = self.now_ms;
+        let open: usize = self
+            .sessions
+            .values()
+            .map(|s| s.session.requests_open())
+            .sum();
+        let Some(s) = self.shutdown.as_mut() else {
+            return false;
+        };
+        if s.flush_sent {
+            return false;
+        }
+        let late = now.saturating_sub(s.asked_ms) >= DRAIN_LIMIT_MS;
+        if open > 0 && !late {
+            return false;
+        }
+        if open > 0 {
+            log::warn!(
+                "shutdown: {open} requests still open after {DRAIN_LIMIT_MS} ms: flushing anyway"
+            );
+        }
+        s.flush_sent = true;
+        for e in self.exports.all() {
+            if !e.info.read_only {
+                let i = s.flushing.len() as u64;
+                s.flushing.push(e.info.name.clone());
+                self.stack
+                    .submit(e.consumer, Bio::flush(), (SERVICE_CONN << 32) | i);
+            }
+        }
+        s.flushes_left = s.flushing.len();
+        true
+    }
+
+    /// How the clean stop ended once [`Service::stopped`]: `Err` names
+    /// every flush that failed (the platform exits with a failure then).
+    pub fn shutdown_result(&self) -> Result<(), String> {
+        match &self.shutdown {
+            Some(s) if !s.failed.is_empty() => Err(s.failed.join("; ")),
+            _ => Ok(()),
+        }
     }
 
     /// True when a clean stop was asked for.
@@ -644,7 +711,9 @@ impl Service {
 
     /// True when a clean stop's flushes have all completed.
     pub fn shutdown_done(&self) -> bool {
-        self.shutdown.as_ref().is_some_and(|s| s.flushes_left == 0)
+        self.shutdown
+            .as_ref()
+            .is_some_and(|s| s.flush_sent && s.flushes_left == 0)
     }
 
     /// True when the platform may stop: the flushes are done, and every
@@ -655,7 +724,7 @@ impl Service {
         let Some(s) = self.shutdown.as_mut() else {
             return false;
         };
-        if s.flushes_left > 0 {
+        if !s.flush_sent || s.flushes_left > 0 {
             return false;
         }
         let since = *s.flushed_at_ms.get_or_insert(now);

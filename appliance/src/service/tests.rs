@@ -689,3 +689,57 @@ fn a_disk_that_hangs_at_boot_is_given_up_on_and_the_mirror_serves_degraded() {
     assert!(d1["failed"].as_str().unwrap().contains("3000 ms"), "{d1}");
     assert_eq!(st["disks"][0]["state"], "ok");
 }
+
+#[test]
+fn a_clean_stop_answers_the_requests_it_holds_before_it_flushes() {
+    let cfg = parse_config("export nbd vol vtbd0\n").unwrap();
+    let (devs, h) = disks(&[]);
+    let mut svc = Service::new(&cfg, devs).unwrap();
+    let mut link = connect(&mut svc, NBD);
+    let out = pump(&mut svc, &mut link, &export_name_opt("vol"));
+    assert_eq!(out.len(), 18 + 10);
+    h[0].hold(true);
+    let mut w = request(1, 7, 0, 8192);
+    w.extend_from_slice(&[0x77; 8192]);
+    assert!(
+        pump(&mut svc, &mut link, &w).is_empty(),
+        "the write is held"
+    );
+    svc.begin_shutdown();
+    for _ in 0..10 {
+        svc.poll();
+    }
+    assert_eq!(h[0].queued(), 1, "no flush while a write is open");
+    assert!(!svc.shutdown_done());
+    h[0].hold(false);
+    let out = pump(&mut svc, &mut link, &[]);
+    assert_eq!(out.len(), 16, "the write is answered");
+    assert_eq!(u32::from_be_bytes(out[4..8].try_into().unwrap()), 0);
+    for _ in 0..100 {
+        svc.poll();
+    }
+    assert!(svc.shutdown_done() && svc.stopped());
+    assert_eq!(svc.shutdown_result(), Ok(()));
+    assert!(
+        h[0].durable()[..8192].iter().all(|&b| b == 0x77),
+        "flushed after the write"
+    );
+}
+
+#[test]
+fn a_clean_stop_whose_flush_fails_says_so() {
+    let cfg = parse_config("export nbd vol vtbd0\nexport nbd other vtbd1\n").unwrap();
+    let (devs, h) = disks(&[]);
+    let mut svc = Service::new(&cfg, devs).unwrap();
+    h[0].fail_next(1);
+    svc.begin_shutdown();
+    for _ in 0..100 {
+        svc.poll();
+    }
+    assert!(svc.stopped());
+    let why = svc.shutdown_result().unwrap_err();
+    assert!(
+        why.contains("export vol") && !why.contains("other"),
+        "{why}"
+    );
+}

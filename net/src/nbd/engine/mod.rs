@@ -597,6 +597,10 @@ impl Session for Connection {
         self.submitted()
     }
 
+    fn requests_open(&self) -> usize {
+        Connection::in_flight(self)
+    }
+
     fn budget_held(&self) -> u64 {
         Connection::budget_held(self)
     }
