@@ -684,7 +684,13 @@ impl Service {
         }
         s.flush_sent = true;
         for e in self.exports.all() {
-            if !e.info.read_only {
+            // An export whose provider is gone answers EIO already (and
+            // says so in /status); there is nothing left to flush.
+            let alive = self
+                .stack
+                .find_provider(&e.provider)
+                .is_some_and(|p| !self.stack.provider(p).orphaned);
+            if !e.info.read_only && alive {
                 let i = s.flushing.len() as u64;
                 s.flushing.push(e.info.name.clone());
                 self.stack
