@@ -775,10 +775,10 @@ impl Campaign<'_> {
         Ok(lost)
     }
 
-    fn script(&mut self, fault: Fault, disk: usize, at: Duration) -> Script {
+    fn script(&self, sched: &mut XorShiftRng, fault: Fault, disk: usize, at: Duration) -> Script {
         let work = self.o.round_time;
-        let clean = self.rng.next_u32().is_multiple_of(2);
-        let pulse = Duration::from_millis(300 + u64::from(self.rng.next_u32() % 1200));
+        let clean = sched.next_u32().is_multiple_of(2);
+        let pulse = Duration::from_millis(300 + u64::from(sched.next_u32() % 1200));
         let mut s = Script {
             verify: true,
             work,
@@ -813,9 +813,14 @@ impl Campaign<'_> {
     }
 
     fn round(&mut self, n: u32) -> Result<Round, String> {
-        let fault = self.o.faults[self.rng.next_u32() as usize % self.o.faults.len()];
-        let disk = self.rng.next_u32() as usize % self.media.len();
-        let frac = 0.2 + f64::from(self.rng.next_u32() % 600) / 1000.0;
+        // The schedule has a generator of its own per round, so it does
+        // not depend on how much the workload drew before.
+        let mut sched = XorShiftRng::seed_from_u64(
+            self.o.seed ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let fault = self.o.faults[sched.next_u32() as usize % self.o.faults.len()];
+        let disk = sched.next_u32() as usize % self.media.len();
+        let frac = 0.2 + f64::from(sched.next_u32() % 600) / 1000.0;
         let at = self.o.round_time.mul_f64(frac);
         let mut round = Round {
             n,
@@ -824,11 +829,11 @@ impl Campaign<'_> {
             at: at.as_secs_f64(),
             ..Round::default()
         };
-        let s = self.script(fault, disk, at);
+        let s = self.script(&mut sched, fault, disk, at);
         self.run_boot(&mut round, &s)?;
         if fault == Fault::ResyncCut {
             // The failed disk comes back and resyncs; cut during it.
-            let after = Duration::from_millis(300 + u64::from(self.rng.next_u32() % 2500));
+            let after = Duration::from_millis(300 + u64::from(sched.next_u32() % 2500));
             let again = Script {
                 verify: true,
                 work: self.o.round_time,
