@@ -683,14 +683,11 @@ impl Service {
             );
         }
         s.flush_sent = true;
+        // An export whose provider is gone is flushed too: its flush
+        // fails, and so does the stop, since writes it acknowledged may
+        // not be on any disk.
         for e in self.exports.all() {
-            // An export whose provider is gone answers EIO already (and
-            // says so in /status); there is nothing left to flush.
-            let alive = self
-                .stack
-                .find_provider(&e.provider)
-                .is_some_and(|p| !self.stack.provider(p).orphaned);
-            if !e.info.read_only && alive {
+            if !e.info.read_only {
                 let i = s.flushing.len() as u64;
                 s.flushing.push(e.info.name.clone());
                 self.stack
