@@ -8,9 +8,10 @@
 //! Needs QEMU (TCG), qemu-nbd and the kernel (`strata build`). Run with
 //! `cargo test --release -p image --test hang_qemu -- --test-threads=1`.
 
-use image::fault::client::{Client, Cmd};
+use image::fault::client::Client;
 use image::fault::vm::Vm;
 use image::qemu::{Accel, Drive, Machine, QemuConfig};
+use net::nbd::wire::Command as NbdCmd;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -206,7 +207,7 @@ fn reply(c: &mut Client, cookie: u64, limit: Duration) -> (u32, Vec<u8>) {
 
 fn write(c: &mut Client, offset: u64, data: &[u8]) {
     let k = c
-        .send(Cmd::Write, 0, offset, data.len() as u32, data)
+        .send(NbdCmd::Write, 0, offset, data.len() as u32, data)
         .unwrap();
     assert_eq!(
         reply(c, k, Duration::from_secs(60)).0,
@@ -216,7 +217,7 @@ fn write(c: &mut Client, offset: u64, data: &[u8]) {
 }
 
 fn read(c: &mut Client, offset: u64, len: u32) -> Vec<u8> {
-    let k = c.send(Cmd::Read, 0, offset, len, &[]).unwrap();
+    let k = c.send(NbdCmd::Read, 0, offset, len, &[]).unwrap();
     let (e, data) = reply(c, k, Duration::from_secs(60));
     assert_eq!(e, 0, "read at {offset}");
     data
@@ -266,13 +267,13 @@ fn a_member_that_hangs_during_io_is_dropped_and_writes_complete_from_the_other()
     let hung_at = Instant::now();
     let mut reads = Vec::new();
     for k in 0..4u64 {
-        reads.push((r.send(Cmd::Read, 0, k * 65536, 65536, &[]).unwrap(), k));
+        reads.push((r.send(NbdCmd::Read, 0, k * 65536, 65536, &[]).unwrap(), k));
     }
     let mut cookies = Vec::new();
     for k in 0..8u64 {
         let data = pattern(10 + k as u8, 65536);
         cookies.push(
-            c.send(Cmd::Write, 0, (2 << 20) + k * 65536, 65536, &data)
+            c.send(NbdCmd::Write, 0, (2 << 20) + k * 65536, 65536, &data)
                 .unwrap(),
         );
     }

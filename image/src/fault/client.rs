@@ -6,63 +6,15 @@
 //! A read's length travels in the upper half of its cookie, so the reply
 //! reader knows how much data follows without sharing state.
 
-use crate::probe::{
-    NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_IHAVEOPT, NBD_MAGIC, NBD_REPLY_MAGIC,
+use net::nbd::wire::{
+    Command, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC,
+    OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
-
-/// `NBD_OPT_GO`.
-const OPT_GO: u32 = 7;
-/// `NBD_REP_ACK`.
-const REP_ACK: u32 = 1;
-/// `NBD_REP_INFO`.
-const REP_INFO: u32 = 3;
-/// `NBD_INFO_EXPORT`.
-const INFO_EXPORT: u16 = 0;
-/// Request magic.
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-/// Simple reply magic.
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-/// Transmission flag: the export is read-only.
-pub const FLAG_READ_ONLY: u16 = 1 << 1;
-/// Transmission flag: the server takes FLUSH.
-pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
-/// Transmission flag: the server takes the FUA flag.
-pub const FLAG_SEND_FUA: u16 = 1 << 3;
-/// Transmission flag: the server takes WRITE_ZEROES.
-pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
-/// A request's command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cmd {
-    /// `NBD_CMD_READ`.
-    Read,
-    /// `NBD_CMD_WRITE`.
-    Write,
-    /// `NBD_CMD_FLUSH`.
-    Flush,
-    /// `NBD_CMD_WRITE_ZEROES`.
-    WriteZeroes,
-}
-
-impl Cmd {
-    fn code(self) -> u16 {
-        match self {
-            Cmd::Read => 0,
-            Cmd::Write => 1,
-            Cmd::Flush => 3,
-            Cmd::WriteZeroes => 6,
-        }
-    }
-}
-
-/// `NBD_CMD_FLAG_FUA`.
-pub const CMD_FLAG_FUA: u16 = 1 << 0;
 
 /// A reply.
 #[derive(Debug)]
@@ -112,12 +64,12 @@ impl Client {
         let mut w = s.try_clone()?;
         let mut g = [0u8; 18];
         r.read_exact(&mut g)?;
-        if be64(&g) != NBD_MAGIC || be64(&g[8..]) != NBD_IHAVEOPT {
+        if be64(&g) != NBDMAGIC || be64(&g[8..]) != IHAVEOPT {
             return Err(proto("not an NBD newstyle server"));
         }
-        w.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
+        w.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())?;
         let mut opt = Vec::new();
-        opt.extend_from_slice(&NBD_IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
         opt.extend_from_slice(&OPT_GO.to_be_bytes());
         let name = export.as_bytes();
         opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
@@ -129,7 +81,7 @@ impl Client {
         loop {
             let mut h = [0u8; 20];
             r.read_exact(&mut h)?;
-            if be64(&h) != NBD_REPLY_MAGIC {
+            if be64(&h) != OPTION_REPLY_MAGIC {
                 return Err(proto("bad option reply magic"));
             }
             let (typ, len) = (be32(&h[12..]), be32(&h[16..]));
@@ -178,19 +130,19 @@ impl Client {
     /// Sends one request; returns its cookie. `data` is a write's payload.
     pub fn send(
         &mut self,
-        cmd: Cmd,
+        cmd: Command,
         flags: u16,
         offset: u64,
         len: u32,
         data: &[u8],
     ) -> io::Result<u64> {
         self.next = self.next.wrapping_add(1);
-        let read_len = if cmd == Cmd::Read { len } else { 0 };
+        let read_len = if cmd == Command::Read { len } else { 0 };
         let cookie = (u64::from(read_len) << 32) | u64::from(self.next);
         let mut h = [0u8; 28];
         h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         h[4..6].copy_from_slice(&flags.to_be_bytes());
-        h[6..8].copy_from_slice(&cmd.code().to_be_bytes());
+        h[6..8].copy_from_slice(&u16::from(cmd).to_be_bytes());
         h[8..16].copy_from_slice(&cookie.to_be_bytes());
         h[16..24].copy_from_slice(&offset.to_be_bytes());
         h[24..28].copy_from_slice(&len.to_be_bytes());

@@ -29,13 +29,14 @@ pub mod logwrites;
 pub mod media;
 pub mod vm;
 
-use client::{
-    Client, Cmd, CMD_FLAG_FUA, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA,
-    FLAG_SEND_WRITE_ZEROES,
-};
+use client::Client;
 use ledger::{Bad, Ledger};
 use logwrites::Cut;
 use media::{Errors, Media};
+use net::nbd::wire::{
+    Command, CMD_FLAG_FUA, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA,
+    TFLAG_SEND_WRITE_ZEROES,
+};
 use rand_core::{Rng, SeedableRng};
 use rand_xorshift::XorShiftRng;
 use std::collections::HashMap;
@@ -269,7 +270,7 @@ enum Pending {
 }
 
 /// A request: command, flags, offset, length.
-type Req = (Cmd, u16, u64, u64);
+type Req = (Command, u16, u64, u64);
 
 /// An action at a time into the workload.
 #[derive(Clone, Copy, Debug)]
@@ -540,7 +541,7 @@ impl Campaign<'_> {
                     issued,
                     verify: recovered,
                 };
-                if !self.send(d, (Cmd::Read, 0, off, len), p, &[]) {
+                if !self.send(d, (Command::Read, 0, off, len), p, &[]) {
                     round
                         .failures
                         .push("the connection closed while verifying".into());
@@ -633,11 +634,11 @@ impl Campaign<'_> {
             let roll = self.rng.next_u32() % 100;
             let (off, len) = self.pick_range(size);
             let ok = match roll {
-                0..=9 if flags & FLAG_SEND_FLUSH != 0 => {
+                0..=9 if flags & TFLAG_SEND_FLUSH != 0 => {
                     let issued = self.ledger().begin_flush();
-                    self.send(d, (Cmd::Flush, 0, 0, 0), Pending::Flush { issued }, &[])
+                    self.send(d, (Command::Flush, 0, 0, 0), Pending::Flush { issued }, &[])
                 }
-                10..=14 if flags & FLAG_SEND_WRITE_ZEROES != 0 => {
+                10..=14 if flags & TFLAG_SEND_WRITE_ZEROES != 0 => {
                     let id = self.ledger().begin_write(off, len, true);
                     let p = Pending::Write {
                         id,
@@ -645,7 +646,7 @@ impl Campaign<'_> {
                         len,
                         fua: false,
                     };
-                    self.send(d, (Cmd::WriteZeroes, 0, off, len), p, &[])
+                    self.send(d, (Command::WriteZeroes, 0, off, len), p, &[])
                 }
                 15..=34 => {
                     let issued = self.ledger().now();
@@ -654,10 +655,10 @@ impl Campaign<'_> {
                         issued,
                         verify: false,
                     };
-                    self.send(d, (Cmd::Read, 0, off, len), p, &[])
+                    self.send(d, (Command::Read, 0, off, len), p, &[])
                 }
                 _ => {
-                    let fua = roll >= 90 && flags & FLAG_SEND_FUA != 0;
+                    let fua = roll >= 90 && flags & TFLAG_SEND_FUA != 0;
                     let id = self.ledger().begin_write(off, len, false);
                     let data = self.ledger().stamp(id, off, len);
                     let p = Pending::Write {
@@ -667,7 +668,7 @@ impl Campaign<'_> {
                         fua,
                     };
                     let f = if fua { CMD_FLAG_FUA } else { 0 };
-                    self.send(d, (Cmd::Write, f, off, len), p, &data)
+                    self.send(d, (Command::Write, f, off, len), p, &data)
                 }
             };
             let _ = ok;
@@ -707,7 +708,7 @@ impl Campaign<'_> {
                 return Ok(());
             }
         };
-        if client.flags & FLAG_READ_ONLY != 0 {
+        if client.flags & TFLAG_READ_ONLY != 0 {
             return Err(format!("export {} is read-only", self.o.export));
         }
         if self.ledger.is_none() {
