@@ -195,25 +195,11 @@ impl MirrorGeom {
                 let Some(src) = self.pick_reader(offset, offset + len) else {
                     break;
                 };
-                let source = self.members[src].consumer;
-                self.members[src].inflight += 1;
-                let slot = self.chunks.insert(Chunk {
-                    copy: Copy::Sync { target },
-                    offset,
-                    len,
-                    phase: Phase::Reading,
-                    abandoned: false,
-                });
                 if let Some(s) = self.members[i].sync.as_mut() {
                     s.next += len;
                     s.inflight += 1;
                 }
-                self.tick.1 += len;
-                io.request(
-                    source,
-                    Bio::read(offset, len),
-                    cookie(Kind::Sync, source, slot),
-                );
+                self.read_chunk(io, src, Copy::Sync { target }, offset, len);
                 did = true;
             }
             let checkpoint = self.members[i].sync.as_ref().is_some_and(|s| {
@@ -255,24 +241,11 @@ impl MirrorGeom {
             let Some(src) = self.member_index(source) else {
                 return did;
             };
-            self.members[src].inflight += 1;
-            let slot = self.chunks.insert(Chunk {
-                copy: Copy::Recover,
-                offset,
-                len,
-                phase: Phase::Reading,
-                abandoned: false,
-            });
             if let Some(r) = self.recovery.as_mut() {
                 r.next = offset + len;
                 r.inflight += 1;
             }
-            self.tick.1 += len;
-            io.request(
-                source,
-                Bio::read(offset, len),
-                cookie(Kind::Sync, source, slot),
-            );
+            self.read_chunk(io, src, Copy::Recover, offset, len);
             did = true;
         }
     }
@@ -297,6 +270,26 @@ impl MirrorGeom {
             (Some(c), Some(r)) => r.source = c,
             _ => self.recovery = None,
         }
+    }
+
+    /// Starts a copy's first step: reading `offset..offset + len` from
+    /// member `src`, counted against the pacing tick.
+    fn read_chunk(&mut self, io: &mut Io<'_>, src: usize, copy: Copy, offset: u64, len: u64) {
+        let source = self.members[src].consumer;
+        self.members[src].inflight += 1;
+        let slot = self.chunks.insert(Chunk {
+            copy,
+            offset,
+            len,
+            phase: Phase::Reading,
+            abandoned: false,
+        });
+        self.tick.1 += len;
+        io.request(
+            source,
+            Bio::read(offset, len),
+            cookie(Kind::Sync, source, slot),
+        );
     }
 
     /// Flushes member `i` before its progress is recorded (`finish`: before
