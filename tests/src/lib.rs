@@ -384,6 +384,29 @@ impl Appliance {
 
     /// Stops it with SIGTERM (a clean, flushing shutdown) and waits.
     pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    /// [`Appliance::stop`], and what it printed: the guest console (QEMU)
+    /// and the host tool's standard error.
+    pub fn stop_with_output(mut self) -> (std::process::ExitStatus, String) {
+        let st = self.terminate();
+        let errlog = self.log.with_extension("stderr");
+        // The standard error is written once its pipe closes.
+        wait_for(
+            "the host tool's standard error",
+            Duration::from_secs(10),
+            || errlog.exists().then_some(()),
+        );
+        let text = [&self.log, &errlog]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .collect::<Vec<_>>()
+            .join("\n");
+        (st, text)
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

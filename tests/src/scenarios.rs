@@ -633,10 +633,14 @@ pub fn live_changes_and_forced_destroy(p: Platform) {
     );
     // The forced destroy orphaned export a: writes it acknowledged may
     // not be on a disk, so the stop says it failed.
-    let st = a.stop();
+    let (st, out) = a.stop_with_output();
     assert!(
         !st.success(),
         "a stop that could not flush export a: {st:?}"
+    );
+    assert!(
+        out.contains("shutdown failed") && out.contains("export a "),
+        "the reason is printed: {out}"
     );
 }
 
