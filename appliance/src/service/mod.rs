@@ -661,6 +661,9 @@ impl Service {
     /// Once the sessions' requests are answered (or the drain limit has
     /// passed), sends the stop's flushes; true when it did.
     fn advance_shutdown(&mut self) -> bool {
+        if !self.shutdown.as_ref().is_some_and(|s| !s.flush_sent) {
+            return false;
+        }
         let now = self.now_ms;
         let open: usize = self
             .sessions
@@ -670,9 +673,6 @@ impl Service {
         let Some(s) = self.shutdown.as_mut() else {
             return false;
         };
-        if s.flush_sent {
-            return false;
-        }
         let late = now.saturating_sub(s.asked_ms) >= DRAIN_LIMIT_MS;
         if open > 0 && !late {
             return false;
