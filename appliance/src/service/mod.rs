@@ -661,7 +661,7 @@ impl Service {
     /// Once the sessions' requests are answered (or the drain limit has
     /// passed), sends the stop's flushes; true when it did.
     fn advance_shutdown(&mut self) -> bool {
-        if !self.shutdown.as_ref().is_some_and(|s| !s.flush_sent) {
+        if self.shutdown.as_ref().is_none_or(|s| s.flush_sent) {
             return false;
         }
         let now = self.now_ms;
