@@ -430,6 +430,8 @@ impl Drop for Appliance {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // Killed, the host tool could not remove its token file.
+            let _ = std::fs::remove_file(image::token::default_path(self.http_port));
         }
     }
 }
