@@ -38,9 +38,19 @@
 //! buffer (below capacity), else the victim that [`Replacement`] picks
 //! among idle blocks: CLOCK (second chance, a pin sets the reference bit)
 //! or LRU (least recently pinned or unpinned). A clean victim is dropped at
-//! once. A dirty one is written back first and the miss waits for a slot;
-//! the write's end (like every unpin and I/O end) serves the waiting
-//! misses in order. Pinned and busy blocks are never victims.
+//! once. A dirty one is written back first (counted in
+//! [`Stats::writebacks`]) and the miss takes a clean victim if there is
+//! one, else waits for a slot; the write's end (like every unpin and I/O
+//! end) serves the waiting misses in order. Pinned and busy blocks are
+//! never victims.
+//!
+//! **Invalidate.** [`Cache::invalidate`] drops blocks and discards their
+//! changes. A pinned or busy block stays in its slot, marked, until its
+//! pins and I/O are gone; lookups of it wait until then and re-read.
+//!
+//! **Errors.** A failed read fails every lookup that waited for it and
+//! drops the slot. Stale handles (a slot since given to another block) are
+//! ignored, and [`Cache::try_buf`] answers None for them.
 //!
 //! **Flush.** [`Cache::flush`] writes the dirty blocks in its range (a
 //! pinned one when it is unpinned), waits for those writes and for any
@@ -336,7 +346,9 @@ enum Acquire {
     NoMemory,
 }
 
-/// A buffer cache over the store `S`.
+/// A buffer cache over the store `S` (see the crate documentation). The
+/// user drives it: it calls [`Cache::complete`] for every operation the
+/// store finishes and collects finished waits with [`Cache::take_ready`].
 pub struct Cache<S: Store> {
     store: S,
     config: Config,

@@ -627,3 +627,65 @@ fn a_trait_object_store_works() {
     c.write_through(h, 1);
     assert_eq!(c.in_flight(), 1);
 }
+
+#[test]
+fn a_buffer_the_store_loses_is_replaced_within_capacity() {
+    let mut c = cache(1, Replacement::Lru);
+    assert_eq!(c.get(0, 1), Lookup::Wait);
+    let (t, _buf, _) = c.store_mut().complete_one(0);
+    c.complete(t, None, Ok(()));
+    assert_eq!(
+        ready(&mut c),
+        [Ready::Block {
+            waiter: 1,
+            result: Err(Error::Io)
+        }]
+    );
+    assert_eq!(c.stats().blocks, 0);
+    let h = pin(&mut c, 1, 2);
+    assert_eq!(&c.buf(h)[..], &[1; BS]);
+    assert_eq!(c.store().allocated(), 2, "a new buffer for the lost one");
+    c.buf_mut(h).fill(0x11);
+    c.write_through(h, 3);
+    let (t, _buf, r) = c.store_mut().complete_one(0);
+    c.complete(t, None, r);
+    assert_eq!(
+        ready(&mut c),
+        [Ready::Written {
+            waiter: 3,
+            result: Ok(())
+        }]
+    );
+    assert_eq!(c.stats().blocks, 0, "the block went with its buffer");
+    assert_eq!(c.get(2, 4), Lookup::Wait);
+    assert_eq!(c.store().allocated(), 3);
+    assert_eq!(c.stats().capacity, 1);
+}
+
+#[test]
+fn a_miss_takes_a_clean_victim_while_a_dirty_one_is_written_back() {
+    let mut c = cache(2, Replacement::Lru);
+    blank(&mut c, 0, 0xA0);
+    let h = pin(&mut c, 1, 1);
+    c.unpin(h);
+    // Block 0 is the least recently used, and dirty.
+    assert_eq!(c.get(2, 2), Lookup::Wait);
+    let ops = c.store().pending_ops();
+    assert_eq!(ops.len(), 2);
+    assert!(is_write(&ops[0], 0));
+    assert!(matches!(ops[1], Op::Read { block: 2, .. }));
+    complete_all(&mut c);
+    assert!(matches!(
+        ready(&mut c)[..],
+        [Ready::Block {
+            waiter: 2,
+            result: Ok(_)
+        }]
+    ));
+    let s = c.stats();
+    assert_eq!((s.writebacks, s.evictions, s.dirty), (1, 1, 0));
+    assert!(
+        matches!(c.get(0, 3), Lookup::Hit(_)),
+        "written back, still cached"
+    );
+}

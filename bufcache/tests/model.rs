@@ -12,7 +12,7 @@ use bufcache::{BlockNo, Cache, Config, Error, Handle, Lookup, Ready, Replacement
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
-const NB: u64 = 12;
+const NB: u64 = 8;
 const BS: usize = 8;
 
 #[derive(Clone, Debug)]
@@ -64,9 +64,18 @@ struct Pin {
 
 #[derive(Debug)]
 enum Wait {
-    Block { block: BlockNo, blank: bool, fill: bool },
-    Written { block: BlockNo, doomed: bool },
-    Flushed { required: Vec<(BlockNo, u64)> },
+    Block {
+        block: BlockNo,
+        blank: bool,
+        fill: bool,
+    },
+    Written {
+        block: BlockNo,
+        doomed: bool,
+    },
+    Flushed {
+        required: Vec<(BlockNo, u64)>,
+    },
 }
 
 struct Model {
@@ -196,7 +205,8 @@ impl Model {
         while let Some(r) = self.c.take_ready() {
             match r {
                 Ready::Block { waiter, result } => {
-                    let Some(Wait::Block { block, blank, fill }) = self.waits.remove(&waiter) else {
+                    let Some(Wait::Block { block, blank, fill }) = self.waits.remove(&waiter)
+                    else {
                         panic!("unexpected {r:?}");
                     };
                     match result {
@@ -237,7 +247,10 @@ impl Model {
         assert_eq!(s.capacity, self.capacity);
         assert_eq!(self.c.in_flight(), self.c.store().pending());
         for p in &self.pins {
-            let buf = self.c.try_buf(p.h).expect("a pinned block keeps its buffer");
+            let buf = self
+                .c
+                .try_buf(p.h)
+                .expect("a pinned block keeps its buffer");
             assert_eq!(stamp_of(buf), p.content, "a pinned buffer changed");
             assert_eq!(self.c.block(p.h), p.block);
         }
@@ -368,10 +381,19 @@ impl Model {
                 break;
             }
         }
-        assert!(self.waits.is_empty(), "waits never answered: {:?}", self.waits);
+        assert!(
+            self.waits.is_empty(),
+            "waits never answered: {:?}",
+            self.waits
+        );
         assert_eq!(self.c.in_flight(), 0);
         let w = self.waiter();
-        self.waits.insert(w, Wait::Flushed { required: Vec::new() });
+        self.waits.insert(
+            w,
+            Wait::Flushed {
+                required: Vec::new(),
+            },
+        );
         self.c.flush(None, w);
         bufcache::mem::complete_all(&mut self.c);
         assert_eq!(
