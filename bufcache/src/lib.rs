@@ -58,6 +58,26 @@
 //! [`Op::Flush`]. Its result is the first error among those writes and the
 //! store flush. A failed write-back leaves the block dirty; a failed
 //! write-through drops the block (see [`Cache::write_through`]).
+//!
+//! ```
+//! use bufcache::mem::MemStore;
+//! use bufcache::{Cache, Config, Lookup, Ready, Replacement};
+//!
+//! let config = Config { block_size: 512, capacity_bytes: 4096, replacement: Replacement::Clock };
+//! let mut cache = Cache::new(MemStore::new(16, 512), config);
+//! assert_eq!(cache.get(3, 1), Lookup::Wait);
+//! // The store's completions go back to the cache.
+//! let (tag, buf, result) = cache.store_mut().complete_one(0);
+//! cache.complete(tag, buf, result);
+//! let Some(Ready::Block { waiter: 1, result: Ok(h) }) = cache.take_ready() else { panic!() };
+//! cache.buf_mut(h).fill(7);
+//! cache.mark_dirty(h);
+//! cache.unpin(h);
+//! cache.flush(None, 2);
+//! bufcache::mem::complete_all(&mut cache);
+//! assert_eq!(cache.take_ready(), Some(Ready::Flushed { waiter: 2, result: Ok(()) }));
+//! assert_eq!(cache.store().durable_block(3), &[7; 512][..]);
+//! ```
 
 #![no_std]
 #![forbid(unsafe_code)]
