@@ -44,6 +44,13 @@
 //! end) serves the waiting misses in order. Pinned and busy blocks are
 //! never victims.
 //!
+//! **Flush.** [`Cache::flush`] writes the dirty blocks in its range (a
+//! pinned one when it is unpinned), waits for those writes and for any
+//! write of a block in the range already in flight, then issues one store
+//! [`Op::Flush`]. Its result is the first error among those writes and the
+//! store flush. A failed write-back leaves the block dirty; a failed
+//! write-through drops the block (see [`Cache::write_through`]).
+//!
 //! **Invalidate.** [`Cache::invalidate`] drops blocks and discards their
 //! changes. A pinned or busy block stays in its slot, marked, until its
 //! pins and I/O are gone; lookups of it wait until then and re-read.
@@ -51,13 +58,6 @@
 //! **Errors.** A failed read fails every lookup that waited for it and
 //! drops the slot. Stale handles (a slot since given to another block) are
 //! ignored, and [`Cache::try_buf`] answers None for them.
-//!
-//! **Flush.** [`Cache::flush`] writes the dirty blocks in its range (a
-//! pinned one when it is unpinned), waits for those writes and for any
-//! write of a block in the range already in flight, then issues one store
-//! [`Op::Flush`]. Its result is the first error among those writes and the
-//! store flush. A failed write-back leaves the block dirty; a failed
-//! write-through drops the block (see [`Cache::write_through`]).
 //!
 //! ```
 //! use bufcache::mem::MemStore;
