@@ -310,7 +310,7 @@ impl Raid5Geom {
         bio: Bio,
         result: BioResult,
     ) {
-        if !self.ops.get(op).is_some_and(|o| plan16(o.plan) == plan) {
+        if self.ops.get(op).is_none_or(|o| plan16(o.plan) != plan) {
             return;
         }
         if result.is_err() {

@@ -246,6 +246,8 @@ pub(crate) struct RowOp {
     slot: Option<(usize, u64, u64)>,
     /// Columns whose parity changes (bit `c`), as the log entry records.
     mask: u64,
+    /// Members that could not serve the row when the op was planned.
+    down: u64,
     /// A member failed under this op (its result is decided at the end).
     failed_io: bool,
     result: BioResult,
