@@ -600,18 +600,18 @@ impl Raid5Geom {
                 .filter(|&k| e.written[k].0 < e.written[k].1)
                 .map(|k| self.layout.member(row, k))
                 .collect();
-            if !self.available(m, row) || need.iter().any(|&x| !self.available(x, row)) {
+            if !self.available(m, row) {
                 let r = self.replay.as_mut().expect("replay");
                 r.skipped += 1;
                 r.current += 1;
                 continue;
             }
+            // Bytes written to a member that is gone now keep the parity
+            // on disk (read too); all others are made to match.
+            let mut need: Vec<usize> = need.into_iter().filter(|&x| self.available(x, row)).collect();
+            need.push(m);
             let r = self.replay.as_mut().expect("replay");
             r.chunks.iter_mut().for_each(|c| *c = None);
-            if need.is_empty() {
-                r.pending = 1;
-                return self.replay_done(io, m, R_CHUNK, 0, Bio::flush(), Ok(()));
-            }
             r.pending = need.len() as u32;
             for x in need {
                 let bio = Bio::with_data(
@@ -644,6 +644,7 @@ impl Raid5Geom {
             .unwrap_or_default();
         let mut writes: Vec<(u64, Page)> = Vec::new();
         let mut i = 0;
+        let mut partial = false;
         for c in 0..self.layout.columns() {
             if e.mask & (1 << c) == 0 {
                 continue;
@@ -664,6 +665,7 @@ impl Raid5Geom {
                 src.push(Source { sg: pp, at: 0, to: 0, len: PAGE_SIZE, mix: Mix::Xor });
             }
             let (cs, ce) = (c * COLUMN, (c + 1) * COLUMN);
+            let mut keep = Vec::new();
             for k in 0..self.layout.data() {
                 let (s, en) = (u64::from(e.written[k].0), u64::from(e.written[k].1));
                 let (ws, we) = (s.max(cs), en.min(ce));
@@ -671,8 +673,17 @@ impl Raid5Geom {
                     continue;
                 }
                 let x = self.layout.member(e.row, k);
-                if let Some(sg) = &r.chunks[x] {
-                    src.push(Source { sg, at: ws, to: (ws - cs) as usize, len: (we - ws) as usize, mix: Mix::Xor });
+                match &r.chunks[x] {
+                    Some(sg) if x != m => src.push(Source { sg, at: ws, to: (ws - cs) as usize, len: (we - ws) as usize, mix: Mix::Xor }),
+                    _ => keep.push((ws, we)),
+                }
+            }
+            if !keep.is_empty() {
+                partial = true;
+            }
+            if let Some(old) = &r.chunks[m] {
+                for (ws, we) in keep {
+                    src.push(Source { sg: old, at: ws, to: (ws - cs) as usize, len: (we - ws) as usize, mix: Mix::Copy });
                 }
             }
             if combine(&dst, &src, counters).is_err() {
@@ -681,7 +692,11 @@ impl Raid5Geom {
             writes.push((self.layout.row_offset(e.row) + cs, dst));
         }
         let r = self.replay.as_mut().expect("replay");
-        r.replayed += 1;
+        if partial {
+            r.skipped += 1;
+        } else {
+            r.replayed += 1;
+        }
         r.pending = writes.len() as u32;
         // The row's cached parity is stale now.
         let b = self.layout.block(m, e.row, 0);
