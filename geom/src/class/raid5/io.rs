@@ -253,6 +253,7 @@ impl Raid5Geom {
             slot: None,
             mask: 0,
             down: 0,
+            reserved: 0,
             failed_io: false,
             result: Ok(()),
         })
@@ -363,6 +364,11 @@ impl Raid5Geom {
         o.plan += 1;
         o.phase = Phase::Reading;
         o.failed_io = false;
+        let held = core::mem::take(&mut o.reserved);
+        self.reserved -= held;
+        let Some(o) = self.ops.get_mut(op) else {
+            return;
+        };
         let u = self.layout.unit;
         let (ks, ke) = (o.start % u, (o.end - 1) % u + 1);
         let (c0, c1) = if o.start / u == (o.end - 1) / u {
@@ -426,7 +432,18 @@ impl Raid5Geom {
             // be: a missing parity member leaves every data chunk readable.
             return self.finish_op(io, op, Err(BioError::Io));
         }
+        // Room in the stripe cache for every block the op pins, so ops
+        // holding part of what they need never fill it between them.
+        let need = wanted.len();
+        if need > 0 && self.reserved > 0 && self.reserved + need > self.cache.config().capacity() {
+            self.room_waiters.push_back(op);
+            return;
+        }
+        self.reserved += need;
         let plan = o.plan;
+        if let Some(o) = self.ops.get_mut(op) {
+            o.reserved = need;
+        }
         let mut waiting = 0;
         for (m, c, read) in wanted {
             let block = self.layout.block(m, row, c);
@@ -985,6 +1002,7 @@ impl Raid5Geom {
         let Some(o) = self.ops.remove(op) else {
             return;
         };
+        self.reserved -= o.reserved;
         let width = (o.col1 - o.col0) as usize;
         let p = self.layout.parity(o.row);
         let wrote = o.kind == OpKind::Write && o.phase == Phase::Writing;
@@ -1021,6 +1039,17 @@ impl Raid5Geom {
             }
         }
         self.unlock(io, op, o.row);
+        while let Some(&next) = self.room_waiters.front() {
+            let fits = self.ops.get(next).is_none()
+                || self.reserved == 0
+                || self.reserved + self.layout.members * self.layout.columns() as usize
+                    <= self.cache.config().capacity();
+            if !fits {
+                break;
+            }
+            self.room_waiters.pop_front();
+            self.plan_op(io, next);
+        }
         match o.kind {
             OpKind::Write | OpKind::Rebuilt => self.piece_done(io, o.parent, result),
             OpKind::Job => self.job_row_done(io, result),
