@@ -274,7 +274,11 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         bp.layout.media_size(),
         bp.sector,
     );
-    spec.stripe_size = bp.layout.row_bytes().min(u64::from(u32::MAX)) as u32;
+    // The preferred request size (NBD wants a power of two): a whole row
+    // when it is one, else a chunk.
+    let row = bp.layout.row_bytes();
+    spec.stripe_size = if row.is_power_of_two() { row } else { bp.layout.unit }
+        .min(1 << 24) as u32;
     spec.can_flush = true;
     spec.can_discard = true;
     spec.can_write_zeroes = true;

@@ -340,7 +340,9 @@ impl Raid5Geom {
 
     /// XOR of the chunks read, column by column, into the first one's pages.
     fn xor_chunks(&self, io: &Io<'_>, bufs: &[SgList]) -> Result<(), BioError> {
-        let counters = &io.stats(self.provider).data;
+        // Jobs are not the data path: their maps count apart, with the
+        // metadata I/O.
+        let counters = io.meta_counters();
         let first = bufs.first().ok_or(BioError::Io)?;
         for (c, dst) in first.iter().enumerate() {
             let src: Vec<Source<'_>> = bufs[1..]
@@ -362,7 +364,7 @@ impl Raid5Geom {
             return self.finish_op(io, op, Err(e));
         }
         if kind == OpKind::Scrub {
-            let counters = &io.stats(self.provider).data;
+            let counters = io.meta_counters();
             let mut bad = 0;
             for r in bufs[0].iter() {
                 if with_page(&r.page, counters, |b| b.iter().any(|&x| x != 0)).unwrap_or(true) {
@@ -425,6 +427,16 @@ impl Raid5Geom {
         };
         j.checkpointing = false;
         if result.is_err() {
+            // A member failed its flush and left: the job cannot go on.
+            if let JobKind::Rebuild(t) = j.kind {
+                if self.members[t].state == MemberState::Rebuilding {
+                    self.members[t].state = MemberState::Failed;
+                    self.members[t].why = Some(String::from("rebuild failed"));
+                }
+            }
+            self.job = None;
+            self.generation += 1;
+            self.barrier = self.touch_all();
             return;
         }
         j.persisted = j.next;
@@ -636,7 +648,7 @@ impl Raid5Geom {
         let Some((m, slot, e)) = r.entries.get(r.current).cloned() else {
             return self.replay_flush(io);
         };
-        let counters = &io.stats(self.provider).data;
+        let counters = io.meta_counters();
         let spp = 1 + self.layout.columns() as usize;
         let log_pages: Vec<Page> = r.logs[m]
             .as_ref()
