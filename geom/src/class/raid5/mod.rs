@@ -319,6 +319,10 @@ pub struct Raid5Geom {
     replay_stats: (u64, u64),
     queued: VecDeque<Bio>,
     meta_version: u64,
+    /// The records say clean (see `jobs::FLAG_CLEAN`).
+    clean: bool,
+    /// The version of the records that stopped saying clean.
+    dirty_version: u64,
     /// Write completions wait until every present member's record holds
     /// this version (a member dropped: the others must say so first).
     barrier: u64,

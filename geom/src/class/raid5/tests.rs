@@ -185,7 +185,16 @@ fn tasting_reassembles_in_any_order_and_a_missing_disk_degrades() {
     let data = testing::pattern(2, 0, size);
     testing::write(&mut s, c, 0, &data).unwrap();
     testing::flush(&mut s, c).unwrap();
+    // A flush with nothing in flight leaves the records clean: the next
+    // assembly reads no log.
+    assert_eq!(status(&s)["clean"], true);
     let images: Vec<Vec<u8>> = disks.iter().map(|d| d.durable()).collect();
+    for m in &images {
+        let rec = crate::meta::MetaRepr::from_bytes(&m[m.len() - 512..]).unwrap();
+        assert_eq!(rec.flags & super::jobs::FLAG_CLEAN, super::jobs::FLAG_CLEAN);
+    }
+    testing::write(&mut s, c, 0, &[1; 4096]).unwrap();
+    assert_eq!(status(&s)["clean"], false);
     for order in [vec![2usize, 0, 1], vec![1, 2]] {
         let imgs: Vec<Vec<u8>> = order.iter().map(|&i| images[i].clone()).collect();
         let (mut s, _) = testing::stack_from_images(&imgs, 512);
@@ -452,12 +461,19 @@ fn crash_points(dead: Option<usize>) {
                 let (mut s, d) = testing::stack_from_images(&imgs, 512);
                 assert!(s.settle(1000));
                 let what = format!("cut {cut} keep {keep} lost {lost:?}");
+                if s.find_geom("raid5", "r0").is_none() {
+                    let log: Vec<&str> = s.taste_log().collect();
+                    panic!("cut {cut} keep {keep} lost {lost:?}: {log:?}");
+                }
                 if lost.is_none() {
                     let l = layout_of(&s);
                     let img: Vec<Vec<u8>> = d.iter().map(|x| x.contents()).collect();
-                    assert_eq!(parity_mismatches(&l, &img), 0, "{what}");
+                    assert_eq!(parity_mismatches(&l, &img), 0, "{what} {}", status(&s)["log"]);
                 }
-                let c = s.open("raid5/r0", Access::READ).unwrap();
+                let c = s.open("raid5/r0", Access::READ).unwrap_or_else(|e| {
+                    let log: Vec<&str> = s.taste_log().collect();
+                    panic!("{what}: {e:?}: {log:?}")
+                });
                 let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
                 let got = testing::read(&mut s, c, 0, size).unwrap();
                 expect.check(&got, &what);
