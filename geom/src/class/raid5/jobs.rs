@@ -222,7 +222,8 @@ impl Raid5Geom {
         }
         if let Some(j) = &mut self.job {
             if !j.busy && !j.checkpointing {
-                if j.next >= self.layout.rows || j.next - j.persisted >= CHECKPOINT_ROWS {
+                let every = CHECKPOINT_ROWS.min(self.layout.rows / 8).max(1);
+                if j.next >= self.layout.rows || j.next - j.persisted >= every {
                     j.checkpointing = true;
                     self.start_flush(io, None, true);
                     did = true;

@@ -79,7 +79,8 @@ pub const CLASS_NAME: &str = "raid5";
 pub const DEFAULT_UNIT: u64 = 64 * 1024;
 /// Bytes of stripe cache per array.
 pub const CACHE_BYTES: u64 = 4 << 20;
-/// Rows a job (rebuild, resync) copies between two records of its progress.
+/// Most rows a job (rebuild, resync) copies between two records of its
+/// progress (an eighth of the rows on a small array).
 pub const CHECKPOINT_ROWS: u64 = 256;
 /// Bytes a job may move per clock value (one run of the event loop), so
 /// a fast device cannot keep the stack busy with it while clients wait.
