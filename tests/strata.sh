@@ -83,7 +83,7 @@ test)
     # so integer overflow panics instead of wrapping (about 30 s, plus a
     # debug build of the two crates); a test in each crate fails if the
     # variable is set and overflow wraps.
-    STRATA_OVERFLOW_CHECKS=1 cargo test -q -p geom -p net -- \
+    STRATA_OVERFLOW_CHECKS=1 cargo test -q -p geom -p net -p bufcache -- \
         --test-threads="${STRATA_TEST_THREADS:-2}"
     cargo test --workspace --release -- --test-threads="${STRATA_TEST_THREADS:-2}"
     ;;
