@@ -178,8 +178,25 @@ impl Raid5Geom {
             return;
         };
         if result.is_err() && result != Err(BioError::NoMemory) {
-            self.fail_member(io, r.member, "read error");
-            self.route_reads(io, r.parent, &r.pieces);
+            // Served from the rest of the row instead. A read error alone
+            // does not drop the member (md's way: the disk may be fine
+            // elsewhere); a member whose provider is gone, or whose disk
+            // gave up after its errors in a row, leaves.
+            if result != Err(BioError::Io) {
+                self.fail_member(io, r.member, "read error");
+            }
+            if let Some(par) = self.parents.get_mut(r.parent) {
+                par.pending += r.pieces.len() as u32;
+            }
+            for p in &r.pieces {
+                if self.available(p.member, p.row) {
+                    self.start_rebuilt_read(io, r.parent, p);
+                    self.piece_done(io, r.parent, Ok(()));
+                } else {
+                    self.route_reads(io, r.parent, core::slice::from_ref(p));
+                    self.piece_done(io, r.parent, Ok(()));
+                }
+            }
             self.piece_done(io, r.parent, Ok(()));
             return;
         }
@@ -384,8 +401,15 @@ impl Raid5Geom {
         let old: Vec<_> = core::mem::take(&mut o.blocks).into_iter().flatten().collect();
         o.blocks = vec![None; n * width];
         o.pp.clear();
+        // A parity block an earlier plan computed into holds bytes no
+        // member has: dropped, so the new plan reads it again.
+        let pblocks = self.layout.member_blocks(self.layout.parity(o.row));
         for h in old {
+            let b = self.cache.block(h);
             self.cache.unpin(h);
+            if pblocks.contains(&b) {
+                self.cache.invalidate(b..b + 1);
+            }
         }
         let down = self.down_mask(self.ops.get(op).map_or(0, |o| o.row));
         if let Some(o) = self.ops.get_mut(op) {
@@ -418,7 +442,9 @@ impl Raid5Geom {
                     Method::Degraded => true,
                     Method::NoParity => false,
                 };
-                if need && self.available(m, row) {
+                // A rebuilt read never reads the chunk it rebuilds.
+                let target = o.kind == OpKind::Rebuilt && m == self.layout.member(row, (o.start / u) as usize);
+                if need && self.available(m, row) && !target {
                     wanted.push((m, c, true));
                 }
             }
