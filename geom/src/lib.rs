@@ -20,6 +20,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod bio;
+pub mod cachestore;
 pub mod class;
 pub mod config;
 pub mod ctl;
@@ -27,6 +28,7 @@ pub mod disk;
 pub mod fanout;
 pub mod meta;
 pub mod page;
+mod slab;
 pub mod stack;
 pub mod taste;
 #[cfg(any(test, feature = "testing"))]

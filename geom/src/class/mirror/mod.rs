@@ -114,6 +114,7 @@ pub use history::{
 pub use label::FLAG_SYNCHRONIZING;
 
 use crate::bio::{Bio, BioResult, ConsumerId, ProviderId};
+use crate::slab::Slab;
 use crate::stack::{Geom, Io, StackError};
 use alloc::collections::VecDeque;
 use alloc::format;
@@ -511,54 +512,6 @@ fn uncookie(c: u64) -> (Option<Kind>, ConsumerId, u32) {
         _ => None,
     };
     (kind, ConsumerId(((c >> 32) & 0x0fff_ffff) as u32), c as u32)
-}
-
-/// A slab of values addressed by `u32` slots, reused after removal.
-#[derive(Debug)]
-struct Slab<T> {
-    items: Vec<Option<T>>,
-    free: Vec<u32>,
-}
-
-impl<T> Slab<T> {
-    const fn new() -> Slab<T> {
-        Slab {
-            items: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-
-    fn insert(&mut self, v: T) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.items[i as usize] = Some(v);
-                i
-            }
-            None => {
-                self.items.push(Some(v));
-                self.items.len() as u32 - 1
-            }
-        }
-    }
-
-    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
-        self.items.get_mut(i as usize)?.as_mut()
-    }
-
-    fn remove(&mut self, i: u32) -> Option<T> {
-        let v = self.items.get_mut(i as usize)?.take();
-        if v.is_some() {
-            self.free.push(i);
-        }
-        v
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| Some((i as u32, v.as_ref()?)))
-    }
 }
 
 /// The mirror geom.

@@ -1,0 +1,295 @@
+use super::layout::{xor, Layout};
+use super::*;
+use crate::bio::BioError;
+use crate::class::Class;
+use crate::config::parse_line;
+use crate::ctl::{self, CtlError};
+use crate::stack::{Access, Stack};
+use crate::testing::{self, FakeDiskHandle};
+use alloc::format;
+use alloc::string::ToString;
+use alloc::vec;
+use proptest::prelude::*;
+
+fn apply(s: &mut Stack, line: &str) -> Result<(), CtlError> {
+    ctl::apply(s, &parse_line(line, 1).unwrap().unwrap())
+}
+
+fn names(n: usize) -> String {
+    (0..n).map(crate::disk::vtbd_name).collect::<Vec<_>>().join(" ")
+}
+
+fn status(s: &Stack) -> serde_json::Value {
+    let (_, v) = CLASS.status(s).unwrap();
+    v[0].clone()
+}
+
+/// The array's layout, from its record on disk 0.
+fn layout_of(s: &Stack) -> Layout {
+    let g = s.find_geom("raid5", "r0").unwrap();
+    let c = s.dumpconf(g);
+    let n = c["members"].as_array().unwrap().len();
+    Layout {
+        members: n,
+        unit: c["stripe_unit"].as_u64().unwrap(),
+        rows: c["rows"].as_u64().unwrap(),
+        slots: c["log_slots"].as_u64().unwrap(),
+    }
+}
+
+/// Every row's parity equals the XOR of its data, on the disks' images.
+fn parity_mismatches(l: &Layout, images: &[Vec<u8>]) -> usize {
+    let mut bad = 0;
+    for row in 0..l.rows {
+        let at = l.row_offset(row) as usize;
+        let mut acc = vec![0u8; l.unit as usize];
+        for img in images {
+            xor(&mut acc, &img[at..at + l.unit as usize]);
+        }
+        bad += usize::from(acc.iter().any(|&b| b != 0));
+    }
+    bad
+}
+
+fn array(n: usize, size: u64, unit: &str) -> (Stack, Vec<FakeDiskHandle>, crate::bio::ConsumerId) {
+    let (mut s, disks) = testing::stack_with_disks(n, size, 512);
+    apply(&mut s, &format!("raid5 label -s {unit} r0 {}", names(n))).unwrap();
+    let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
+    (s, disks, c)
+}
+
+#[test]
+fn statements_parse_and_errors_name_the_column() {
+    use crate::class::parse_test;
+    assert_eq!(
+        parse_test::cmd::<Raid5Label>("raid5 label -s 16k r0 vtbd0 vtbd1 vtbd2"),
+        Raid5Label {
+            name: "r0".into(),
+            providers: vec!["vtbd0".into(), "vtbd1".into(), "vtbd2".into()],
+            unit: 16384,
+            ppl: true,
+        }
+    );
+    assert!(!parse_test::cmd::<Raid5Label>("raid5 label -n r0 a b c").ppl);
+    assert_eq!(
+        parse_test::cmd::<Raid5Member>("raid5 insert r0 vtbd3"),
+        Raid5Member { name: "r0".into(), provider: "vtbd3".into(), insert: true }
+    );
+    let (c, m) = parse_test::err("raid5 label r0 vtbd0 vtbd1");
+    assert_eq!(c, 16);
+    assert!(m.contains("three"), "{m}");
+    assert_eq!(parse_test::err("raid5 label -s 3k r0 a b c").0, 16);
+    assert_eq!(parse_test::err("raid5 label -s 512k r0 a b c").0, 16);
+    assert_eq!(parse_test::err("raid5 frob r0").0, 7);
+}
+
+#[test]
+fn data_and_parity_land_left_symmetric() {
+    let (mut s, disks, c) = array(3, 256 << 10, "4k");
+    let l = layout_of(&s);
+    let size = s.provider(s.consumer_provider(c)).spec.media_size;
+    assert_eq!(size, l.rows * 2 * 4096);
+    let data = testing::pattern(3, 0, size as usize);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    let img: Vec<Vec<u8>> = disks.iter().map(|d| d.contents()).collect();
+    for row in 0..l.rows {
+        for k in 0..2 {
+            let m = l.member(row, k);
+            let on = l.row_offset(row) as usize;
+            let at = ((row * 2 + k as u64) * 4096) as usize;
+            assert_eq!(&img[m][on..on + 4096], &data[at..at + 4096], "row {row} chunk {k}");
+        }
+    }
+    assert_eq!(parity_mismatches(&l, &img), 0);
+    assert_eq!(testing::read(&mut s, c, 0, size as usize).unwrap(), data);
+    assert_eq!(status(&s)["state"], "complete");
+}
+
+#[test]
+fn a_full_row_write_reads_nothing_and_maps_each_byte_once() {
+    let (mut s, disks, c) = array(4, 1 << 20, "16k");
+    let p = s.consumer_provider(c);
+    let reads0: u64 = disks.iter().map(|d| d.stats().reads).sum();
+    let mapped0 = s.provider(p).stats.data.bytes_mapped();
+    let row = 3 * 16384;
+    testing::write(&mut s, c, 0, &testing::pattern(1, 0, 4 * row)).unwrap();
+    let reads: u64 = disks.iter().map(|d| d.stats().reads).sum::<u64>() - reads0;
+    assert_eq!(reads, 0, "a full-row write read something");
+    // Each data byte once, each parity byte once.
+    let mapped = s.provider(p).stats.data.bytes_mapped() - mapped0;
+    assert_eq!(mapped, (4 * row + 4 * 16384) as u64);
+}
+
+#[test]
+fn small_writes_read_modify_write_and_use_the_cache() {
+    let (mut s, disks, c) = array(5, 1 << 20, "16k");
+    let reads = |d: &[FakeDiskHandle]| d.iter().map(|d| d.stats().reads).sum::<u64>();
+    let r0 = reads(&disks);
+    // 4k into one chunk of a 4-data-chunk row: old data and old parity.
+    testing::write(&mut s, c, 8192, &[7; 4096]).unwrap();
+    assert_eq!(reads(&disks) - r0, 2);
+    // The same block again: parity comes from the cache.
+    testing::write(&mut s, c, 8192, &[8; 4096]).unwrap();
+    assert_eq!(reads(&disks) - r0, 3);
+    assert_eq!(testing::read(&mut s, c, 8192, 4096).unwrap(), vec![8; 4096]);
+    let conf = s.dumpconf(s.find_geom("raid5", "r0").unwrap());
+    assert!(conf["cache"]["hits"].as_u64().unwrap() >= 1, "{conf}");
+}
+
+#[test]
+fn degraded_reads_and_writes_then_rebuild_onto_a_spare() {
+    let (mut s, disks) = testing::stack_with_disks(4, 512 << 10, 512);
+    apply(&mut s, "raid5 label -s 8k r0 vtbd0 vtbd1 vtbd2").unwrap();
+    let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
+    let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
+    let data = testing::pattern(9, 0, size);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    disks[1].set_dead(true);
+    // The first read that meets the dead member drops it and is served
+    // from the rest of its rows.
+    assert_eq!(testing::read(&mut s, c, 0, size).unwrap(), data);
+    assert_eq!(status(&s)["state"], "degraded");
+    let mut model = data.clone();
+    let patch = testing::pattern(4, 0, 50_176);
+    testing::write(&mut s, c, 10_240, &patch).unwrap();
+    model[10_240..60_416].copy_from_slice(&patch);
+    assert_eq!(testing::read(&mut s, c, 0, size).unwrap(), model);
+    apply(&mut s, "raid5 insert r0 vtbd3").unwrap();
+    assert!(s.settle(1000));
+    let st = status(&s);
+    assert_eq!(st["state"], "complete", "{st}");
+    assert_eq!(st["members"][1]["provider"], "vtbd3");
+    // Lose another original member: the rebuilt one must hold its part.
+    disks[0].set_dead(true);
+    assert_eq!(testing::read(&mut s, c, 0, size).unwrap(), model);
+    assert_eq!(status(&s)["state"], "degraded");
+}
+
+#[test]
+fn a_second_failure_fails_the_affected_io_without_panicking() {
+    let (mut s, disks, c) = array(3, 256 << 10, "4k");
+    testing::write(&mut s, c, 0, &[5; 65536]).unwrap();
+    disks[0].set_dead(true);
+    disks[1].set_dead(true);
+    assert_eq!(testing::read(&mut s, c, 0, 65536), Err(BioError::Io));
+    assert_eq!(testing::write(&mut s, c, 0, &[6; 8192]), Err(BioError::Io));
+    assert_eq!(status(&s)["state"], "failed");
+}
+
+#[test]
+fn tasting_reassembles_in_any_order_and_a_missing_disk_degrades() {
+    let (mut s, disks, c) = array(3, 256 << 10, "4k");
+    let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
+    let data = testing::pattern(2, 0, size);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    let images: Vec<Vec<u8>> = disks.iter().map(|d| d.durable()).collect();
+    for order in [vec![2usize, 0, 1], vec![1, 2]] {
+        let imgs: Vec<Vec<u8>> = order.iter().map(|&i| images[i].clone()).collect();
+        let (mut s, _) = testing::stack_from_images(&imgs, 512);
+        assert!(s.settle(1000));
+        let c = s.open("raid5/r0", Access::READ).unwrap();
+        assert_eq!(testing::read(&mut s, c, 0, size).unwrap(), data);
+        let want = if order.len() == 3 { "complete" } else { "degraded" };
+        assert_eq!(status(&s)["state"], want);
+    }
+}
+
+#[test]
+fn a_member_that_missed_writes_is_rebuilt_when_it_returns() {
+    let (mut s, disks, c) = array(3, 256 << 10, "4k");
+    let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
+    testing::write(&mut s, c, 0, &testing::pattern(1, 0, size)).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    let stale = disks[2].durable();
+    disks[2].set_dead(true);
+    let data = testing::pattern(7, 0, size);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    let images = vec![disks[0].durable(), disks[1].durable(), stale];
+    let (mut s, d2) = testing::stack_from_images(&images, 512);
+    assert!(s.settle(1000));
+    assert_eq!(status(&s)["state"], "complete", "{}", status(&s));
+    let c = s.open("raid5/r0", Access::READ).unwrap();
+    // Lose a member that held the data all along: the rebuilt one serves.
+    d2[0].set_dead(true);
+    assert_eq!(testing::read(&mut s, c, 0, size).unwrap(), data);
+}
+
+#[test]
+fn scrub_counts_parity_mismatches() {
+    let (mut s, disks, c) = array(3, 256 << 10, "4k");
+    testing::write(&mut s, c, 0, &[1; 65536]).unwrap();
+    apply(&mut s, "raid5 scrub r0").unwrap();
+    assert!(s.settle(1000));
+    assert_eq!(status(&s)["scrub"]["mismatches"], 0);
+    assert_eq!(status(&s)["scrub"]["state"], "done");
+    disks[1].write_at(4096 * 3, &[0xee; 512]);
+    apply(&mut s, "raid5 scrub r0").unwrap();
+    assert!(s.settle(1000));
+    assert_eq!(status(&s)["scrub"]["mismatches"], 1);
+}
+
+#[test]
+fn the_initial_resync_makes_every_row_consistent() {
+    let images: Vec<Vec<u8>> = (0..3).map(|i| testing::pattern(i, 0, 256 << 10)).collect();
+    let (mut s, disks) = testing::stack_from_images(&images, 512);
+    assert!(s.settle(1000));
+    apply(&mut s, "raid5 label -s 4k r0 vtbd0 vtbd1 vtbd2").unwrap();
+    assert!(s.settle(1000));
+    let l = layout_of(&s);
+    let img: Vec<Vec<u8>> = disks.iter().map(|d| d.contents()).collect();
+    assert_eq!(parity_mismatches(&l, &img), 0);
+    assert!(status(&s)["job"].is_null());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    #[test]
+    fn behaves_like_a_flat_array(ops in testing::ops_all(600, 64, 40), n in 3usize..6,
+                                 shift in 12u32..15, fail in proptest::option::of(0usize..5)) {
+        let (mut s, disks) = testing::stack_with_disks(n + 1, 256 << 10, 512);
+        let members = (0..n).map(crate::disk::vtbd_name).collect::<Vec<_>>().join(" ");
+        apply(&mut s, &format!("raid5 label -s {} r0 {members}", 1u64 << shift)).unwrap();
+        let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
+        let half = ops.len() / 2;
+        testing::run_model(&mut s, c, &ops[..half], &disks[..n]);
+        if let Some(f) = fail {
+            disks[f % n].set_dead(true);
+        }
+        testing::run_model(&mut s, c, &ops[half..], &[]);
+        if fail.is_some() {
+            apply(&mut s, &format!("raid5 insert r0 {}", crate::disk::vtbd_name(n))).unwrap();
+            prop_assert!(s.settle(1000));
+            let st = status(&s);
+            prop_assert_eq!(st["state"].as_str(), Some("complete"));
+        }
+        testing::flush(&mut s, c).unwrap();
+        let l = layout_of(&s);
+        let g = s.find_geom("raid5", "r0").unwrap();
+        let members = s.dumpconf(g)["members"].clone();
+        let imgs: Vec<Vec<u8>> = members.as_array().unwrap().iter().map(|m| {
+            let name = m.as_str().unwrap().to_string();
+            let i: usize = name[4..].parse().unwrap();
+            disks[i].contents()
+        }).collect();
+        prop_assert_eq!(parity_mismatches(&l, &imgs), 0);
+    }
+}
+
+#[test]
+fn scratch_debug() {
+    use testing::Op;
+    let (mut s, disks) = testing::stack_with_disks(4, 256 << 10, 512);
+    apply(&mut s, "raid5 label -s 8k r0 vtbd0 vtbd1 vtbd2").unwrap();
+    let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
+    let ops = vec![Op::Read { at: 0, len: 1 }, Op::Discard { at: 58, len: 14 }, Op::Write { at: 12, len: 1, seed: 0 },
+        Op::Write { at: 208, len: 9, seed: 0 }, Op::Flush, Op::Write { at: 209, len: 15, seed: 0 }, Op::RacingFlush,
+        Op::Write { at: 216, len: 9, seed: 245 }, Op::Write { at: 564, len: 45, seed: 97 }, Op::Read { at: 56, len: 34 },
+        Op::Read { at: 554, len: 29 }, Op::Read { at: 165, len: 53 }];
+    testing::run_model(&mut s, c, &ops[..5], &disks[..3]);
+    disks[0].set_dead(true);
+    testing::run_model(&mut s, c, &ops[5..], &[]);
+}
