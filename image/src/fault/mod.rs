@@ -17,7 +17,7 @@
 //! The final check reads the redundant arrays from `/status`: every class
 //! section that lists entries with a `name` and a list of `members`
 //! (`"mirrors"`, `"raid5"`). An entry is still copying while its
-//! `resync`, `recovery` or `rebuild` is set or its `state` is
+//! `resync`, `recovery`, `rebuild` or `job` is set or its `state` is
 //! `rebuilding`; an entry with a `scrub` object is scrubbed (`CLASS scrub
 //! NAME` through `POST /geom`, the class being the section's name less a
 //! plural `s`) and its `mismatches` are counted against the campaign.
@@ -364,14 +364,15 @@ impl Array {
     }
 
     /// What it is copying, if anything: a resync or recovery (mirror), a
-    /// rebuild (raid5).
+    /// rebuild, or a background job such as a parity resync (raid5).
     fn copying(&self) -> Option<String> {
-        for key in ["resync", "recovery", "rebuild"] {
+        for key in ["resync", "recovery", "rebuild", "job"] {
             let v = &self.doc[key];
             if !v.is_null() {
+                let what = v["kind"].as_str().unwrap_or(key);
                 return Some(match v["member"].as_u64() {
-                    Some(m) => format!("{key} of member {m}"),
-                    None => key.to_string(),
+                    Some(m) => format!("{what} of member {m}"),
+                    None => what.to_string(),
                 });
             }
         }
@@ -1345,6 +1346,10 @@ mod tests {
         assert_eq!(a[0].providers(), ["vtbd0", "vtbd1"]);
         assert_eq!(a[2].providers(), ["vtbd3", "vtbd5"]);
         assert!(a[0].scrub().is_none() && a[2].scrub().is_some());
+        // A raid5's parity resync is a job.
+        let st = json!({"raid5": [{"name": "r0", "state": "complete", "members": [],
+                                  "rebuild": null, "job": {"kind": "resync"}}]});
+        assert_eq!(arrays(&st)[0].copying().as_deref(), Some("resync"));
         // A rebuild that has not posted its progress yet still counts.
         let st = json!({"raid5": [{"name": "r0", "state": "rebuilding", "members": [],
                                   "rebuild": null}]});
