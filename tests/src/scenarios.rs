@@ -1097,9 +1097,23 @@ impl Image {
             .filter(|(_, (a, b))| a != b)
             .map(|(i, _)| i * 4096)
             .collect();
+        let first = bad.first().map_or(String::new(), |&at| {
+            let what = |b: &[u8]| {
+                if b.iter().all(|&x| x == b[0]) {
+                    format!("all {:#04x}", b[0])
+                } else {
+                    format!("{:02x?}…", &b[..8])
+                }
+            };
+            format!(
+                "; at {at} it holds {}, expected {}",
+                what(&got[at..at + 4096]),
+                what(&self.bytes[at..at + 4096])
+            )
+        });
         assert!(
             bad.is_empty(),
-            "{when}: {} blocks of 4 KiB differ, the first at byte {:?}",
+            "{when}: {} blocks of 4 KiB differ, the first at bytes {:?}{first}",
             bad.len(),
             &bad[..bad.len().min(8)]
         );
