@@ -1160,8 +1160,15 @@ pub fn raid5_member_failure_rebuild_restart(p: Platform) {
     let a = start(&[0, 1, 2, 3], RAID5_CONFIG);
     assert_eq!(a.ready, vec![a.uri("vol")]);
     let vol = a.uri("vol");
-    let r0 = raid5_entry(&a, "r0");
-    assert_eq!(r0["state"], "complete", "{r0}");
+    // A new array computes its parity first (a resync job, `rebuilding`).
+    let r0 = wait_for(
+        "r0 to finish its first parity resync",
+        Duration::from_secs(180),
+        || {
+            let r0 = raid5_entry(&a, "r0");
+            (r0["state"] == "complete").then_some(r0)
+        },
+    );
     assert_eq!(r0["stripe_unit"], 16384, "{r0}");
     assert_eq!(r0["ppl"], true, "{r0}");
     assert_eq!(raid5_members(&r0).len(), 3, "{r0}");
