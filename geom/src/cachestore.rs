@@ -29,6 +29,7 @@ pub struct ConsumerStore {
 }
 
 /// What the class does with the next queued operation.
+#[allow(clippy::large_enum_variant)]
 pub enum Submit {
     /// Send `bio` through `consumer`; give it back with its `tag`.
     Bio {

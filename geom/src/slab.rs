@@ -35,10 +35,6 @@ impl<T> Slab<T> {
         self.items.get(i as usize)?.as_ref()
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.items.len() - self.free.len()
-    }
-
     pub(crate) fn get_mut(&mut self, i: u32) -> Option<&mut T> {
         self.items.get_mut(i as usize)?.as_mut()
     }

@@ -60,6 +60,9 @@ struct State {
     reorder: bool,
     depth: usize,
     hold: bool,
+    /// Completions the device may still make, shared between disks (a
+    /// test steps a whole stack one completion at a time).
+    budget: Option<Arc<core::sync::atomic::AtomicUsize>>,
     /// `abort` stops the device and hands back what it holds (a reset);
     /// false: it keeps its bios, as a device that cannot be stopped.
     stoppable: bool,
@@ -150,6 +153,7 @@ impl FakeDisk {
             reorder: true,
             depth: 16,
             hold: false,
+            budget: None,
             stoppable: true,
             needs_reset: false,
             dead: false,
@@ -221,6 +225,14 @@ impl BlockDevice for FakeDisk {
                 st.queue.len()
             };
             for _ in 0..n {
+                if let Some(b) = &st.budget {
+                    use core::sync::atomic::Ordering::SeqCst;
+                    if b.fetch_update(SeqCst, SeqCst, |v| v.checked_sub(1))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
                 let i = if st.reorder {
                     (st.rng.next_u32() as usize) % st.queue.len()
                 } else {
@@ -288,6 +300,13 @@ impl FakeDiskHandle {
     /// Fails the next `n` requests with EIO.
     pub fn fail_next(&self, n: u32) {
         self.state.lock().fail_next = n;
+    }
+
+    /// Lets the device complete only as many requests as `budget` holds
+    /// (shared by every disk given the same counter; each completion takes
+    /// one), or any number (`None`).
+    pub fn set_budget(&self, budget: Option<Arc<core::sync::atomic::AtomicUsize>>) {
+        self.state.lock().budget = budget;
     }
 
     /// Holds completions back (true) until released (false).

@@ -76,6 +76,80 @@ const COUNTERS: [(&str, &str, Get); 12] = [
 ];
 
 impl Service {
+    /// Each buffer cache's figures (a raid5's stripe cache), by its name.
+    fn cache_metrics(&self, s: &mut String) {
+        let caches = self.stack.caches();
+        type Figure = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&bufcache::Stats) -> u64,
+        );
+        let figures: [Figure; 9] = [
+            (
+                "hits_total",
+                "counter",
+                "Lookups answered from the cache.",
+                |c| c.hits,
+            ),
+            (
+                "misses_total",
+                "counter",
+                "Lookups that waited for the backing store or a slot.",
+                |c| c.misses,
+            ),
+            (
+                "evictions_total",
+                "counter",
+                "Clean blocks dropped to make room.",
+                |c| c.evictions,
+            ),
+            (
+                "writebacks_total",
+                "counter",
+                "Dirty blocks written back.",
+                |c| c.writebacks,
+            ),
+            (
+                "read_errors_total",
+                "counter",
+                "Block reads the backing store failed.",
+                |c| c.read_errors,
+            ),
+            (
+                "write_errors_total",
+                "counter",
+                "Block writes the backing store failed.",
+                |c| c.write_errors,
+            ),
+            (
+                "dirty_blocks",
+                "gauge",
+                "Blocks changed and not yet written back.",
+                |c| c.dirty,
+            ),
+            ("blocks", "gauge", "Blocks held now.", |c| c.blocks),
+            (
+                "capacity_blocks",
+                "gauge",
+                "Most blocks the cache holds.",
+                |c| c.capacity,
+            ),
+        ];
+        for (name, kind, help, get) in figures {
+            let _ = writeln!(s, "# HELP strata_bufcache_{name} {help}");
+            let _ = writeln!(s, "# TYPE strata_bufcache_{name} {kind}");
+            for (cache, stats, _) in &caches {
+                let _ = writeln!(
+                    s,
+                    "strata_bufcache_{name}{{cache=\"{}\"}} {}",
+                    label(cache),
+                    get(stats)
+                );
+            }
+        }
+    }
+
     /// The `/metrics` document.
     pub fn metrics(&self) -> String {
         let mut s = String::new();
@@ -104,6 +178,7 @@ impl Service {
                 p.in_flight
             );
         }
+        self.cache_metrics(&mut s);
         let b = self.budget.counters();
         let md_limit = self.limits.md_memory_bytes.unwrap_or(0);
         let gauges: [(&str, &str, &str, u64); 13] = [

@@ -743,3 +743,61 @@ fn a_clean_stop_whose_flush_fails_says_so() {
         "{why}"
     );
 }
+
+/// `n` fake disks of 4 MiB holding `images` (zeroed where empty).
+fn disks_n(
+    n: u64,
+    images: &[Vec<u8>],
+) -> (
+    Vec<Box<dyn BlockDevice>>,
+    Vec<geom::testing::FakeDiskHandle>,
+) {
+    (0..n)
+        .map(|i| {
+            let (d, h) = geom::testing::FakeDisk::new(4 << 20, 512, i);
+            if let Some(img) = images.get(i as usize) {
+                h.write_at(0, img);
+            }
+            (Box::new(d) as Box<dyn BlockDevice>, h)
+        })
+        .unzip()
+}
+
+#[test]
+fn a_raid5_config_boots_again_rebuilds_a_replaced_disk_and_reports_its_cache() {
+    let label = "raid5 label -s 16k r0 vtbd0 vtbd1 vtbd2\nexport nbd vol raid5/r0\n";
+    let (devs, handles) = disks_n(4, &[]);
+    let svc = Service::new(&parse_config(label).unwrap(), devs).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
+    assert_eq!(status["raid5"][0]["name"], "r0", "{status}");
+    let m = svc.metrics();
+    assert!(
+        m.contains("strata_bufcache_capacity_blocks{cache=\"raid5/r0\"} 1024"),
+        "{m}"
+    );
+    drop(svc);
+    // vtbd1 replaced by a blank disk; the config inserts vtbd3.
+    let mut images: Vec<Vec<u8>> = handles.iter().map(|h| h.contents()).collect();
+    images[1] = vec![0; images[1].len()];
+    let insert = format!("{label}raid5 insert r0 vtbd3\n");
+    let cfg = parse_config(&insert).unwrap();
+    let (devs, handles) = disks_n(4, &images);
+    let mut svc = Service::new(&cfg, devs).expect("boots degraded and inserts");
+    for _ in 0..10_000 {
+        svc.poll();
+        let st: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
+        if st["raid5"][0]["state"] == "complete" {
+            break;
+        }
+    }
+    let st: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
+    assert_eq!(st["raid5"][0]["state"], "complete", "{st}");
+    assert_eq!(st["raid5"][0]["members"][1]["provider"], "vtbd3", "{st}");
+    drop(svc);
+    // The same config boots a third time: the insert is on disk already.
+    let images: Vec<Vec<u8>> = handles.iter().map(|h| h.contents()).collect();
+    let (devs, _) = disks_n(4, &images);
+    let svc = Service::new(&cfg, devs).expect("the insert line is done already");
+    let st: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
+    assert_eq!(st["raid5"][0]["state"], "complete", "{st}");
+}

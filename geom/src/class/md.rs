@@ -122,6 +122,17 @@ pub fn committed_bytes(stack: &Stack) -> u64 {
         .sum()
 }
 
+/// Bytes committed to data held in memory: the memory disks' full sizes
+/// and every buffer cache's capacity (a raid5's stripe cache).
+pub fn committed_memory(stack: &Stack) -> u64 {
+    committed_bytes(stack)
+        + stack
+            .caches()
+            .iter()
+            .map(|(_, s, block)| s.capacity * block)
+            .sum::<u64>()
+}
+
 impl MdGeom {
     /// Creates the md geom and its provider `name` of `size_bytes` (rounded
     /// down to whole sectors) in `stack`.
@@ -132,7 +143,7 @@ impl MdGeom {
     ) -> Result<ProviderId, StackError> {
         let size = size_bytes - size_bytes % u64::from(MD_SECTOR_SIZE);
         if let Some(limit) = stack.data_memory_limit() {
-            let committed = committed_bytes(stack);
+            let committed = committed_memory(stack);
             let left = limit.saturating_sub(committed);
             if size > left {
                 return Err(StackError::Invalid(alloc::format!(

@@ -120,6 +120,12 @@ pub trait Geom {
         io.wither();
     }
 
+    /// The buffer caches the geom keeps (a raid5's stripe cache): name,
+    /// statistics and block size, for `/metrics` and the memory budget.
+    fn caches(&self) -> Vec<(String, bufcache::Stats, u64)> {
+        Vec::new()
+    }
+
     /// Class-specific state for the topology document, as a JSON object
     /// such as `{"reads":3,"failures":1}` (FreeBSD's dumpconf). The
     /// default has nothing.
@@ -240,6 +246,15 @@ impl Stack {
     /// The clock as last set.
     pub fn now_ns(&self) -> u64 {
         self.core.now_ns
+    }
+
+    /// Every geom's buffer caches: name, statistics and block size.
+    pub fn caches(&self) -> Vec<(String, bufcache::Stats, u64)> {
+        self.geoms
+            .iter()
+            .flatten()
+            .flat_map(|g| g.caches())
+            .collect()
     }
 
     /// The earliest timer any geom waits for: the event loop should wake

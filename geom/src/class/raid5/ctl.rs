@@ -99,6 +99,23 @@ fn with_array<R>(
 }
 
 impl Command for Raid5Member {
+    /// At boot, an insert whose provider is a member already (the second
+    /// boot of the config that inserted it), or a remove of a provider
+    /// that is not, is done.
+    fn on_disk(&self, stack: &mut Stack) -> bool {
+        let Some(g) = stack.find_geom(CLASS_NAME, &self.name) else {
+            return false;
+        };
+        let member = stack
+            .geom_as::<Raid5Geom, _>(g, |r, _| {
+                r.members
+                    .iter()
+                    .any(|m| m.name.as_deref() == Some(self.provider.as_str()))
+            })
+            .unwrap_or(false);
+        member == self.insert
+    }
+
     fn apply(&self, stack: &mut Stack) -> Result<(), CtlError> {
         if self.insert {
             let p = stack
@@ -257,7 +274,11 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         bp.layout.media_size(),
         bp.sector,
     );
-    spec.stripe_size = bp.layout.row_bytes().min(u64::from(u32::MAX)) as u32;
+    // The preferred request size (NBD wants a power of two): a whole row
+    // when it is one, else a chunk.
+    let row = bp.layout.row_bytes();
+    spec.stripe_size = if row.is_power_of_two() { row } else { bp.layout.unit }
+        .min(1 << 24) as u32;
     spec.can_flush = true;
     spec.can_discard = true;
     spec.can_write_zeroes = true;
@@ -295,7 +316,7 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         store,
         Config {
             block_size: COLUMN as usize,
-            capacity_bytes: CACHE_BYTES,
+            capacity_bytes: cache_bytes(&bp.layout),
             replacement: Replacement::Clock,
         },
     );
@@ -320,6 +341,8 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         watermark: 0,
         slot_waiters: VecDeque::new(),
         busy_waiters: VecDeque::new(),
+        reserved: 0,
+        room_waiters: VecDeque::new(),
         flushes: Slab::new(),
         checkpoint_inflight: false,
         job: None,
@@ -347,6 +370,13 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
     Ok(g)
 }
 
+/// Bytes of stripe cache an array of `layout` keeps: [`CACHE_BYTES`], or
+/// room for two rows' worth of blocks when that is more (every op can pin
+/// all it needs).
+pub fn cache_bytes(layout: &Layout) -> u64 {
+    CACHE_BYTES.max(2 * layout.members as u64 * layout.unit)
+}
+
 /// `raid5 label`: a new array over fresh members; every row's parity is
 /// computed once in the background (the initial resync).
 fn label(stack: &mut Stack, l: &Raid5Label) -> Result<(), CtlError> {
@@ -368,6 +398,17 @@ fn label(stack: &mut Stack, l: &Raid5Label) -> Result<(), CtlError> {
             l.name, l.unit
         ))
     })?;
+    if let Some(limit) = stack.data_memory_limit() {
+        let committed = crate::class::md::committed_memory(stack);
+        let want = cache_bytes(&layout);
+        if committed + want > limit {
+            return Err(invalid(format!(
+                "raid5 '{}' needs {want} bytes of memory for its stripe cache; {} of the {limit} bytes for data in memory are left",
+                l.name,
+                limit.saturating_sub(committed)
+            )));
+        }
+    }
     let id = stack.random_u64();
     build(
         stack,

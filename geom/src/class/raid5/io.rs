@@ -120,6 +120,7 @@ impl Raid5Geom {
         let n = self.members.len();
         // Per member: the run being gathered (offset on the member, length,
         // pages, pieces); runs end where the member's offsets do not follow.
+        #[allow(clippy::type_complexity)]
         let mut runs: Vec<Option<(u64, u64, SgList, Vec<Piece>)>> = (0..n).map(|_| None).collect();
         let mut out: Vec<(usize, u64, u64, SgList, Vec<Piece>)> = Vec::new();
         let Some(sg) = self.parents.get(parent).map(|p| p.bio.sg.clone()) else {
@@ -251,6 +252,8 @@ impl Raid5Geom {
             pp: Vec::new(),
             slot: None,
             mask: 0,
+            down: 0,
+            reserved: 0,
             failed_io: false,
             result: Ok(()),
         })
@@ -361,6 +364,11 @@ impl Raid5Geom {
         o.plan += 1;
         o.phase = Phase::Reading;
         o.failed_io = false;
+        let held = core::mem::take(&mut o.reserved);
+        self.reserved -= held;
+        let Some(o) = self.ops.get_mut(op) else {
+            return;
+        };
         let u = self.layout.unit;
         let (ks, ke) = (o.start % u, (o.end - 1) % u + 1);
         let (c0, c1) = if o.start / u == (o.end - 1) / u {
@@ -377,6 +385,10 @@ impl Raid5Geom {
         o.pp.clear();
         for h in old {
             self.cache.unpin(h);
+        }
+        let down = self.down_mask(self.ops.get(op).map_or(0, |o| o.row));
+        if let Some(o) = self.ops.get_mut(op) {
+            o.down = down;
         }
         let o = self.ops.get(op).expect("op");
         let method = match self.method(o) {
@@ -420,7 +432,18 @@ impl Raid5Geom {
             // be: a missing parity member leaves every data chunk readable.
             return self.finish_op(io, op, Err(BioError::Io));
         }
+        // Room in the stripe cache for every block the op pins, so ops
+        // holding part of what they need never fill it between them.
+        let need = wanted.len();
+        if need > 0 && self.reserved > 0 && self.reserved + need > self.cache.config().capacity() {
+            self.room_waiters.push_back(op);
+            return;
+        }
+        self.reserved += need;
         let plan = o.plan;
+        if let Some(o) = self.ops.get_mut(op) {
+            o.reserved = need;
+        }
         let mut waiting = 0;
         for (m, c, read) in wanted {
             let block = self.layout.block(m, row, c);
@@ -546,6 +569,19 @@ impl Raid5Geom {
         }
     }
 
+    /// The members that cannot serve `row`, as bits.
+    fn down_mask(&self, row: u64) -> u64 {
+        self.unavailable(row).iter().fold(0, |a, &m| a | 1 << m)
+    }
+
+    /// True when the members serving `op`'s row changed since it was
+    /// planned (its parity and log entry would not match what is written).
+    fn stale(&self, op: u32) -> bool {
+        self.ops
+            .get(op)
+            .is_some_and(|o| self.down_mask(o.row) != o.down)
+    }
+
     /// True when a page of the data `op` writes is lent to a device.
     fn data_lent(&self, op: u32) -> bool {
         let Some(o) = self.ops.get(op) else {
@@ -599,7 +635,9 @@ impl Raid5Geom {
         let missing = self.unavailable(row).first().copied();
         let mut pps = Vec::new();
         let mut mask = 0u64;
-        let full_row = o.start == 0 && o.end == self.layout.row_bytes();
+        // A full-row write's partial parity is zero, unless a data member is
+        // missing: then it is that member's new chunk.
+        let full_row = o.start == 0 && o.end == self.layout.row_bytes() && missing.is_none();
         for c in o.col0..o.col1 {
             let (cs, ce) = (c * COLUMN, (c + 1) * COLUMN);
             // Per data chunk: its member, written range in the column
@@ -759,7 +797,7 @@ impl Raid5Geom {
                 continue;
             };
             let p = self.layout.parity(row);
-            if !self.available(p, row) {
+            if !self.available(p, row) || self.stale(op) {
                 self.slot_waiters.pop_front();
                 self.plan_op(io, op);
                 continue;
@@ -837,7 +875,7 @@ impl Raid5Geom {
     /// The log entry is stable (or failed): write the row.
     pub(super) fn log_done(&mut self, io: &mut Io<'_>, op: u32, plan: u32, m: usize, result: BioResult) {
         let _ = m;
-        if !self.ops.get(op).is_some_and(|o| plan16(o.plan) == plan) {
+        if self.ops.get(op).is_none_or(|o| plan16(o.plan) != plan) {
             return;
         }
         if result.is_err() {
@@ -862,6 +900,10 @@ impl Raid5Geom {
 
     /// Sends the row's data and parity writes.
     fn write_row(&mut self, io: &mut Io<'_>, op: u32) {
+        if self.stale(op) {
+            self.release_slot(op);
+            return self.plan_op(io, op);
+        }
         let Some(o) = self.ops.get(op) else {
             return;
         };
@@ -960,6 +1002,7 @@ impl Raid5Geom {
         let Some(o) = self.ops.remove(op) else {
             return;
         };
+        self.reserved -= o.reserved;
         let width = (o.col1 - o.col0) as usize;
         let p = self.layout.parity(o.row);
         let wrote = o.kind == OpKind::Write && o.phase == Phase::Writing;
@@ -996,6 +1039,17 @@ impl Raid5Geom {
             }
         }
         self.unlock(io, op, o.row);
+        while let Some(&next) = self.room_waiters.front() {
+            let fits = self.ops.get(next).is_none()
+                || self.reserved == 0
+                || self.reserved + self.layout.members * self.layout.columns() as usize
+                    <= self.cache.config().capacity();
+            if !fits {
+                break;
+            }
+            self.room_waiters.pop_front();
+            self.plan_op(io, next);
+        }
         match o.kind {
             OpKind::Write | OpKind::Rebuilt => self.piece_done(io, o.parent, result),
             OpKind::Job => self.job_row_done(io, result),
@@ -1121,10 +1175,10 @@ impl Raid5Geom {
         }
         match kind {
             k if k == Kind::Direct as u8 => self.direct_done(io, b, result),
-            k if k == Kind::OpData as u8 || k == Kind::OpParity as u8 => {
-                if self.ops.get(b).is_some_and(|o| plan16(o.plan) == a) {
-                    self.row_write_done(io, b, m, result);
-                }
+            k if (k == Kind::OpData as u8 || k == Kind::OpParity as u8)
+                && self.ops.get(b).is_some_and(|o| plan16(o.plan) == a) =>
+            {
+                self.row_write_done(io, b, m, result)
             }
             k if k == Kind::OpLog as u8 => self.log_done(io, b, a, m, result),
             k if k == Kind::OpChunk as u8 => self.chunk_done(io, b, a, m, bio, result),

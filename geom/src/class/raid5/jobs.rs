@@ -310,7 +310,7 @@ impl Raid5Geom {
         bio: Bio,
         result: BioResult,
     ) {
-        if !self.ops.get(op).is_some_and(|o| plan16(o.plan) == plan) {
+        if self.ops.get(op).is_none_or(|o| plan16(o.plan) != plan) {
             return;
         }
         if result.is_err() {
@@ -340,7 +340,9 @@ impl Raid5Geom {
 
     /// XOR of the chunks read, column by column, into the first one's pages.
     fn xor_chunks(&self, io: &Io<'_>, bufs: &[SgList]) -> Result<(), BioError> {
-        let counters = &io.stats(self.provider).data;
+        // Jobs are not the data path: their maps count apart, with the
+        // metadata I/O.
+        let counters = io.meta_counters();
         let first = bufs.first().ok_or(BioError::Io)?;
         for (c, dst) in first.iter().enumerate() {
             let src: Vec<Source<'_>> = bufs[1..]
@@ -362,7 +364,7 @@ impl Raid5Geom {
             return self.finish_op(io, op, Err(e));
         }
         if kind == OpKind::Scrub {
-            let counters = &io.stats(self.provider).data;
+            let counters = io.meta_counters();
             let mut bad = 0;
             for r in bufs[0].iter() {
                 if with_page(&r.page, counters, |b| b.iter().any(|&x| x != 0)).unwrap_or(true) {
@@ -425,6 +427,16 @@ impl Raid5Geom {
         };
         j.checkpointing = false;
         if result.is_err() {
+            // A member failed its flush and left: the job cannot go on.
+            if let JobKind::Rebuild(t) = j.kind {
+                if self.members[t].state == MemberState::Rebuilding {
+                    self.members[t].state = MemberState::Failed;
+                    self.members[t].why = Some(String::from("rebuild failed"));
+                }
+            }
+            self.job = None;
+            self.generation += 1;
+            self.barrier = self.touch_all();
             return;
         }
         j.persisted = j.next;
@@ -600,18 +612,18 @@ impl Raid5Geom {
                 .filter(|&k| e.written[k].0 < e.written[k].1)
                 .map(|k| self.layout.member(row, k))
                 .collect();
-            if !self.available(m, row) || need.iter().any(|&x| !self.available(x, row)) {
+            if !self.available(m, row) {
                 let r = self.replay.as_mut().expect("replay");
                 r.skipped += 1;
                 r.current += 1;
                 continue;
             }
+            // Bytes written to a member that is gone now keep the parity
+            // on disk (read too); all others are made to match.
+            let mut need: Vec<usize> = need.into_iter().filter(|&x| self.available(x, row)).collect();
+            need.push(m);
             let r = self.replay.as_mut().expect("replay");
             r.chunks.iter_mut().for_each(|c| *c = None);
-            if need.is_empty() {
-                r.pending = 1;
-                return self.replay_done(io, m, R_CHUNK, 0, Bio::flush(), Ok(()));
-            }
             r.pending = need.len() as u32;
             for x in need {
                 let bio = Bio::with_data(
@@ -636,7 +648,7 @@ impl Raid5Geom {
         let Some((m, slot, e)) = r.entries.get(r.current).cloned() else {
             return self.replay_flush(io);
         };
-        let counters = &io.stats(self.provider).data;
+        let counters = io.meta_counters();
         let spp = 1 + self.layout.columns() as usize;
         let log_pages: Vec<Page> = r.logs[m]
             .as_ref()
@@ -644,6 +656,7 @@ impl Raid5Geom {
             .unwrap_or_default();
         let mut writes: Vec<(u64, Page)> = Vec::new();
         let mut i = 0;
+        let mut partial = false;
         for c in 0..self.layout.columns() {
             if e.mask & (1 << c) == 0 {
                 continue;
@@ -664,6 +677,7 @@ impl Raid5Geom {
                 src.push(Source { sg: pp, at: 0, to: 0, len: PAGE_SIZE, mix: Mix::Xor });
             }
             let (cs, ce) = (c * COLUMN, (c + 1) * COLUMN);
+            let mut keep = Vec::new();
             for k in 0..self.layout.data() {
                 let (s, en) = (u64::from(e.written[k].0), u64::from(e.written[k].1));
                 let (ws, we) = (s.max(cs), en.min(ce));
@@ -671,8 +685,17 @@ impl Raid5Geom {
                     continue;
                 }
                 let x = self.layout.member(e.row, k);
-                if let Some(sg) = &r.chunks[x] {
-                    src.push(Source { sg, at: ws, to: (ws - cs) as usize, len: (we - ws) as usize, mix: Mix::Xor });
+                match &r.chunks[x] {
+                    Some(sg) if x != m => src.push(Source { sg, at: ws, to: (ws - cs) as usize, len: (we - ws) as usize, mix: Mix::Xor }),
+                    _ => keep.push((ws, we)),
+                }
+            }
+            if !keep.is_empty() {
+                partial = true;
+            }
+            if let Some(old) = &r.chunks[m] {
+                for (ws, we) in keep {
+                    src.push(Source { sg: old, at: ws, to: (ws - cs) as usize, len: (we - ws) as usize, mix: Mix::Copy });
                 }
             }
             if combine(&dst, &src, counters).is_err() {
@@ -681,7 +704,11 @@ impl Raid5Geom {
             writes.push((self.layout.row_offset(e.row) + cs, dst));
         }
         let r = self.replay.as_mut().expect("replay");
-        r.replayed += 1;
+        if partial {
+            r.skipped += 1;
+        } else {
+            r.replayed += 1;
+        }
         r.pending = writes.len() as u32;
         // The row's cached parity is stale now.
         let b = self.layout.block(m, e.row, 0);

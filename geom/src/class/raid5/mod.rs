@@ -246,6 +246,10 @@ pub(crate) struct RowOp {
     slot: Option<(usize, u64, u64)>,
     /// Columns whose parity changes (bit `c`), as the log entry records.
     mask: u64,
+    /// Members that could not serve the row when the op was planned.
+    down: u64,
+    /// Stripe-cache blocks reserved for its pins.
+    reserved: usize,
     /// A member failed under this op (its result is decided at the end).
     failed_io: bool,
     result: BioResult,
@@ -301,6 +305,10 @@ pub struct Raid5Geom {
     slot_waiters: VecDeque<u32>,
     /// Ops waiting for their data pages to come back from a device.
     busy_waiters: VecDeque<u32>,
+    /// Stripe-cache blocks the ops planned hold or will pin.
+    reserved: usize,
+    /// Ops waiting for room in the stripe cache, in order.
+    room_waiters: VecDeque<u32>,
     flushes: Slab<FlushRound>,
     checkpoint_inflight: bool,
     job: Option<Job>,
@@ -530,6 +538,14 @@ impl Geom for Raid5Geom {
             self.fail_member(io, m, "its provider went away");
         }
         self.after_event(io);
+    }
+
+    fn caches(&self) -> Vec<(String, bufcache::Stats, u64)> {
+        alloc::vec![(
+            Raid5Geom::provider_name(&self.name),
+            self.cache.stats(),
+            layout::COLUMN,
+        )]
     }
 
     fn dumpconf(&self) -> Value {
