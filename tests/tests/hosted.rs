@@ -63,7 +63,6 @@ fn clean_stop_drains_writes() {
 }
 
 #[test]
-#[ignore = "raid5 class bug: a full-row write while degraded loses the missing member's chunk (zeroes after a restart)"]
 fn raid5_member_failure_rebuild_restart() {
     scenarios::raid5_member_failure_rebuild_restart(Hosted);
 }
