@@ -80,11 +80,11 @@ test)
     cargo clippy --workspace --all-targets -q -- -D warnings
     cargo clippy -q -p appliance --bin strata-kernel --target x86_64-unknown-none \
         --target-dir target/kernel -- -D warnings
-    # The model and fuzz tests of geom and net again, in the test profile
+    # The model and fuzz tests of geom, net and bufcache again, in the test profile
     # so integer overflow panics instead of wrapping (about 30 s, plus a
-    # debug build of the two crates); a test in each crate fails if the
+    # debug build of the crates); a test in geom and in net fails if the
     # variable is set and overflow wraps.
-    STRATA_OVERFLOW_CHECKS=1 cargo test -q -p geom -p net -- \
+    STRATA_OVERFLOW_CHECKS=1 cargo test -q -p geom -p net -p bufcache -- \
         --test-threads="${STRATA_TEST_THREADS:-2}"
     cargo test --workspace --release -- --test-threads="${STRATA_TEST_THREADS:-2}"
     ;;

@@ -270,11 +270,13 @@ impl FakeDiskHandle {
         self.state.lock().durable.clone()
     }
 
-    /// Writes bytes straight onto the medium (setting up a test).
+    /// Writes bytes straight onto the medium, stable at once (setting up
+    /// a test).
     pub fn write_at(&self, offset: u64, bytes: &[u8]) {
         let mut st = self.state.lock();
         let o = offset as usize;
         st.data[o..o + bytes.len()].copy_from_slice(bytes);
+        st.durable[o..o + bytes.len()].copy_from_slice(bytes);
     }
 
     /// What the disk has done.

@@ -1,7 +1,7 @@
 //! The raid5 class as the stack sees it: config statements, labelling,
 //! tasting and assembly, joining members, and `/status`.
 
-use super::jobs::{tail_states, Replay, P_JOB, P_JOB_ROW, P_PPL, P_ROWS, P_SLOTS, P_UNIT};
+use super::jobs::{tail_states, Replay, P_JOB, P_JOB_ROW, P_PPL, P_ROWS, P_SEQ, P_SLOTS, P_UNIT};
 use super::layout::{Layout, COLUMN};
 use super::{
     JobKind, Member, MemberState, Raid5Geom, Scrub, CACHE_BYTES, CLASS_NAME, DEFAULT_UNIT,
@@ -263,6 +263,10 @@ struct Blueprint {
     /// Write every record at once.
     bump: bool,
     replay: bool,
+    /// The records say clean.
+    clean: bool,
+    /// The next log sequence number.
+    next_seq: u64,
 }
 
 fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
@@ -336,9 +340,9 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         reads: Slab::new(),
         locks: BTreeMap::new(),
         slots: vec![vec![0; bp.layout.slots as usize]; n],
-        next_seq: 1,
+        next_seq: bp.next_seq,
         incomplete: BTreeSet::new(),
-        watermark: 0,
+        watermark: bp.next_seq - 1,
         slot_waiters: VecDeque::new(),
         busy_waiters: VecDeque::new(),
         reserved: 0,
@@ -351,6 +355,8 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         replay_stats: (0, 0),
         queued: VecDeque::new(),
         meta_version: 0,
+        clean: bp.clean,
+        dirty_version: 0,
         barrier: 0,
         parked: VecDeque::new(),
         tick: (0, 0),
@@ -426,6 +432,8 @@ fn label(stack: &mut Stack, l: &Raid5Label) -> Result<(), CtlError> {
             job: Some((JobKind::Resync, 0)),
             bump: true,
             replay: false,
+            clean: false,
+            next_seq: 1,
         },
     )?;
     Ok(())
@@ -453,6 +461,7 @@ fn assemble(stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError>
         && (COLUMN..=MAX_UNIT).contains(&unit)
         && layout.rows > 0
         && layout.slots <= 1024
+        && meta.params[P_SEQ] < 1 << 62
         && u64::from(sector) <= COLUMN;
     if !sane {
         return Err(StackError::Invalid(format!(
@@ -507,6 +516,15 @@ fn assemble(stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError>
             bump = true;
         }
     }
+    // Every member the array uses says clean: nothing to replay.
+    let used: Vec<&Tasted> = members
+        .iter()
+        .filter(|m| {
+            let i = m.meta.member_index as usize;
+            places.get(i).copied().flatten().is_some_and(|(p, _)| p == m.provider)
+        })
+        .collect();
+    let clean = !used.is_empty() && used.iter().all(|m| m.meta.flags & super::jobs::FLAG_CLEAN != 0);
     build(
         stack,
         Blueprint {
@@ -519,7 +537,9 @@ fn assemble(stack: &mut Stack, members: &[Tasted]) -> Result<GeomId, StackError>
             places,
             job,
             bump,
-            replay: true,
+            replay: !clean,
+            clean,
+            next_seq: members.iter().map(|m| m.meta.params[P_SEQ]).max().unwrap_or(1).max(1),
         },
     )
 }
@@ -656,6 +676,7 @@ impl Raid5Geom {
             "state": self.state_name(),
             "stripe_unit": self.layout.unit,
             "ppl": self.ppl,
+            "clean": self.clean,
             "generation": self.generation,
             "members": members,
             "rebuild": rebuild,

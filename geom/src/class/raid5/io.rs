@@ -75,7 +75,8 @@ impl Raid5Geom {
                 }
             }
         }
-        if p.bio.cmd.is_write() && p.result.is_ok() && !self.barrier_passed() {
+        let held = p.bio.cmd.is_write() || p.bio.cmd == BioCmd::Flush;
+        if held && p.result.is_ok() && !self.barrier_passed() {
             self.parked.push_back(parent);
             return;
         }
@@ -791,6 +792,18 @@ impl Raid5Geom {
     /// Hands out log slots to the ops waiting for one, in order; when the
     /// parity member's slots are all taken, a checkpoint frees them.
     pub(super) fn grant_slots(&mut self, io: &mut Io<'_>) {
+        // The first entry after a clean stop waits until the records no
+        // longer say clean, so a cut after it is replayed.
+        if self.clean && !self.slot_waiters.is_empty() {
+            self.clean = false;
+            self.dirty_version = self.touch_all();
+        }
+        let dirty_known = (0..self.members.len())
+            .filter(|&m| self.present(m))
+            .all(|m| self.members[m].meta_durable >= self.dirty_version);
+        if !dirty_known {
+            return;
+        }
         while let Some(&op) = self.slot_waiters.front() {
             let Some(row) = self.ops.get(op).map(|o| o.row) else {
                 self.slot_waiters.pop_front();
@@ -1120,8 +1133,12 @@ impl Raid5Geom {
         };
         // A member that failed its flush has left; what it held is held
         // by the rest unless two are gone.
-        let broken = self.members.iter().filter(|m| !matches!(m.state, MemberState::Active)).count() > 1
-            && self.job.is_none();
+        let broken = self
+            .members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Missing | MemberState::Failed))
+            .count()
+            > 1;
         let result = if broken { Err(BioError::Io) } else { f.result };
         if result.is_ok() && f.watermark > self.watermark {
             self.watermark = f.watermark;
@@ -1140,6 +1157,14 @@ impl Raid5Geom {
             self.job_flushed(io, result);
         }
         if let Some(p) = f.parent {
+            // Nothing written since and nothing logged in flight: the
+            // records say clean (no replay at the next assembly), and the
+            // FLUSH is answered once they do.
+            let writing = self.ops.iter().any(|(_, o)| o.kind == OpKind::Write);
+            if result.is_ok() && self.ppl && !self.clean && !writing && self.incomplete.is_empty() {
+                self.clean = true;
+                self.barrier = self.touch_all();
+            }
             self.piece_done(io, p, result);
         }
         if !self.slot_waiters.is_empty() {

@@ -23,6 +23,14 @@ pub(super) const P_PPL: usize = 3;
 pub(super) const P_JOB: usize = 4;
 /// Rows the job has done, as last recorded.
 pub(super) const P_JOB_ROW: usize = 5;
+/// The next log sequence number when the record was written (above every
+/// entry logged before), so a clean assembly that reads no log goes on
+/// above them.
+pub(super) const P_SEQ: usize = 6;
+
+/// Record flag: nothing was logged that is not durable (a clean stop):
+/// assembly skips the log replay.
+pub const FLAG_CLEAN: u32 = 1;
 
 /// Tail magic: the members' states follow, one byte each.
 const TAIL_MAGIC: [u8; 4] = *b"R5S1";
@@ -101,6 +109,7 @@ impl Raid5Geom {
         params[P_ROWS] = self.layout.rows;
         params[P_SLOTS] = self.layout.slots;
         params[P_PPL] = u64::from(self.ppl);
+        params[P_SEQ] = self.next_seq;
         if let Some(j) = &self.job {
             params[P_JOB] = match j.kind {
                 JobKind::Resync => 1,
@@ -130,7 +139,7 @@ impl Raid5Geom {
             member_count: n as u32,
             member_size: self.members[i].media_size,
             sector_size: self.sector,
-            flags: 0,
+            flags: if self.clean { FLAG_CLEAN } else { 0 },
             params,
             tail,
         }
@@ -184,6 +193,9 @@ impl Raid5Geom {
             self.fail_member(io, m, "metadata write error");
         } else {
             mem.meta_durable = mem.meta_durable.max(mem.meta_sent);
+            if !self.slot_waiters.is_empty() {
+                self.grant_slots(io);
+            }
         }
     }
 
@@ -210,7 +222,8 @@ impl Raid5Geom {
         }
         if let Some(j) = &mut self.job {
             if !j.busy && !j.checkpointing {
-                if j.next >= self.layout.rows || j.next - j.persisted >= CHECKPOINT_ROWS {
+                let every = CHECKPOINT_ROWS.min(self.layout.rows / 8).max(1);
+                if j.next >= self.layout.rows || j.next - j.persisted >= every {
                     j.checkpointing = true;
                     self.start_flush(io, None, true);
                     did = true;

@@ -79,7 +79,8 @@ pub const CLASS_NAME: &str = "raid5";
 pub const DEFAULT_UNIT: u64 = 64 * 1024;
 /// Bytes of stripe cache per array.
 pub const CACHE_BYTES: u64 = 4 << 20;
-/// Rows a job (rebuild, resync) copies between two records of its progress.
+/// Most rows a job (rebuild, resync) copies between two records of its
+/// progress (an eighth of the rows on a small array).
 pub const CHECKPOINT_ROWS: u64 = 256;
 /// Bytes a job may move per clock value (one run of the event loop), so
 /// a fast device cannot keep the stack busy with it while clients wait.
@@ -319,6 +320,10 @@ pub struct Raid5Geom {
     replay_stats: (u64, u64),
     queued: VecDeque<Bio>,
     meta_version: u64,
+    /// The records say clean (see `jobs::FLAG_CLEAN`).
+    clean: bool,
+    /// The version of the records that stopped saying clean.
+    dirty_version: u64,
     /// Write completions wait until every present member's record holds
     /// this version (a member dropped: the others must say so first).
     barrier: u64,

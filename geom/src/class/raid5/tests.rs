@@ -185,7 +185,16 @@ fn tasting_reassembles_in_any_order_and_a_missing_disk_degrades() {
     let data = testing::pattern(2, 0, size);
     testing::write(&mut s, c, 0, &data).unwrap();
     testing::flush(&mut s, c).unwrap();
+    // A flush with nothing in flight leaves the records clean: the next
+    // assembly reads no log.
+    assert_eq!(status(&s)["clean"], true);
     let images: Vec<Vec<u8>> = disks.iter().map(|d| d.durable()).collect();
+    for m in &images {
+        let rec = crate::meta::MetaRepr::from_bytes(&m[m.len() - 512..]).unwrap();
+        assert_eq!(rec.flags & super::jobs::FLAG_CLEAN, super::jobs::FLAG_CLEAN);
+    }
+    testing::write(&mut s, c, 0, &[1; 4096]).unwrap();
+    assert_eq!(status(&s)["clean"], false);
     for order in [vec![2usize, 0, 1], vec![1, 2]] {
         let imgs: Vec<Vec<u8>> = order.iter().map(|&i| images[i].clone()).collect();
         let (mut s, _) = testing::stack_from_images(&imgs, 512);
@@ -452,12 +461,19 @@ fn crash_points(dead: Option<usize>) {
                 let (mut s, d) = testing::stack_from_images(&imgs, 512);
                 assert!(s.settle(1000));
                 let what = format!("cut {cut} keep {keep} lost {lost:?}");
+                if s.find_geom("raid5", "r0").is_none() {
+                    let log: Vec<&str> = s.taste_log().collect();
+                    panic!("cut {cut} keep {keep} lost {lost:?}: {log:?}");
+                }
                 if lost.is_none() {
                     let l = layout_of(&s);
                     let img: Vec<Vec<u8>> = d.iter().map(|x| x.contents()).collect();
-                    assert_eq!(parity_mismatches(&l, &img), 0, "{what}");
+                    assert_eq!(parity_mismatches(&l, &img), 0, "{what} {}", status(&s)["log"]);
                 }
-                let c = s.open("raid5/r0", Access::READ).unwrap();
+                let c = s.open("raid5/r0", Access::READ).unwrap_or_else(|e| {
+                    let log: Vec<&str> = s.taste_log().collect();
+                    panic!("{what}: {e:?}: {log:?}")
+                });
                 let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
                 let got = testing::read(&mut s, c, 0, size).unwrap();
                 expect.check(&got, &what);
@@ -480,4 +496,56 @@ fn every_power_cut_of_a_write_sequence_keeps_parity_and_acknowledged_data() {
 #[test]
 fn every_power_cut_of_a_degraded_write_sequence_keeps_the_missing_chunks() {
     crash_points(Some(1));
+}
+
+#[test]
+fn a_rebuild_cut_short_resumes_from_its_recorded_row() {
+    use core::sync::atomic::{AtomicUsize, Ordering};
+    let (mut s, disks) = testing::stack_with_disks(4, 512 << 10, 512);
+    apply(&mut s, "raid5 label -s 4k r0 vtbd0 vtbd1 vtbd2").unwrap();
+    let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
+    let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
+    let data = testing::pattern(11, 0, size);
+    testing::write(&mut s, c, 0, &data).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    disks[1].set_dead(true);
+    assert!(testing::read(&mut s, c, 0, size).unwrap() == data);
+    let rows = layout_of(&s).rows;
+    // Rebuild onto vtbd3, one device completion at a time, until its
+    // record says more than half is done.
+    let budget = Arc::new(AtomicUsize::new(0));
+    for d in &disks {
+        d.set_budget(Some(budget.clone()));
+    }
+    apply_start(&mut s, "raid5 insert r0 vtbd3");
+    let recorded = |d: &FakeDiskHandle| {
+        let img = d.durable();
+        crate::meta::MetaRepr::from_bytes(&img[img.len() - 512..])
+            .map(|m| m.params[super::jobs::P_JOB_ROW])
+            .unwrap_or(0)
+    };
+    while recorded(&disks[3]) < rows / 2 {
+        budget.store(1, Ordering::SeqCst);
+        s.run();
+    }
+    let persisted = recorded(&disks[3]);
+    assert!(persisted < rows, "the rebuild finished before the cut");
+    let images: Vec<Vec<u8>> = [0, 2, 3].iter().map(|&i| disks[i].durable()).collect();
+    let (mut s, d2) = testing::stack_from_images(&images, 512);
+    let writes0 = d2[2].stats().writes;
+    assert!(s.settle(10_000));
+    let st = status(&s);
+    assert_eq!(st["state"], "complete", "{st}");
+    // Only the rows after the recorded one were copied again (plus records).
+    let copied = d2[2].stats().writes - writes0;
+    assert!(copied <= rows - persisted + 8, "copied {copied} rows of {rows}, {persisted} were done");
+    let c = s.open("raid5/r0", Access::READ).unwrap();
+    d2[0].set_dead(true);
+    assert!(testing::read(&mut s, c, 0, size).unwrap() == data);
+}
+
+/// Starts a statement without waiting for its I/O.
+fn apply_start(s: &mut Stack, line: &str) {
+    let st = parse_line(line, 1).unwrap().unwrap();
+    let _ = ctl::start(s, &st).unwrap();
 }
