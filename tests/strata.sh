@@ -3,6 +3,7 @@
 #   tests/strata.sh run [strata run options]   boot the appliance, serve NBD on 127.0.0.1:10809
 #   tests/strata.sh test                       run the whole test suite
 #   tests/strata.sh bench                      run the benchmark (prints figures)
+#   tests/strata.sh bench-raid5                raid5 against stripe, hosted and appliance
 # Installs what is missing (QEMU, NBD clients and peers, the Rust target), or
 # stops with a message naming what is missing.
 set -euo pipefail
@@ -93,8 +94,13 @@ bench)
     cargo run --release -q -p strata-tests --bin bench -- "$@"
     exec cargo run --release -q -p strata-tests --bin bench_layers -- "$@"
     ;;
+bench-raid5)
+    install_deps bench
+    cargo build --release -q -p image --bin strata
+    exec cargo run --release -q -p strata-tests --bin bench_raid5 -- "$@"
+    ;;
 *)
-    echo "usage: tests/strata.sh run|test|bench [options]" >&2
+    echo "usage: tests/strata.sh run|test|bench|bench-raid5 [options]" >&2
     exit 2
     ;;
 esac

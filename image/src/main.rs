@@ -120,6 +120,11 @@ struct FaultArgs {
     /// report lost writes.
     #[arg(long)]
     lying_disks: bool,
+    /// A disk (0 for vtbd0, …) that fails every request once the first
+    /// boot serves: a member gone for good, so arrays over it run
+    /// degraded (repeatable).
+    #[arg(long = "dead-disk", value_name = "N")]
+    dead_disks: Vec<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -624,6 +629,7 @@ fn cmd_fault(a: FaultArgs) -> Result<(), Failure> {
         dir: dir.clone(),
         ready_timeout,
         lying_disks: a.lying_disks,
+        dead_disks: a.dead_disks.clone(),
     };
     let mut out = std::io::stdout();
     let _ = writeln!(

@@ -64,3 +64,62 @@ pub fn start_to_ready(machine: &str) -> Option<f64> {
         }
     }
 }
+
+/// One fio run against an NBD export (`ioengine=nbd`, libnbd): `rw`
+/// (`write`, `randread`, …) with block size `bs` at queue depth `depth`
+/// over the first `size_mb` MiB, for `secs` seconds after a second of
+/// ramp. Returns (MB/s, IOPS, bytes moved), or `None` (with the reason
+/// on stderr) if fio failed.
+pub fn fio(
+    uri: &str,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    size_mb: u64,
+    secs: u64,
+    dir: &TempDir,
+) -> Option<(f64, f64, u64)> {
+    let out = dir.path("fio.json");
+    let st = Command::new("timeout")
+        .arg((secs * 4 + 60).to_string())
+        .arg("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={depth}"),
+            &format!("--size={size_mb}M"),
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--ramp_time=1",
+            "--randrepeat=0",
+            "--output-format=json",
+            &format!("--output={}", out.display()),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    if !st.success() {
+        eprintln!("bench: fio {rw} {bs} QD{depth} against {uri} failed");
+        return None;
+    }
+    let text = std::fs::read_to_string(&out).ok()?;
+    // fio may print a line before its JSON.
+    let text = &text[text.find('{')?..];
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let side = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    let j = &v["jobs"][0][side];
+    Some((
+        j["bw_bytes"].as_f64()? / 1e6,
+        j["iops"].as_f64()?,
+        j["io_bytes"].as_u64().unwrap_or(0),
+    ))
+}

@@ -1020,3 +1020,275 @@ pub fn clean_stop_drains_writes(p: Platform) {
         done.len()
     );
 }
+
+/// The raid5 scenario's first config: three members, the second behind a
+/// nop the scenario makes fail; vtbd3 is a spare.
+pub const RAID5_CONFIG: &str = "\
+nop create vtbd1
+raid5 label -s 16k r0 vtbd0 vtbd1.nop vtbd2
+export nbd vol raid5/r0
+";
+
+/// raid5 `name`'s entry in `GET /status` (`Null` when it is not listed).
+fn raid5_entry(a: &crate::Appliance, name: &str) -> serde_json::Value {
+    let st = a.status();
+    st["raid5"]
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
+/// What the export should hold, byte for byte, kept beside it in a file.
+struct Image {
+    bytes: Vec<u8>,
+    path: std::path::PathBuf,
+}
+
+impl Image {
+    /// `size` bytes of pseudo-random data (seeded: no two 4 KiB blocks
+    /// alike, and no zeroes for anything on the way to skip).
+    fn random(dir: &TempDir, size: usize) -> Image {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut bytes = Vec::with_capacity(size + 8);
+        while bytes.len() < size {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.extend_from_slice(&(x | 0x0101_0101_0101_0101).to_le_bytes());
+        }
+        bytes.truncate(size);
+        let path = dir.path("raid5-model.img");
+        std::fs::write(&path, &bytes).unwrap();
+        Image { bytes, path }
+    }
+
+    /// The qemu-io command that writes `pattern` at `off`, `len` bytes,
+    /// recorded in the model.
+    fn write(&mut self, pattern: u8, off: usize, len: usize) -> String {
+        self.bytes[off..off + len].fill(pattern);
+        format!("write -P {pattern:#x} {off} {len}")
+    }
+
+    /// The qemu-io commands that read back each of `writes` (as made by
+    /// [`Image::write`]) with its pattern checked.
+    fn reads(writes: &[String]) -> Vec<String> {
+        writes
+            .iter()
+            .map(|w| w.replacen("write", "read", 1))
+            .collect()
+    }
+
+    /// Reads the whole export with `nbdcopy` and compares every byte with
+    /// the model; panics naming the first differing 4 KiB block.
+    fn verify(&self, uri: &str, dir: &TempDir, when: &str) {
+        let out = dir.path("raid5-read.img");
+        let _ = std::fs::remove_file(&out);
+        std::fs::File::create(&out)
+            .and_then(|f| f.set_len(self.bytes.len() as u64))
+            .unwrap();
+        let o = client("nbdcopy", &[uri, out.to_str().unwrap()]);
+        assert!(o.ok, "{when}: nbdcopy {uri}: {}{}", o.stdout, o.stderr);
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got.len(), self.bytes.len(), "{when}: size");
+        let bad: Vec<usize> = got
+            .chunks(4096)
+            .zip(self.bytes.chunks(4096))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i * 4096)
+            .collect();
+        let first = bad.first().map_or(String::new(), |&at| {
+            let what = |b: &[u8]| {
+                if b.iter().all(|&x| x == b[0]) {
+                    format!("all {:#04x}", b[0])
+                } else {
+                    format!("{:02x?}…", &b[..8])
+                }
+            };
+            format!(
+                "; at {at} it holds {}, expected {}",
+                what(&got[at..at + 4096]),
+                what(&self.bytes[at..at + 4096])
+            )
+        });
+        assert!(
+            bad.is_empty(),
+            "{when}: {} blocks of 4 KiB differ, the first at bytes {:?}{first}",
+            bad.len(),
+            &bad[..bad.len().min(8)]
+        );
+    }
+}
+
+/// Members of raid5 entry `r` as (index, provider, state).
+fn raid5_members(r: &serde_json::Value) -> Vec<(u64, Option<String>, String)> {
+    r["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["index"].as_u64().unwrap_or(u64::MAX),
+                m["provider"].as_str().map(str::to_string),
+                m["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A raid5 over three disks (16 KiB stripe unit) and a spare, served over
+/// NBD. The whole export is written with `nbdcopy`, then patterns that
+/// cover whole rows, part of a row and single blocks; a member (behind a
+/// nop) starts failing in the middle of one `qemu-io` run whose writes
+/// and reads must all succeed; the array says `degraded` and every byte
+/// reads back as written. Restarted without the failed member's disk, it
+/// assembles from the other two by tasting, serves degraded and every
+/// byte verifies; a fresh disk is inserted live and rebuilt while the
+/// volume takes writes, until the array is `complete`; restarted once
+/// more without a different original disk, it serves degraded again from
+/// the rebuilt member and every byte still verifies.
+pub fn raid5_member_failure_rebuild_restart(p: Platform) {
+    let dir = TempDir::new("raid5");
+    let file = |i: usize| disk_spec(&dir, &format!("d{i}.img"), "16M");
+    let start = |disks: &[usize], config: &str| {
+        let mut s = Start::new(p).config(config);
+        for &i in disks {
+            s = s.disk(file(i));
+        }
+        s.spawn().expect("start")
+    };
+    let a = start(&[0, 1, 2, 3], RAID5_CONFIG);
+    assert_eq!(a.ready, vec![a.uri("vol")]);
+    let vol = a.uri("vol");
+    // A new array computes its parity first (a resync job, `rebuilding`).
+    let r0 = wait_for(
+        "r0 to finish its first parity resync",
+        Duration::from_secs(180),
+        || {
+            let r0 = raid5_entry(&a, "r0");
+            (r0["state"] == "complete").then_some(r0)
+        },
+    );
+    assert_eq!(r0["stripe_unit"], 16384, "{r0}");
+    assert_eq!(r0["ppl"], true, "{r0}");
+    assert_eq!(raid5_members(&r0).len(), 3, "{r0}");
+    let size: usize = client("nbdinfo", &["--size", &vol])
+        .stdout
+        .trim()
+        .parse()
+        .expect("nbdinfo --size");
+    // Two data members of 16 MiB, less their metadata.
+    assert!(size > 30 << 20 && size <= 32 << 20, "export size {size}");
+    assert_eq!(size % (32 << 10), 0, "whole rows: {size}");
+
+    let mut img = Image::random(&dir, size);
+    let o = client("nbdcopy", &[img.path.to_str().unwrap(), &vol]);
+    assert!(o.ok, "nbdcopy to the array: {}{}", o.stdout, o.stderr);
+    let healthy = vec![
+        img.write(0x11, 0, 1 << 20),
+        img.write(0x22, (1 << 20) + (4 << 10), 20 << 10),
+        img.write(0x33, 3 << 20, 4 << 10),
+        img.write(0x44, (5 << 20) + (8 << 10), 100 << 10),
+    ];
+    let cmds: Vec<&str> = healthy.iter().map(String::as_str).collect();
+    qemu_io(&vol, &cmds);
+    img.verify(&vol, &dir, "healthy");
+
+    // The nop lets two more requests through, then fails every read and
+    // write: the failure starts inside this qemu-io run.
+    a.geom(&["nop configure -w 100 -r 100 -c 2 vtbd1.nop"]);
+    let during = vec![
+        img.write(0x55, 7 << 20, 256 << 10),
+        img.write(0x66, (9 << 20) + (12 << 10), 8 << 10),
+        img.write(0x77, 11 << 20, 1 << 20),
+        img.write(0x88, size - (64 << 10), 64 << 10),
+    ];
+    let mut cmds: Vec<String> = during.clone();
+    cmds.extend(Image::reads(&healthy));
+    cmds.extend(Image::reads(&during));
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&vol, &cmds);
+    let r0 = raid5_entry(&a, "r0");
+    assert_eq!(r0["state"], "degraded", "{r0}");
+    let members = raid5_members(&r0);
+    assert!(
+        members
+            .iter()
+            .any(|(i, _, s)| *i == 1 && (s == "failed" || s == "missing")),
+        "member 1 is out: {r0}"
+    );
+    assert!(
+        members
+            .iter()
+            .filter(|(i, _, _)| *i != 1)
+            .all(|(_, _, s)| s == "active"),
+        "the others serve: {r0}"
+    );
+    img.verify(&vol, &dir, "degraded by a failing member");
+    // Writes while degraded: the failed member misses them.
+    let degraded = img.write(0x99, (2 << 20) + (16 << 10), 48 << 10);
+    qemu_io(&vol, &[degraded.as_str()]);
+    let st = a.stop();
+    assert!(st.success(), "clean stop: {st:?}");
+
+    // Restart without the failed member's disk: d0, d2 and the spare are
+    // vtbd0, vtbd1 and vtbd2; the array assembles from its labels.
+    let a = start(&[0, 2, 3], "export nbd vol raid5/r0\n");
+    assert_eq!(a.ready, vec![a.uri("vol")]);
+    let vol = a.uri("vol");
+    let r0 = raid5_entry(&a, "r0");
+    assert_eq!(r0["state"], "degraded", "{r0}");
+    assert!(
+        raid5_members(&r0)
+            .iter()
+            .any(|(_, prov, s)| prov.is_none() && s == "missing"),
+        "one member is missing: {r0}"
+    );
+    img.verify(&vol, &dir, "restarted with two of three members");
+
+    // A fresh disk replaces it, rebuilt live while the volume takes
+    // writes.
+    a.geom(&["raid5 insert r0 vtbd2"]);
+    let rebuilding = [
+        img.write(0xaa, 4 << 20, 128 << 10),
+        img.write(0xbb, (13 << 20) + (4 << 10), 4 << 10),
+    ];
+    let cmds: Vec<&str> = rebuilding.iter().map(String::as_str).collect();
+    qemu_io(&vol, &cmds);
+    let mut progress = Vec::new();
+    let r0 = wait_for(
+        "r0 to finish rebuilding onto vtbd2",
+        Duration::from_secs(180),
+        || {
+            let r0 = raid5_entry(&a, "r0");
+            if let Some(done) = r0["rebuild"]["done_bytes"].as_u64() {
+                progress.push(done);
+            }
+            let all_active = raid5_members(&r0).iter().all(|(_, _, s)| s == "active");
+            (r0["state"] == "complete" && r0["rebuild"].is_null() && all_active).then_some(r0)
+        },
+    );
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "rebuild progress only grows: {progress:?}"
+    );
+    assert!(
+        raid5_members(&r0)
+            .iter()
+            .any(|(_, prov, _)| prov.as_deref() == Some("vtbd2")),
+        "vtbd2 is a member: {r0}"
+    );
+    img.verify(&vol, &dir, "rebuilt onto a fresh disk");
+    let st = a.stop();
+    assert!(st.success(), "clean stop: {st:?}");
+
+    // Lose a different original disk (d0): d2 and the rebuilt spare are
+    // what is left, as vtbd0 and vtbd1.
+    let a = start(&[2, 3], "export nbd vol raid5/r0\n");
+    let vol = a.uri("vol");
+    let r0 = raid5_entry(&a, "r0");
+    assert_eq!(r0["state"], "degraded", "{r0}");
+    img.verify(&vol, &dir, "without d0, from the rebuilt member");
+    let st = a.stop();
+    assert!(st.success(), "clean stop: {st:?}");
+}

@@ -1,8 +1,10 @@
 //! The short fault campaign: `strata fault` boots the appliance in QEMU
 //! over disks with a volatile write cache, breaks them and cuts power on a
 //! seeded schedule, and checks every sector against what was
-//! acknowledged. One disk, a stripe and a mirror pass; disks that drop
-//! their flushes must make it fail.
+//! acknowledged. One disk, a stripe, a mirror and a raid5 through power
+//! cuts pass, the raid5's parity scrubbed clean at the end (its campaigns
+//! with a failing member and degraded are ignored while the class fails
+//! them); disks that drop their flushes must make it fail.
 
 use std::process::Command;
 use strata_tests::{strata_bin, TempDir};
@@ -125,6 +127,79 @@ fn a_mirror_loses_and_mixes_nothing() {
         c.out
             .contains("mirror gm0: vtbd0 and vtbd1 differ in 0 bytes"),
         "the members were compared:\n{}",
+        c.out
+    );
+}
+
+/// A whole raid5 over three disks through power cuts (the write hole the
+/// partial parity log closes): nothing lost or mixed, and the final
+/// scrub finds every row's parity consistent.
+#[test]
+fn a_raid5_survives_power_cuts() {
+    let c = campaign(
+        "fault-raid5-cuts",
+        "raid5 label -s 16k r0 vtbd0 vtbd1 vtbd2\nexport nbd vol raid5/r0\n",
+        3,
+        18,
+        3,
+        "power-cut",
+        &[],
+    );
+    must_pass(&c, 3);
+    assert!(
+        c.out.contains("raid5 r0 (complete): scrub checked"),
+        "the parity was scrubbed:\n{}",
+        c.out
+    );
+    assert!(c.figure("scrub checked") > 0, "{}", c.out);
+    assert_eq!(c.figure("parity mismatches"), 0, "{}", c.out);
+}
+
+/// A raid5 over three disks: power cuts, a member that fails (the array
+/// goes on degraded and rebuilds it at the next boot) and a cut during
+/// that rebuild; nothing is lost or mixed, and the final scrub finds the
+/// parity of every row consistent.
+#[test]
+#[ignore = "raid5: a second member failing in the boot after a rebuild was cut leaves the array failed at every later boot (seed 16); the campaign may also need to spare a member mid-rebuild"]
+fn a_raid5_survives_power_cuts_and_a_failing_member() {
+    let c = campaign(
+        "fault-raid5",
+        "raid5 label -s 16k r0 vtbd0 vtbd1 vtbd2\nexport nbd vol raid5/r0\n",
+        3,
+        16,
+        4,
+        "power-cut,disk-fails,resync-cut",
+        &[],
+    );
+    must_pass(&c, 4);
+    assert!(
+        c.out.contains("raid5 r0 (complete): scrub checked"),
+        "the parity was scrubbed:\n{}",
+        c.out
+    );
+    assert!(c.figure("scrub checked") > 0, "{}", c.out);
+    assert_eq!(c.figure("parity mismatches"), 0, "{}", c.out);
+}
+
+/// A raid5 that runs degraded (vtbd2 fails every request after the
+/// first boot) through power cuts: with no redundancy left, the partial
+/// parity log must still keep every acknowledged write.
+#[test]
+#[ignore = "raid5 class bug: power cuts while degraded lose acknowledged writes and return bytes no write made (seed 17)"]
+fn a_degraded_raid5_survives_power_cuts() {
+    let c = campaign(
+        "fault-raid5-degraded",
+        "raid5 label -s 16k r0 vtbd0 vtbd1 vtbd2\nexport nbd vol raid5/r0\n",
+        3,
+        17,
+        3,
+        "power-cut",
+        &["--dead-disk", "2"],
+    );
+    must_pass(&c, 3);
+    assert!(
+        c.out.contains("raid5 r0 (degraded)") || c.out.contains("not scrubbed: raid5 scrub r0"),
+        "the array ran degraded to the end:\n{}",
         c.out
     );
 }

@@ -61,3 +61,8 @@ fn changes_need_the_token() {
 fn clean_stop_drains_writes() {
     scenarios::clean_stop_drains_writes(Hosted);
 }
+
+#[test]
+fn raid5_member_failure_rebuild_restart() {
+    scenarios::raid5_member_failure_rebuild_restart(Hosted);
+}

@@ -10,8 +10,17 @@
 //!                                       media: errors / hang / vanish   replay each disk's
 //!                                                                       write log as a power
 //!                                                                       cut leaves it
-//!  last:   boot ─▶ verify ─▶ wait for resyncs ─▶ clean stop ─▶ compare mirror members
+//!  last:   boot ─▶ verify ─▶ wait for resyncs and rebuilds ─▶ scrub parity ─▶ clean stop
+//!                                                                      ─▶ compare mirror members
 //! ```
+//!
+//! The final check reads the redundant arrays from `/status`: every class
+//! section that lists entries with a `name` and a list of `members`
+//! (`"mirrors"`, `"raid5"`). An entry is still copying while its
+//! `resync`, `recovery`, `rebuild` or `job` is set or its `state` is
+//! `rebuilding`; an entry with a `scrub` object is scrubbed (`CLASS scrub
+//! NAME` through `POST /geom`, the class being the section's name less a
+//! plural `s`) and its `mismatches` are counted against the campaign.
 //!
 //! - [`media`]: a disk with a volatile cache and failure controls;
 //! - [`logwrites`]: the write log and its replay after a cut;
@@ -142,6 +151,10 @@ pub struct Options {
     /// Self-check: the disks drop every flush, so the campaign must
     /// report losses.
     pub lying_disks: bool,
+    /// Disks that fail every request once the first boot serves, and
+    /// from the start of every later boot: members gone for good, so
+    /// arrays run degraded. Faults are drawn on the other disks.
+    pub dead_disks: Vec<usize>,
 }
 
 /// What one round saw.
@@ -177,6 +190,9 @@ pub struct Round {
     pub failures: Vec<String>,
     /// Writes a cut lost or tore on the media (the model, not a fault).
     pub cut_lost: usize,
+    /// What was copying (resync, rebuild) when the boot that is cut
+    /// during one began serving; `None` when not asked.
+    pub copying: Option<Vec<String>>,
 }
 
 /// The campaign's result.
@@ -188,6 +204,25 @@ pub struct Report {
     pub replicas: Vec<(String, String, String, u64)>,
     /// Mirrors whose members could not be compared, and why.
     pub replicas_skipped: Vec<String>,
+    /// Arrays whose parity was scrubbed at the end.
+    pub scrubs: Vec<Scrub>,
+    /// Arrays that could not be scrubbed (degraded, …), and why.
+    pub scrubs_skipped: Vec<String>,
+}
+
+/// One array's scrub at the end of the campaign.
+#[derive(Clone, Debug, Default)]
+pub struct Scrub {
+    /// The class (`raid5`).
+    pub class: String,
+    /// The array.
+    pub name: String,
+    /// Its state when the scrub began (`complete`, `degraded`).
+    pub state: String,
+    /// Rows whose parity was checked.
+    pub rows_checked: u64,
+    /// Rows whose parity did not match their data.
+    pub mismatches: u64,
 }
 
 impl Report {
@@ -207,9 +242,17 @@ impl Report {
     pub fn failures(&self) -> usize {
         self.rounds.iter().map(|r| r.failures.len()).sum()
     }
+    /// Parity rows that did not match their data, over every scrub.
+    pub fn parity_mismatches(&self) -> u64 {
+        self.scrubs.iter().map(|s| s.mismatches).sum()
+    }
     /// True when nothing was lost, mixed or broken.
     pub fn passed(&self) -> bool {
-        self.lost() == 0 && self.garbage() == 0 && self.disagreeing() == 0 && self.failures() == 0
+        self.lost() == 0
+            && self.garbage() == 0
+            && self.disagreeing() == 0
+            && self.failures() == 0
+            && self.parity_mismatches() == 0
     }
 }
 
@@ -234,11 +277,12 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "lost {}, garbage {}, replicas disagreeing {}, other failures {}",
+            "lost {}, garbage {}, replicas disagreeing {}, other failures {}, parity mismatches {}",
             self.lost(),
             self.garbage(),
             self.disagreeing(),
-            self.failures()
+            self.failures(),
+            self.parity_mismatches()
         )?;
         write!(f, "{}", if self.passed() { "PASS" } else { "FAIL" })
     }
@@ -292,6 +336,80 @@ struct Script {
     cut_after: Option<Duration>,
     /// End with a clean stop (else a cut).
     clean: bool,
+    /// Note what is copying (resyncs, rebuilds) once the export serves.
+    watch_copy: bool,
+}
+
+/// A redundant array listed in `/status`: an entry with a `name` and a
+/// list of `members` in a class's section (`"mirrors"`, `"raid5"`).
+#[derive(Clone, Debug)]
+struct Array {
+    /// The section it is listed in.
+    section: String,
+    /// Its name.
+    name: String,
+    /// Its entry.
+    doc: serde_json::Value,
+}
+
+impl Array {
+    /// Its class: the section's name, less a plural `s`.
+    fn class(&self) -> &str {
+        self.section.strip_suffix('s').unwrap_or(&self.section)
+    }
+
+    /// Its state (`complete`, `degraded`, `rebuilding`, …).
+    fn state(&self) -> &str {
+        self.doc["state"].as_str().unwrap_or("")
+    }
+
+    /// What it is copying, if anything: a resync or recovery (mirror), a
+    /// rebuild, or a background job such as a parity resync (raid5).
+    fn copying(&self) -> Option<String> {
+        for key in ["resync", "recovery", "rebuild", "job"] {
+            let v = &self.doc[key];
+            if !v.is_null() {
+                let what = v["kind"].as_str().unwrap_or(key);
+                return Some(match v["member"].as_u64() {
+                    Some(m) => format!("{what} of member {m}"),
+                    None => what.to_string(),
+                });
+            }
+        }
+        matches!(self.state(), "rebuilding" | "resyncing").then(|| self.state().to_string())
+    }
+
+    /// Its members' providers (members without one left out).
+    fn providers(&self) -> Vec<String> {
+        self.doc["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["provider"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Its scrub's progress, when it is a class that scrubs.
+    fn scrub(&self) -> Option<&serde_json::Value> {
+        self.doc.get("scrub").filter(|v| v.is_object())
+    }
+}
+
+/// The redundant arrays in a `/status` document.
+fn arrays(status: &serde_json::Value) -> Vec<Array> {
+    let mut out = Vec::new();
+    for (section, list) in status.as_object().into_iter().flatten() {
+        for e in list.as_array().into_iter().flatten() {
+            if let (Some(name), true) = (e["name"].as_str(), e["members"].is_array()) {
+                out.push(Array {
+                    section: section.clone(),
+                    name: name.to_string(),
+                    doc: e.clone(),
+                });
+            }
+        }
+    }
+    out
 }
 
 struct Campaign<'a> {
@@ -315,6 +433,9 @@ impl Campaign<'_> {
     fn boot(&mut self) -> Result<Vm, String> {
         for (i, m) in self.media.iter_mut().enumerate() {
             m.start().map_err(|e| format!("disk {i}: {e}"))?;
+        }
+        if self.boots > 0 {
+            self.kill_dead_disks()?;
         }
         self.boots += 1;
         let initrd = match &self.o.config {
@@ -349,6 +470,16 @@ impl Campaign<'_> {
         };
         let console = self.o.dir.join(format!("console-{:03}.log", self.boots));
         Vm::boot(&cfg, console).map_err(|e| format!("cannot start QEMU: {e}"))
+    }
+
+    /// The dead disks fail every request from now on.
+    fn kill_dead_disks(&self) -> Result<(), String> {
+        for &i in &self.o.dead_disks {
+            self.media[i]
+                .fail(Errors::All)
+                .map_err(|e| format!("disk {i}: {e}"))?;
+        }
+        Ok(())
     }
 
     fn connect(&mut self, vm: &mut Vm) -> Result<Client, String> {
@@ -711,6 +842,24 @@ impl Campaign<'_> {
         if client.flags & TFLAG_READ_ONLY != 0 {
             return Err(format!("export {} is read-only", self.o.export));
         }
+        if self.boots == 1 {
+            // The first boot has labelled the dead disks; now they go.
+            self.kill_dead_disks()?;
+        }
+        if s.watch_copy {
+            round.copying = Some(
+                self.status()
+                    .map(|st| {
+                        arrays(&st)
+                            .iter()
+                            .filter_map(|a| {
+                                a.copying().map(|c| format!("{} {} {c}", a.class(), a.name))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            );
+        }
         if self.ledger.is_none() {
             self.ledger = Some(Ledger::new(
                 client.size / ledger::SECTOR * ledger::SECTOR,
@@ -786,6 +935,7 @@ impl Campaign<'_> {
             actions: Vec::new(),
             cut_after: None,
             clean,
+            watch_copy: false,
         };
         match fault {
             Fault::PowerCut => s.actions.push((at, Action::Cut)),
@@ -820,7 +970,10 @@ impl Campaign<'_> {
             self.o.seed ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         let fault = self.o.faults[sched.next_u32() as usize % self.o.faults.len()];
-        let disk = sched.next_u32() as usize % self.media.len();
+        let live: Vec<usize> = (0..self.media.len())
+            .filter(|i| !self.o.dead_disks.contains(i))
+            .collect();
+        let disk = live[sched.next_u32() as usize % live.len()];
         let frac = 0.2 + f64::from(sched.next_u32() % 600) / 1000.0;
         let at = self.o.round_time.mul_f64(frac);
         let mut round = Round {
@@ -841,16 +994,25 @@ impl Campaign<'_> {
                 actions: Vec::new(),
                 cut_after: Some(after),
                 clean: false,
+                watch_copy: true,
             };
             let first = round.end.clone();
             self.run_boot(&mut round, &again)?;
-            round.end = format!("{first}; resync cut after {:.1}s", after.as_secs_f64());
+            let copying = match round.copying.as_deref() {
+                None => String::new(),
+                Some([]) => " (nothing copying when it served)".into(),
+                Some(c) => format!(" ({} when it served)", c.join(", ")),
+            };
+            round.end = format!(
+                "{first}; resync cut after {:.1}s{copying}",
+                after.as_secs_f64()
+            );
         }
         Ok(round)
     }
 
-    /// The final boot: verify, let resyncs finish, stop cleanly, compare
-    /// mirror members.
+    /// The final boot: verify, let resyncs and rebuilds finish, scrub
+    /// the arrays that can, stop cleanly, compare mirror members.
     fn last(&mut self, report: &mut Report) -> Result<(), String> {
         let mut round = Round::default();
         let mut vm = self.boot()?;
@@ -874,7 +1036,10 @@ impl Campaign<'_> {
         if let Some(c) = d.client.take() {
             c.disconnect();
         }
-        let mirrors = self.wait_resynced(&mut round);
+        let arrays = self.wait_resynced(&mut round);
+        for a in arrays.iter().filter(|a| a.scrub().is_some()) {
+            self.scrub(report, &mut round, a);
+        }
         round.end = match vm.stop(Duration::from_secs(60)) {
             End::Clean => "clean stop".into(),
             End::Failed(w) => {
@@ -888,54 +1053,116 @@ impl Campaign<'_> {
         };
         round.failures.extend(vm.crash_lines());
         self.settle(Cut::Random)?;
-        for (name, members) in mirrors {
-            self.compare(report, &name, &members);
+        for a in arrays.iter().filter(|a| a.section == "mirrors") {
+            let size = a.doc["media_size"].as_u64().unwrap_or(0);
+            self.compare(report, &a.name, &(size, a.providers()));
         }
         report.rounds.push(round);
         Ok(())
     }
 
-    /// Waits until no mirror resyncs; returns each mirror's members and
-    /// size.
-    fn wait_resynced(&mut self, round: &mut Round) -> Vec<(String, (u64, Vec<String>))> {
+    /// `GET /status`, parsed; `None` if it failed.
+    fn status(&self) -> Option<serde_json::Value> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
+        crate::http::request(addr, "GET", "/status", b"", &[], Duration::from_secs(5))
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| serde_json::from_slice(&r.body).ok())
+    }
+
+    /// Waits (up to 300 s) until no array in `/status` is copying;
+    /// returns the arrays as they are then.
+    fn wait_resynced(&mut self, round: &mut Round) -> Vec<Array> {
         let until = Instant::now() + Duration::from_secs(300);
         loop {
-            let status =
-                crate::http::request(addr, "GET", "/status", b"", &[], Duration::from_secs(5))
-                    .ok()
-                    .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok());
-            let Some(status) = status else {
+            let Some(status) = self.status() else {
                 round.failures.push("GET /status failed at the end".into());
                 return Vec::new();
             };
-            let mirrors = status["mirrors"].as_array().cloned().unwrap_or_default();
-            let busy = mirrors
+            let found = arrays(&status);
+            let busy: Vec<String> = found
                 .iter()
-                .any(|m| !m["resync"].is_null() || !m["recovery"].is_null());
-            if !busy || Instant::now() > until {
-                if busy {
+                .filter_map(|a| {
+                    a.copying()
+                        .map(|c| format!("{} {} ({c})", a.class(), a.name))
+                })
+                .collect();
+            if busy.is_empty() || Instant::now() > until {
+                if !busy.is_empty() {
                     round
                         .failures
-                        .push("a mirror was still resyncing after 300 s".into());
+                        .push(format!("still copying after 300 s: {}", busy.join(", ")));
                 }
-                return mirrors
-                    .iter()
-                    .map(|m| {
-                        let members = m["members"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|x| x["provider"].as_str().map(str::to_string))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        (
-                            m["name"].as_str().unwrap_or("?").to_string(),
-                            (m["media_size"].as_u64().unwrap_or(0), members),
-                        )
-                    })
-                    .collect();
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Scrubs array `a` (`CLASS scrub NAME` through `POST /geom`) and
+    /// waits (up to 300 s) for the result in `/status`.
+    fn scrub(&mut self, report: &mut Report, round: &mut Round, a: &Array) {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
+        let token = crate::token::read(&self.o.dir.join("http.token")).ok();
+        let (class, name, state) = (a.class(), a.name.as_str(), a.state());
+        let line = format!("{class} scrub {name}\n");
+        let asked = crate::mgmt::request(
+            addr,
+            "POST",
+            "/geom",
+            &line,
+            token.as_deref(),
+            Duration::from_secs(10),
+        );
+        match asked {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => {
+                let why = crate::mgmt::geom_result(&r).err().unwrap_or_default();
+                let why = format!("{class} scrub {name}: HTTP {}: {why}", r.status);
+                if state == "complete" {
+                    round.failures.push(why);
+                } else {
+                    // A degraded array has no redundancy left to check.
+                    report
+                        .scrubs_skipped
+                        .push(format!("{why} (the array is {state})"));
+                }
+                return;
+            }
+            Err(e) => {
+                round.failures.push(format!("{class} scrub {name}: {e}"));
+                return;
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(300);
+        loop {
+            let now = self.status().and_then(|st| {
+                arrays(&st)
+                    .into_iter()
+                    .find(|b| b.section == a.section && b.name == name)
+            });
+            let Some(now) = now else {
+                round.failures.push(format!(
+                    "{class} {name} is gone from /status during its scrub"
+                ));
+                return;
+            };
+            let sc = now.scrub().cloned().unwrap_or_default();
+            if sc["state"] == "done" {
+                report.scrubs.push(Scrub {
+                    class: class.to_string(),
+                    name: name.to_string(),
+                    state: state.to_string(),
+                    rows_checked: sc["rows_checked"].as_u64().unwrap_or(0),
+                    mismatches: sc["mismatches"].as_u64().unwrap_or(0),
+                });
+                return;
+            }
+            if Instant::now() > until {
+                round.failures.push(format!(
+                    "{class} {name}: the scrub did not finish in 300 s ({sc})"
+                ));
+                return;
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -980,6 +1207,12 @@ pub fn run(o: &Options, log: &mut dyn io::Write) -> Result<Report, String> {
     if o.disks == 0 || o.faults.is_empty() {
         return Err("a campaign needs at least one disk and one fault kind".into());
     }
+    if let Some(i) = o.dead_disks.iter().find(|&&i| i >= o.disks) {
+        return Err(format!("dead disk {i}: there are {} disks", o.disks));
+    }
+    if (0..o.disks).all(|i| o.dead_disks.contains(&i)) {
+        return Err("a campaign needs at least one disk that is not dead".into());
+    }
     std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
     let mut media = Vec::new();
     for i in 0..o.disks {
@@ -1018,6 +1251,16 @@ pub fn run(o: &Options, log: &mut dyn io::Write) -> Result<Report, String> {
     for s in &report.replicas_skipped {
         let _ = writeln!(c.log, "mirror {s}: not compared");
     }
+    for s in &report.scrubs {
+        let _ = writeln!(
+            c.log,
+            "{} {} ({}): scrub checked {} rows, parity mismatches {}",
+            s.class, s.name, s.state, s.rows_checked, s.mismatches
+        );
+    }
+    for s in &report.scrubs_skipped {
+        let _ = writeln!(c.log, "not scrubbed: {s}");
+    }
     Ok(report)
 }
 
@@ -1044,4 +1287,92 @@ fn line(r: &Round) -> String {
         s.push_str(&format!("\n    FAILURE: {f}"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The arrays are every class section's entries with a name and a
+    /// list of members, whatever the section; copying and scrubbing are
+    /// read from the entry's shape.
+    #[test]
+    fn arrays_are_found_by_their_shape() {
+        let st = json!({
+            "version": "x",
+            "disks": [{"name": "vtbd0", "size_bytes": 1}],
+            "waiting": [{"class": "stripe", "name": "st1", "members": 1, "of": 2}],
+            "mirrors": [
+                {"name": "gm0", "state": "complete", "media_size": 4096,
+                 "members": [{"provider": "vtbd0"}, {"provider": "vtbd1"}],
+                 "resync": null, "recovery": null},
+                {"name": "gm1", "state": "degraded",
+                 "members": [{"provider": "vtbd2"}],
+                 "resync": {"synced_bytes": 1, "total_bytes": 2}, "recovery": null}
+            ],
+            "raid5": [
+                {"name": "r0", "state": "rebuilding", "stripe_unit": 65536, "ppl": true,
+                 "members": [{"index": 0, "provider": "vtbd3", "state": "active"},
+                             {"index": 1, "provider": null, "state": "missing"},
+                             {"index": 2, "provider": "vtbd5", "state": "rebuilding"}],
+                 "rebuild": {"member": 2, "done_bytes": 1, "total_bytes": 9},
+                 "scrub": {"state": "idle", "rows_checked": 0, "mismatches": 0}},
+                {"name": "r1", "state": "complete", "members": [], "rebuild": null,
+                 "scrub": {"state": "done", "rows_checked": 7, "mismatches": 0}}
+            ]
+        });
+        let a = arrays(&st);
+        let names: Vec<(&str, &str)> = a.iter().map(|a| (a.class(), a.name.as_str())).collect();
+        assert_eq!(
+            names,
+            [
+                ("mirror", "gm0"),
+                ("mirror", "gm1"),
+                ("raid5", "r0"),
+                ("raid5", "r1")
+            ]
+        );
+        let copying: Vec<Option<String>> = a.iter().map(Array::copying).collect();
+        assert_eq!(
+            copying,
+            [
+                None,
+                Some("resync".into()),
+                Some("rebuild of member 2".into()),
+                None
+            ]
+        );
+        assert_eq!(a[0].providers(), ["vtbd0", "vtbd1"]);
+        assert_eq!(a[2].providers(), ["vtbd3", "vtbd5"]);
+        assert!(a[0].scrub().is_none() && a[2].scrub().is_some());
+        // A raid5's parity resync is a job.
+        let st = json!({"raid5": [{"name": "r0", "state": "complete", "members": [],
+                                  "rebuild": null, "job": {"kind": "resync"}}]});
+        assert_eq!(arrays(&st)[0].copying().as_deref(), Some("resync"));
+        // A rebuild that has not posted its progress yet still counts.
+        let st = json!({"raid5": [{"name": "r0", "state": "rebuilding", "members": [],
+                                  "rebuild": null}]});
+        assert_eq!(arrays(&st)[0].copying().as_deref(), Some("rebuilding"));
+    }
+
+    #[test]
+    fn parity_mismatches_fail_the_report() {
+        let mut r = Report::default();
+        r.rounds.push(Round::default());
+        r.scrubs.push(Scrub {
+            class: "raid5".into(),
+            name: "r0".into(),
+            state: "complete".into(),
+            rows_checked: 10,
+            mismatches: 0,
+        });
+        assert!(r.passed());
+        assert!(r
+            .to_string()
+            .contains("other failures 0, parity mismatches 0\nPASS"));
+        r.scrubs[0].mismatches = 3;
+        assert!(!r.passed());
+        assert!(r.to_string().contains("parity mismatches 3\nFAIL"), "{r}");
+    }
 }
