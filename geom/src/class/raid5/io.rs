@@ -1209,6 +1209,7 @@ impl Raid5Geom {
         }
         mem.state = MemberState::Failed;
         mem.why = Some(alloc::string::String::from(why));
+        mem.meta_wanted = false;
         let blocks = self.layout.member_blocks(m);
         self.cache.invalidate(blocks);
         if self.job.as_ref().is_some_and(|j| j.kind == super::JobKind::Rebuild(m)) {

@@ -532,10 +532,10 @@ impl Geom for Raid5Geom {
 
     fn settling(&self) -> bool {
         self.replay.is_some()
-            || self
-                .members
-                .iter()
-                .any(|m| m.meta_inflight || m.meta_wanted)
+            || (0..self.members.len()).any(|m| {
+                let mem = &self.members[m];
+                mem.meta_inflight || (mem.meta_wanted && self.present(m))
+            })
     }
 
     fn orphan(&mut self, io: &mut Io<'_>, consumer: ConsumerId) {
