@@ -338,6 +338,9 @@ struct Script {
     clean: bool,
     /// Note what is copying (resyncs, rebuilds) once the export serves.
     watch_copy: bool,
+    /// The fault takes a disk: first let every array finish copying
+    /// (one redundant copy protects against one failure at a time).
+    spare_copy: bool,
 }
 
 /// A redundant array listed in `/status`: an entry with a `name` and a
@@ -878,6 +881,11 @@ impl Campaign<'_> {
             going = self.verify(&mut d, round, 256 << 10, true, cut_at)
                 && self.verify(&mut d, round, 188 << 10, false, cut_at);
         }
+        if going && s.spare_copy {
+            // A disk fault while an array rebuilds would be a second
+            // failure, which no single-parity array survives.
+            let _ = self.wait_resynced(round);
+        }
         if going {
             going = self.work(&mut d, round, &mut vm, s, cut_at);
         }
@@ -936,6 +944,7 @@ impl Campaign<'_> {
             cut_after: None,
             clean,
             watch_copy: false,
+            spare_copy: !matches!(fault, Fault::PowerCut | Fault::ResyncCut),
         };
         match fault {
             Fault::PowerCut => s.actions.push((at, Action::Cut)),
@@ -995,6 +1004,7 @@ impl Campaign<'_> {
                 cut_after: Some(after),
                 clean: false,
                 watch_copy: true,
+                spare_copy: false,
             };
             let first = round.end.clone();
             self.run_boot(&mut round, &again)?;

@@ -558,7 +558,9 @@ impl Raid5Geom {
 
     /// Every block of the plan is pinned: compute, then log or write.
     fn blocks_ready(&mut self, io: &mut Io<'_>, op: u32) {
-        if self.ops.get(op).is_some_and(|o| o.failed_io) {
+        // A member left (or came) since the plan: its blocks are not the
+        // ones the new state needs.
+        if self.ops.get(op).is_some_and(|o| o.failed_io) || self.stale(op) {
             return self.plan_op(io, op);
         }
         if self.ops.get(op).is_some_and(|o| o.result.is_err()) {
