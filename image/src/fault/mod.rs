@@ -944,7 +944,7 @@ impl Campaign<'_> {
             cut_after: None,
             clean,
             watch_copy: false,
-            spare_copy: !matches!(fault, Fault::PowerCut | Fault::ResyncCut),
+            spare_copy: fault != Fault::PowerCut,
         };
         match fault {
             Fault::PowerCut => s.actions.push((at, Action::Cut)),
