@@ -185,7 +185,7 @@ fn a_raid5_survives_power_cuts_and_a_failing_member() {
 /// first boot) through power cuts: with no redundancy left, the partial
 /// parity log must still keep every acknowledged write.
 #[test]
-#[ignore = "raid5 class bug: power cuts while degraded lose acknowledged writes and return bytes no write made (seed 17)"]
+#[ignore = "raid5: in about one run of three (seed 17), a live read in the first boot after a cut of a degraded array returns an earlier boot's data for a chunk on a live member (lost 16-56 sectors); cause not found yet"]
 fn a_degraded_raid5_survives_power_cuts() {
     let c = campaign(
         "fault-raid5-degraded",

@@ -18,7 +18,8 @@
 //! strata-tests --bin bench_raid5`). Each figure is one run of
 //! `STRATA_BENCH_SECS` seconds (default 3); `STRATA_BENCH_MB` is the
 //! size of each disk (default 64); `STRATA_BENCH_SKIP_QEMU=1` leaves the
-//! appliance out.
+//! appliance out. A new raid5 computes its parity first; the figures are
+//! taken once that is done.
 
 use std::process::Command;
 use strata_tests::bench::fio;
@@ -97,8 +98,30 @@ fn fmt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.prec$}"))
 }
 
+/// Waits (up to 10 minutes) until no raid5 in `/status` is still copying:
+/// a new array computes its parity first, and measuring during that
+/// would measure the resync.
+fn wait_complete(a: &Appliance, name: &str) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let st = a.status();
+        let busy = st["raid5"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|r| r["state"] == "rebuilding"));
+        if !busy {
+            return;
+        }
+        if std::time::Instant::now() > until {
+            eprintln!("bench_raid5: {name}: still rebuilding after 600 s, measured anyway");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn run(a: &Appliance, name: &str, top: &str, secs: u64, dir: &TempDir) -> Row {
     let uri = a.uri("vol");
+    wait_complete(a, name);
     eprintln!("bench_raid5: {name} ({uri})");
     let size: u64 = client("nbdinfo", &["--size", &uri])
         .stdout
