@@ -224,15 +224,7 @@ fn disks(
     Vec<Box<dyn BlockDevice>>,
     Vec<geom::testing::FakeDiskHandle>,
 ) {
-    (0..2u64)
-        .map(|i| {
-            let (d, h) = geom::testing::FakeDisk::new(4 << 20, 512, i);
-            if let Some(img) = images.get(i as usize) {
-                h.write_at(0, img);
-            }
-            (Box::new(d) as Box<dyn BlockDevice>, h)
-        })
-        .unzip()
+    disks_n(2, images)
 }
 
 #[test]

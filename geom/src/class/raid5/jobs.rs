@@ -419,16 +419,22 @@ impl Raid5Geom {
             j.next += 1;
         } else {
             // A member the job needs failed; the job is over.
-            if let JobKind::Rebuild(t) = j.kind {
-                if self.members[t].state == MemberState::Rebuilding {
-                    self.members[t].state = MemberState::Failed;
-                    self.members[t].why = Some(String::from("rebuild failed"));
-                }
-            }
-            self.job = None;
-            self.generation += 1;
-            self.barrier = self.touch_all();
+            self.abandon_job();
         }
+    }
+
+    /// A member the job needs failed: the job is over, and a member it was
+    /// rebuilding holds nothing the array can use.
+    fn abandon_job(&mut self) {
+        if let Some(JobKind::Rebuild(t)) = self.job.as_ref().map(|j| j.kind) {
+            if self.members[t].state == MemberState::Rebuilding {
+                self.members[t].state = MemberState::Failed;
+                self.members[t].why = Some(String::from("rebuild failed"));
+            }
+        }
+        self.job = None;
+        self.generation += 1;
+        self.barrier = self.touch_all();
     }
 
     /// The flush before a job's checkpoint (or its end) came back.
@@ -441,15 +447,7 @@ impl Raid5Geom {
         j.checkpointing = false;
         if result.is_err() {
             // A member failed its flush and left: the job cannot go on.
-            if let JobKind::Rebuild(t) = j.kind {
-                if self.members[t].state == MemberState::Rebuilding {
-                    self.members[t].state = MemberState::Failed;
-                    self.members[t].why = Some(String::from("rebuild failed"));
-                }
-            }
-            self.job = None;
-            self.generation += 1;
-            self.barrier = self.touch_all();
+            self.abandon_job();
             return;
         }
         j.persisted = j.next;
