@@ -380,6 +380,28 @@ pub fn write_labels(
     Ok(())
 }
 
+/// A class's `/status` list: for each of its geoms, `name` and the object
+/// `section` picks out of the geom's dumpconf.
+pub fn status_list(
+    stack: &Stack,
+    class: &str,
+    section: impl Fn(serde_json::Value) -> Option<serde_json::Map<String, serde_json::Value>>,
+) -> serde_json::Value {
+    let list = stack
+        .geoms()
+        .filter(|&g| stack.geom_class(g) == class)
+        .map(|g| {
+            let mut v = serde_json::Map::new();
+            v.insert("name".into(), stack.geom_name(g).into());
+            if let Some(conf) = section(stack.dumpconf(g)) {
+                v.extend(conf);
+            }
+            serde_json::Value::Object(v)
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
 /// The members of a tasted group as (provider, spec), in member order.
 pub fn tasted_members(
     stack: &Stack,

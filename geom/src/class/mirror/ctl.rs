@@ -143,19 +143,11 @@ impl Class for MirrorClass {
     /// `/status` lists every mirror with its health, members and resync
     /// progress (the same document as its `config` in `GET /geom`).
     fn status(&self, stack: &Stack) -> Option<(&'static str, Value)> {
-        let mirrors: Vec<Value> = stack
-            .geoms()
-            .filter(|&g| stack.geom_class(g) == CLASS_NAME)
-            .map(|g| {
-                let mut v = serde_json::Map::new();
-                v.insert("name".into(), stack.geom_name(g).into());
-                if let Value::Object(conf) = stack.dumpconf(g) {
-                    v.extend(conf);
-                }
-                Value::Object(v)
-            })
-            .collect();
-        Some(("mirrors", Value::Array(mirrors)))
+        let mirrors = crate::class::status_list(stack, CLASS_NAME, |conf| match conf {
+            Value::Object(conf) => Some(conf),
+            _ => None,
+        });
+        Some(("mirrors", mirrors))
     }
 }
 

@@ -231,21 +231,13 @@ impl Class for Raid5Class {
 
     /// `/status` lists every array: state, members, rebuild and scrub.
     fn status(&self, stack: &Stack) -> Option<(&'static str, Value)> {
-        let arrays: Vec<Value> = stack
-            .geoms()
-            .filter(|&g| stack.geom_class(g) == CLASS_NAME)
-            .map(|g| {
-                let mut v = serde_json::Map::new();
-                v.insert("name".into(), stack.geom_name(g).into());
-                if let Value::Object(conf) = stack.dumpconf(g) {
-                    if let Some(Value::Object(st)) = conf.get("status") {
-                        v.extend(st.clone());
-                    }
-                }
-                Value::Object(v)
-            })
-            .collect();
-        Some(("raid5", Value::Array(arrays)))
+        let arrays = crate::class::status_list(stack, CLASS_NAME, |mut conf| {
+            match conf.get_mut("status").map(Value::take) {
+                Some(Value::Object(st)) => Some(st),
+                _ => None,
+            }
+        });
+        Some(("raid5", arrays))
     }
 }
 

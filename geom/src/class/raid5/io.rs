@@ -219,7 +219,7 @@ impl Raid5Geom {
         if !data {
             // Write-zeroes and discard write zeroes (a discarded range
             // reads back as zeroes, as it does on the members).
-            match SgList::try_with_capacity(0).and_then(|_| try_zeroes(len)) {
+            match try_zeroes(len) {
                 Ok(z) => {
                     if let Some(p) = self.parents.get_mut(parent) {
                         p.zeroes = Some(z);
@@ -783,8 +783,7 @@ impl Raid5Geom {
         let k = (o.start / u) as usize;
         let gone_member = self.layout.member(row, k);
         let (s, e) = (o.start % u, (o.end - 1) % u + 1);
-        let out = SgList::try_with_capacity(0)
-            .and_then(|_| try_zeroes(o.end - o.start))?;
+        let out = try_zeroes(o.end - o.start)?;
         let counters = &io.stats(self.provider).data;
         let tmp = Page::try_new_zeroed()?;
         for c in o.col0..o.col1 {
@@ -890,15 +889,13 @@ impl Raid5Geom {
         };
         let mut header = entry.emit();
         let meta = io.meta_counters();
-        let mut pp_bytes: Vec<[u8; PAGE_SIZE]> = Vec::new();
+        // The partial parity is checksummed where it lies, mapped, not
+        // copied out.
+        let mut crc = ppl::start_checksum(&header);
         for pg in &o.pp {
-            let mut b = [0u8; PAGE_SIZE];
-            pg.copy_out(0, &mut b, meta)?;
-            pp_bytes.push(b);
+            super::layout::with_page(pg, meta, |b| crc.update(b))?;
         }
-        let refs: Vec<&[u8]> = pp_bytes.iter().map(|b| &b[..]).collect();
-        let crc = ppl::checksum(&header, &refs);
-        ppl::seal(&mut header, crc);
+        ppl::seal(&mut header, crc.finalize());
         let mut sg = SgList::from_bytes(&header, meta);
         for pg in &o.pp {
             sg.append(&page_list(pg));

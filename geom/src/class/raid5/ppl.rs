@@ -86,11 +86,18 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(w)
 }
 
+/// The checksum's state after a header page (without its last four
+/// bytes): the partial parity pages are fed to it where they are mapped.
+pub fn start_checksum(header: &[u8]) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header[..COLUMN as usize - 4]);
+    h
+}
+
 /// The checksum over a header page (without its last four bytes) and the
 /// partial parity pages.
 pub fn checksum(header: &[u8], pp: &[&[u8]]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&header[..COLUMN as usize - 4]);
+    let mut h = start_checksum(header);
     for p in pp {
         h.update(p);
     }
