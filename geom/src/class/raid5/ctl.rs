@@ -348,6 +348,7 @@ fn build(stack: &mut Stack, bp: Blueprint) -> Result<GeomId, StackError> {
         queued: VecDeque::new(),
         meta_version: 0,
         clean: bp.clean,
+        writes_started: 0,
         dirty_version: 0,
         barrier: 0,
         parked: VecDeque::new(),

@@ -253,6 +253,9 @@ impl Raid5Geom {
         start: u64,
         end: u64,
     ) -> u32 {
+        if kind == OpKind::Write {
+            self.writes_started += 1;
+        }
         self.ops.insert(RowOp {
             kind,
             phase: Phase::Queued,
@@ -1114,11 +1117,14 @@ impl Raid5Geom {
             .first()
             .map_or(self.next_seq - 1, |s| s - 1);
         let targets: Vec<usize> = (0..self.members.len()).filter(|&m| self.present(m)).collect();
+        let idle = self.idle();
         let id = self.flushes.insert(FlushRound {
             pending: targets.len() as u32,
             watermark,
             parent,
             job,
+            idle,
+            writes: self.writes_started,
             result: Ok(()),
         });
         if targets.is_empty() {
@@ -1129,6 +1135,11 @@ impl Raid5Geom {
                 self.flush_member_done(io, id, m, Err(BioError::Io));
             }
         }
+    }
+
+    /// No write is in flight and no log entry is incomplete.
+    fn idle(&self) -> bool {
+        self.incomplete.is_empty() && !self.ops.iter().any(|(_, o)| o.kind == OpKind::Write)
     }
 
     /// Frees every log slot whose entry the members are sure to hold.
@@ -1182,11 +1193,13 @@ impl Raid5Geom {
             self.job_flushed(io, result);
         }
         if let Some(p) = f.parent {
-            // Nothing written since and nothing logged in flight: the
-            // records say clean (no replay at the next assembly), and the
-            // FLUSH is answered once they do.
-            let writing = self.ops.iter().any(|(_, o)| o.kind == OpKind::Write);
-            if result.is_ok() && self.ppl && !self.clean && !writing && self.incomplete.is_empty() {
+            // No write in flight when the flush was sent and none started
+            // since (a write that ended while the flush was in flight
+            // need not be on the disks yet): the records say clean (no
+            // replay at the next assembly), and the FLUSH is answered
+            // once they do.
+            let quiet = f.idle && f.writes == self.writes_started && self.idle();
+            if result.is_ok() && self.ppl && !self.clean && quiet {
                 self.clean = true;
                 self.barrier = self.touch_all();
             }

@@ -266,6 +266,11 @@ pub(crate) struct FlushRound {
     parent: Option<u32>,
     /// A job's checkpoint.
     job: bool,
+    /// No write was in flight when it was sent: `writes` says whether
+    /// one started since.
+    idle: bool,
+    /// The array's count of writes started when it was sent.
+    writes: u64,
     result: BioResult,
 }
 
@@ -322,6 +327,9 @@ pub struct Raid5Geom {
     meta_version: u64,
     /// The records say clean (see `jobs::FLAG_CLEAN`).
     clean: bool,
+    /// Write operations started since assembly: a flush says clean only
+    /// if none started while it was in flight.
+    writes_started: u64,
     /// The version of the records that stopped saying clean.
     dirty_version: u64,
     /// Write completions wait until every present member's record holds

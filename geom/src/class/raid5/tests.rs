@@ -710,3 +710,44 @@ fn a_deep_queue_through_a_member_dying_reads_what_it_wrote() {
         }
     }
 }
+
+/// A write that starts after a FLUSH was sent and ends before it is
+/// answered is not covered by it: the records must not say clean, or a
+/// cut would leave its row unreplayed.
+#[test]
+fn a_flush_with_a_write_racing_it_leaves_the_records_dirty() {
+    let (mut s, disks, c) = array(5, 256 << 10, "4k");
+    testing::write(&mut s, c, 0, &[1; 4096]).unwrap();
+    testing::flush(&mut s, c).unwrap();
+    testing::write(&mut s, c, 0, &[2; 4096]).unwrap();
+    assert_eq!(status(&s)["clean"], false);
+    // A full chunk of row 2: read-modify-write touches its data member
+    // and its parity member only; a third member holds the flush back.
+    let l = layout_of(&s);
+    let row = 2;
+    let (data, parity) = (l.member(row, 0), l.parity(row));
+    let held = (0..5).find(|&m| m != data && m != parity).unwrap();
+    disks[held].hold(true);
+    s.submit(c, crate::bio::Bio::flush(), 1);
+    s.run();
+    s.submit(c, testing::write_bio(l.row_bytes() * row, &[3; 4096]), 2);
+    let mut done = Vec::new();
+    for _ in 0..1000 {
+        s.run();
+        while let Some((t, _, r)) = s.take_completed() {
+            assert_eq!(r, Ok(()));
+            done.push(t);
+        }
+        if !done.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(done, vec![2], "the write ends while the flush waits");
+    disks[held].hold(false);
+    let (t, _, r) = testing::wait(&mut s);
+    assert_eq!((t, r), (1, Ok(())));
+    assert_eq!(status(&s)["clean"], false, "{}", status(&s));
+    // A flush with nothing in flight does say clean.
+    testing::flush(&mut s, c).unwrap();
+    assert_eq!(status(&s)["clean"], true);
+}
