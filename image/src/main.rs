@@ -604,6 +604,9 @@ fn cmd_fault(a: FaultArgs) -> Result<(), Failure> {
             .map(|t| t.path().to_path_buf())
             .unwrap_or_default()
     });
+    // The disks' sockets live there and qemu-nbd takes absolute paths only.
+    let dir = std::path::absolute(&dir)
+        .map_err(|e| Failure::host(format!("--dir {}: {e}", dir.display())))?;
     let ready_timeout = env_duration("STRATA_READY_TIMEOUT", Duration::from_secs(60), false)?;
     let opts = fault::Options {
         kernel,
