@@ -34,7 +34,7 @@ impl Hash {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Hash::Sha1 => 20,
             Hash::Sha256 => 32,

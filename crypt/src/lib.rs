@@ -5,6 +5,8 @@
 //! `no_std`: the same code runs in the appliance and hosted.
 #![no_std]
 
+extern crate alloc;
+
 pub mod kdf;
 pub mod rng;
 pub mod xts;

@@ -11,7 +11,7 @@ pub struct BadKey;
 
 enum Backend {
     Soft128(Xts128<Aes128>),
-    Soft256(Xts128<Aes256>),
+    Soft256(alloc::boxed::Box<Xts128<Aes256>>),
 }
 
 /// An AES-XTS key ready for use: AES-128-XTS with a 32-byte key,
@@ -30,10 +30,10 @@ impl Xts {
                 Aes128::new_from_slice(k1).map_err(|_| BadKey)?,
                 Aes128::new_from_slice(k2).map_err(|_| BadKey)?,
             )),
-            64 => Backend::Soft256(Xts128::new(
+            64 => Backend::Soft256(alloc::boxed::Box::new(Xts128::new(
                 Aes256::new_from_slice(k1).map_err(|_| BadKey)?,
                 Aes256::new_from_slice(k2).map_err(|_| BadKey)?,
-            )),
+            ))),
             _ => return Err(BadKey),
         };
         Ok(Xts { backend })
@@ -46,7 +46,7 @@ impl Xts {
     ///
     /// If `data` is not a whole number of sectors of at least 16 bytes.
     pub fn encrypt(&self, data: &mut [u8], sector_size: usize, first: u64) {
-        assert!(sector_size >= 16 && data.len() % sector_size == 0);
+        assert!(sector_size >= 16 && data.len().is_multiple_of(sector_size));
         let first = u128::from(first);
         match &self.backend {
             Backend::Soft128(x) => x.encrypt_area(data, sector_size, first, get_tweak_default),
@@ -60,7 +60,7 @@ impl Xts {
     ///
     /// If `data` is not a whole number of sectors of at least 16 bytes.
     pub fn decrypt(&self, data: &mut [u8], sector_size: usize, first: u64) {
-        assert!(sector_size >= 16 && data.len() % sector_size == 0);
+        assert!(sector_size >= 16 && data.len().is_multiple_of(sector_size));
         let first = u128::from(first);
         match &self.backend {
             Backend::Soft128(x) => x.decrypt_area(data, sector_size, first, get_tweak_default),
