@@ -10,7 +10,7 @@ use xts_mode::{get_tweak_default, Xts128};
 pub struct BadKey;
 
 enum Backend {
-    Soft128(Xts128<Aes128>),
+    Soft128(alloc::boxed::Box<Xts128<Aes128>>),
     Soft256(alloc::boxed::Box<Xts128<Aes256>>),
 }
 
@@ -26,10 +26,10 @@ impl Xts {
         let half = key.len() / 2;
         let (k1, k2) = key.split_at(half);
         let backend = match key.len() {
-            32 => Backend::Soft128(Xts128::new(
+            32 => Backend::Soft128(alloc::boxed::Box::new(Xts128::new(
                 Aes128::new_from_slice(k1).map_err(|_| BadKey)?,
                 Aes128::new_from_slice(k2).map_err(|_| BadKey)?,
-            )),
+            ))),
             64 => Backend::Soft256(alloc::boxed::Box::new(Xts128::new(
                 Aes256::new_from_slice(k1).map_err(|_| BadKey)?,
                 Aes256::new_from_slice(k2).map_err(|_| BadKey)?,
