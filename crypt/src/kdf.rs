@@ -53,3 +53,23 @@ pub fn pbkdf2(hash: Hash, pass: &[u8], salt: &[u8], rounds: u32, out: &mut [u8])
     }
     .expect("HMAC takes keys of any length");
 }
+
+/// The `hash` of the concatenation of `parts`, into `out` (truncated to
+/// it, or filling its start).
+pub fn digest(hash: Hash, parts: &[&[u8]], out: &mut [u8]) {
+    use sha2::Digest;
+    fn run<D: Digest>(parts: &[&[u8]], out: &mut [u8]) {
+        let mut d = D::new();
+        for p in parts {
+            d.update(p);
+        }
+        let r = d.finalize();
+        let n = out.len().min(r.len());
+        out[..n].copy_from_slice(&r[..n]);
+    }
+    match hash {
+        Hash::Sha1 => run::<sha1::Sha1>(parts, out),
+        Hash::Sha256 => run::<sha2::Sha256>(parts, out),
+        Hash::Sha512 => run::<sha2::Sha512>(parts, out),
+    }
+}

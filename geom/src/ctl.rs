@@ -105,6 +105,7 @@ pub fn geom(stack: &Stack, class: &str, name: &str) -> Result<GeomId, CtlError> 
 #[must_use = "check it until the statement's I/O is done"]
 pub struct Settling {
     write_errors: u64,
+    statement_errors: u64,
 }
 
 impl Settling {
@@ -114,6 +115,7 @@ impl Settling {
     pub fn now(stack: &Stack) -> Settling {
         Settling {
             write_errors: stack.meta_write_errors(),
+            statement_errors: stack.core.statement_errors.0,
         }
     }
 
@@ -122,6 +124,15 @@ impl Settling {
     pub fn check(&self, stack: &Stack) -> Option<Result<(), CtlError>> {
         if stack.tasting() {
             return None;
+        }
+        let (count, recent) = &stack.core.statement_errors;
+        if *count > self.statement_errors {
+            // The first failure since the statement started (or the
+            // oldest kept).
+            let new = (*count - self.statement_errors) as usize;
+            let at = recent.len().saturating_sub(new);
+            let message = recent.get(at).cloned().unwrap_or_default();
+            return Some(Err(CtlError::Invalid(message)));
         }
         Some(if stack.meta_write_errors() > self.write_errors {
             Err(CtlError::Invalid(String::from(
@@ -139,9 +150,7 @@ pub fn start(stack: &mut Stack, stmt: &Statement) -> Result<Settling, CtlError> 
     let Statement::Geom(g) = stmt else {
         return Err(CtlError::NotGeom);
     };
-    let settling = Settling {
-        write_errors: stack.meta_write_errors(),
-    };
+    let settling = Settling::now(stack);
     g.command.apply(stack)?;
     Ok(settling)
 }

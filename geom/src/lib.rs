@@ -12,6 +12,8 @@
 //! - [`class`]: the other classes (md, nop, concat, stripe, …);
 //! - [`config`]: the configuration language;
 //! - [`ctl`]: statements carried out on a live stack, topology as JSON;
+//! - [`keys`]: secrets, the key generator and the clock the encrypting
+//!   classes use;
 //! - `testing` (tests and the `testing` feature): fake disks and helpers.
 #![no_std]
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod config;
 pub mod ctl;
 pub mod disk;
 pub mod fanout;
+pub mod keys;
 pub mod meta;
 pub mod page;
 mod slab;

@@ -240,6 +240,8 @@ impl core::fmt::Debug for Page {
 pub struct DataCounters {
     mapped: AtomicU64,
     copied: AtomicU64,
+    encrypted: AtomicU64,
+    decrypted: AtomicU64,
 }
 
 impl DataCounters {
@@ -248,6 +250,8 @@ impl DataCounters {
         DataCounters {
             mapped: AtomicU64::new(0),
             copied: AtomicU64::new(0),
+            encrypted: AtomicU64::new(0),
+            decrypted: AtomicU64::new(0),
         }
     }
 
@@ -259,6 +263,26 @@ impl DataCounters {
     /// Bytes copied by the CPU between a bio's pages and other memory.
     pub fn bytes_copied(&self) -> u64 {
         self.copied.load(Ordering::Relaxed)
+    }
+
+    /// Bytes an encrypting class enciphered on their way down.
+    pub fn bytes_encrypted(&self) -> u64 {
+        self.encrypted.load(Ordering::Relaxed)
+    }
+
+    /// Bytes an encrypting class deciphered on their way up.
+    pub fn bytes_decrypted(&self) -> u64 {
+        self.decrypted.load(Ordering::Relaxed)
+    }
+
+    /// Records `n` bytes enciphered.
+    pub fn add_encrypted(&self, n: usize) {
+        self.encrypted.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records `n` bytes deciphered.
+    pub fn add_decrypted(&self, n: usize) {
+        self.decrypted.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Records `n` bytes mapped (used by code that maps through its own
@@ -276,6 +300,8 @@ impl DataCounters {
     pub fn add(&self, other: &DataCounters) {
         self.add_mapped(other.bytes_mapped() as usize);
         self.add_copied(other.bytes_copied() as usize);
+        self.add_encrypted(other.bytes_encrypted() as usize);
+        self.add_decrypted(other.bytes_decrypted() as usize);
     }
 }
 

@@ -25,7 +25,7 @@ fn label(s: &str) -> String {
 type Get = fn(&ProviderStats) -> u64;
 
 /// The per-provider counters: name, help text, value.
-const COUNTERS: [(&str, &str, Get); 12] = [
+const COUNTERS: [(&str, &str, Get); 14] = [
     ("reads", "Read requests started.", |p| {
         ProviderStats::get(&p.reads)
     }),
@@ -66,6 +66,16 @@ const COUNTERS: [(&str, &str, Get); 12] = [
         "copied_bytes",
         "Bytes copied by the provider's geom.",
         |p| p.data.bytes_copied(),
+    ),
+    (
+        "encrypted_bytes",
+        "Bytes the provider's geom enciphered (eli, gbde).",
+        |p| p.data.bytes_encrypted(),
+    ),
+    (
+        "decrypted_bytes",
+        "Bytes the provider's geom deciphered (eli, gbde).",
+        |p| p.data.bytes_decrypted(),
     ),
     ("ios", "Requests of any kind started.", |p| {
         ProviderStats::get(&p.reads)

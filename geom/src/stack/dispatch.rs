@@ -8,6 +8,7 @@ use super::topology::{Consumer, Core, Provider, ProviderSpec};
 use super::{Geom, Stack, StackError};
 use crate::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId, Frame, GeomId, Owner, ProviderId};
 use crate::page::DataCounters;
+use alloc::string::String;
 use rand_core::Rng;
 
 /// A queued event: a request to start, a completion on its way up, or
@@ -98,6 +99,18 @@ impl Io<'_> {
     pub fn retire_provider(&mut self, provider: ProviderId) {
         self.core.orphan_provider(provider);
         self.core.provider_mut(provider).retired = true;
+    }
+
+    /// Reports that the statement which made this geom failed once its I/O
+    /// was done (the statement's caller hears `message`, see
+    /// [`crate::ctl::Settling`]); the geom withers or stays as it decides.
+    pub fn fail_statement(&mut self, message: String) {
+        let (count, recent) = &mut self.core.statement_errors;
+        *count += 1;
+        recent.push_back(message);
+        if recent.len() > 16 {
+            recent.pop_front();
+        }
     }
 
     /// Withers this geom: orphans all its providers; the stack drops the

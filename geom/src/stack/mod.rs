@@ -180,6 +180,8 @@ pub struct Stack {
     pub(crate) taste: crate::taste::TasteState,
     /// Bytes the classes may commit to data they hold in memory.
     data_memory: Option<u64>,
+    /// Secrets, the key generator and the live clock.
+    pub(crate) keys: crate::keys::Keys,
 }
 
 impl Default for Stack {
@@ -196,6 +198,7 @@ impl Stack {
             core: Core::new(),
             taste: crate::taste::TasteState::default(),
             data_memory: None,
+            keys: crate::keys::Keys::default(),
         }
     }
 

@@ -114,6 +114,10 @@ pub struct Core {
     /// Providers added since the last taste round.
     pub(crate) new_providers: Vec<ProviderId>,
     pub(crate) reap_pending: bool,
+    /// Failures geoms reported for the statements that made them (a
+    /// wrong passphrase found once the header was read): how many since
+    /// boot, and the latest few.
+    pub(crate) statement_errors: (u64, VecDeque<String>),
 }
 
 impl Core {
@@ -131,6 +135,7 @@ impl Core {
             meta_counters: DataCounters::new(),
             new_providers: Vec::new(),
             reap_pending: false,
+            statement_errors: (0, VecDeque::new()),
         }
     }
 
