@@ -223,9 +223,50 @@ struct CommonArgs {
     /// removed on exit).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// A secret the config names with `-k NAME` (an eli or gbde
+    /// passphrase), read from FILE and handed to the appliance outside
+    /// the config text (repeatable).
+    #[arg(long = "secret", value_name = "NAME=FILE", value_parser = parse_secret)]
+    secrets: Vec<(String, PathBuf)>,
+}
+
+/// `NAME=FILE` of `--secret`: the name as config lines write it, and a
+/// file that can be read.
+fn parse_secret(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=FILE"))?;
+    if !geom::config::is_name(name) || name.contains('/') || name.len() > 40 {
+        return Err(format!(
+            "'{name}': a secret name is letters, digits, '_', '-' and '.', at most 40"
+        ));
+    }
+    let file = PathBuf::from(file);
+    let len = std::fs::metadata(&file)
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .len();
+    if len > 4096 {
+        return Err(format!(
+            "{}: a secret is at most 4096 bytes",
+            file.display()
+        ));
+    }
+    Ok((name.to_string(), file))
 }
 
 impl CommonArgs {
+    /// The secrets' bytes, read now.
+    fn secret_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, Failure> {
+        self.secrets
+            .iter()
+            .map(|(n, f)| {
+                std::fs::read(f)
+                    .map(|b| (n.clone(), b))
+                    .map_err(|e| Failure::host(format!("--secret {n}: {}: {e}", f.display())))
+            })
+            .collect()
+    }
+
     /// The management token for this appliance, in its file.
     fn token(&self) -> Result<image::token::TokenFile, Failure> {
         image::token::TokenFile::create(self.token_file.as_deref(), self.http_port).map_err(|e| {
@@ -423,6 +464,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
             http_port: a.common.http_port,
             qmp_socket: None,
             token_file: Some(token.path.clone()),
+            secrets: a.common.secrets.clone(),
         },
         accel: match a.accel {
             AccelArg::Auto => AccelChoice::Auto,
@@ -463,6 +505,7 @@ fn cmd_hosted(a: CommonArgs) -> Result<(), Failure> {
         ports: vec![("nbd".into(), a.nbd_port), ("http".into(), a.http_port)],
         limits: a.limits(),
         token: Some(token.token.clone()),
+        secrets: a.secret_bytes()?,
     };
     let r = appliance::hosted::run(&opts).map_err(Failure::runtime);
     drop(token);

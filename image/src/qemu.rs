@@ -96,6 +96,10 @@ pub struct QemuConfig {
     /// A file holding the management token, handed to the guest as the
     /// fw_cfg file `opt/strata/token` (never on the command line).
     pub token_file: Option<PathBuf>,
+    /// Secrets for the config's `-k NAME`, each handed to the guest as
+    /// the fw_cfg file `opt/strata/secret/NAME` (never on the command
+    /// line): name and the file holding it.
+    pub secrets: Vec<(String, PathBuf)>,
 }
 
 /// Where a disk's blocks live on the host.
@@ -179,6 +183,16 @@ impl QemuConfig {
                 &format!(
                     "name=opt/strata/token,file={}",
                     qemu_escape(&t.to_string_lossy())
+                ),
+            ]);
+        }
+        for (name, file) in &self.secrets {
+            push(&[
+                "-fw_cfg",
+                &format!(
+                    "name=opt/strata/secret/{},file={}",
+                    qemu_escape(name),
+                    qemu_escape(&file.to_string_lossy())
                 ),
             ]);
         }
@@ -294,6 +308,7 @@ mod tests {
             http_port: 8080,
             qmp_socket: None,
             token_file: None,
+            secrets: Vec::new(),
         }
     }
 

@@ -141,6 +141,7 @@ impl Setup {
             http_port: http,
             qmp_socket: qmp,
             token_file: Some(token),
+            secrets: Vec::new(),
         }
     }
 }

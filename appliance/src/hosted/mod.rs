@@ -49,6 +49,8 @@ pub struct HostedOptions {
     /// The management token changes must present (none: every change
     /// through the management port is refused).
     pub token: Option<String>,
+    /// Secrets for the config's `-k NAME`: name and bytes.
+    pub secrets: Vec<(String, Vec<u8>)>,
 }
 
 impl HostedOptions {
@@ -59,6 +61,31 @@ impl HostedOptions {
             .find(|(n, _)| n == name)
             .map_or(default, |(_, p)| *p)
     }
+}
+
+/// Fills `out` from the kernel's generator; false when it cannot.
+fn getrandom(out: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < out.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of
+        // `out`, which lives across the call; getrandom(2) writes at most
+        // that many bytes.
+        let n = unsafe { libc::getrandom(out[got..].as_mut_ptr().cast(), out.len() - got, 0) };
+        if n <= 0 {
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+/// Nanoseconds on the monotonic clock since the first call.
+fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// How long the loop sleeps in `poll(2)` at most when idle, in ms (the
@@ -299,6 +326,17 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
     let mut svc = Service::boot(&config, disks, seed).map_err(config_error)?;
     svc.set_limits(limits);
     svc.set_token(opts.token.clone());
+    for (name, bytes) in &opts.secrets {
+        svc.set_secret(name, bytes);
+    }
+    // The key generator's seed: the kernel's generator (getrandom(2)).
+    let mut entropy = [0u8; 32];
+    if getrandom(&mut entropy) {
+        svc.add_entropy(&entropy);
+    } else {
+        log::warn!("no entropy from getrandom(2): creating keys is refused");
+    }
+    svc.set_live_clock(monotonic_ns);
     let started = Instant::now();
     svc.set_platform(Box::new(move || {
         let (total, used) = memory_status();

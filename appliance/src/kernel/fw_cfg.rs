@@ -1,7 +1,8 @@
 //! QEMU's firmware configuration device (fw_cfg), legacy I/O interface:
 //! how the host hands the appliance a file that must not appear on the
 //! command line or in the config (the management token, given with
-//! `-fw_cfg name=opt/strata/token,file=PATH`).
+//! `-fw_cfg name=opt/strata/token,file=PATH`, and the secrets of
+//! `--secret NAME=FILE` as `opt/strata/secret/NAME`).
 //!
 //! QEMU's docs/specs/fw_cfg.rst: write a 16-bit selector to port 0x510,
 //! then read the item's bytes one at a time from port 0x511. Item 0 is the
@@ -39,22 +40,47 @@ fn read_item(key: u16, n: usize) -> Vec<u8> {
     }
 }
 
-/// The contents of the fw_cfg file `name`, if QEMU offers one.
-pub fn read_file(name: &str) -> Option<Vec<u8>> {
+/// The directory: each file's name, size and selector.
+fn directory() -> Vec<(String, u32, u16)> {
     if read_item(SIGNATURE, 4) != *b"QEMU" {
-        return None;
+        return Vec::new();
     }
-    let count = u32::from_be_bytes(read_item(FILE_DIR, 4).try_into().ok()?);
+    let Ok(count) = read_item(FILE_DIR, 4).try_into().map(u32::from_be_bytes) else {
+        return Vec::new();
+    };
     // The directory is read in one pass after its count.
     let dir = read_item(FILE_DIR, 4 + count.min(1024) as usize * (8 + NAME_BYTES));
-    dir[4..].chunks_exact(8 + NAME_BYTES).find_map(|e| {
-        let size = u32::from_be_bytes(e[0..4].try_into().ok()?);
-        let select = u16::from_be_bytes(e[4..6].try_into().ok()?);
-        let raw = &e[8..];
-        let len = raw.iter().position(|&b| b == 0).unwrap_or(NAME_BYTES);
-        (raw[..len] == *name.as_bytes() && size <= MAX_FILE_BYTES)
-            .then(|| read_item(select, size as usize))
-    })
+    dir[4..]
+        .chunks_exact(8 + NAME_BYTES)
+        .filter_map(|e| {
+            let size = u32::from_be_bytes(e[0..4].try_into().ok()?);
+            let select = u16::from_be_bytes(e[4..6].try_into().ok()?);
+            let raw = &e[8..];
+            let len = raw.iter().position(|&b| b == 0).unwrap_or(NAME_BYTES);
+            let name = core::str::from_utf8(&raw[..len]).ok()?;
+            Some((String::from(name), size, select))
+        })
+        .collect()
+}
+
+/// The contents of the fw_cfg file `name`, if QEMU offers one.
+pub fn read_file(name: &str) -> Option<Vec<u8>> {
+    directory()
+        .into_iter()
+        .find(|(n, size, _)| n == name && *size <= MAX_FILE_BYTES)
+        .map(|(_, size, select)| read_item(select, size as usize))
+}
+
+/// Every fw_cfg file whose name starts with `prefix`: the rest of its
+/// name and its contents (files over the size limit are left out).
+pub fn read_files(prefix: &str) -> Vec<(String, Vec<u8>)> {
+    directory()
+        .into_iter()
+        .filter_map(|(n, size, select)| {
+            let rest = n.strip_prefix(prefix)?;
+            (size <= MAX_FILE_BYTES).then(|| (String::from(rest), read_item(select, size as usize)))
+        })
+        .collect()
 }
 
 /// The management token the host tool handed over, if any: the first

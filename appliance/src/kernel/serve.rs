@@ -180,6 +180,19 @@ pub fn serve(boot: BootInfo) -> ! {
     svc.set_platform(Box::new(status));
     svc.set_limits(limits(boot.cmdline));
     svc.set_token(super::fw_cfg::token());
+    for (name, bytes) in super::fw_cfg::read_files("opt/strata/secret/") {
+        svc.set_secret(&name, &bytes);
+    }
+    // The key generator's seed: the CPU's entropy instructions (and the
+    // host's virtio-rng, below, when there is one).
+    let mut entropy = [0u8; 32];
+    if crypt::hw_entropy(&mut entropy) {
+        svc.add_entropy(&entropy);
+        log::info!("entropy: RDSEED/RDRAND");
+    } else {
+        log::warn!("entropy: the CPU has no RDSEED or RDRAND");
+    }
+    svc.set_live_clock(super::now_ns);
     let buffers: Vec<usize> = PROTOCOLS
         .iter()
         .map(|p| socket_bytes(p, super::memory_stats().total_bytes))

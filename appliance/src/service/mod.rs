@@ -373,6 +373,23 @@ impl Service {
         }
     }
 
+    /// Makes secret `name` known to the config's `-k NAME` (the platform
+    /// calls it before serving, with what the host handed over).
+    pub fn set_secret(&mut self, name: &str, bytes: &[u8]) {
+        self.stack.set_secret(name, bytes);
+    }
+
+    /// Mixes entropy from a platform source into the key generator.
+    pub fn add_entropy(&mut self, bytes: &[u8]) {
+        self.stack.add_entropy(bytes);
+    }
+
+    /// Gives the stack a clock that runs while a statement is carried out
+    /// (for timing key stretching).
+    pub fn set_live_clock(&mut self, clock: fn() -> u64) {
+        self.stack.set_live_clock(clock);
+    }
+
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.limits

@@ -470,6 +470,7 @@ impl Campaign<'_> {
             http_port: self.http_port,
             qmp_socket: None,
             token_file: Some(token_file),
+            secrets: Vec::new(),
         };
         let console = self.o.dir.join(format!("console-{:03}.log", self.boots));
         Vm::boot(&cfg, console).map_err(|e| format!("cannot start QEMU: {e}"))

@@ -24,8 +24,8 @@
 //! ```
 //!
 //! `-k SECRET` names a secret given to `strata run|hosted --secret
-//! SECRET=FILE` (the file's bytes, a trailing newline dropped, are the
-//! passphrase); `-p` puts the passphrase in the config text, for tests
+//! SECRET=FILE` (the file's bytes are the passphrase, a newline
+//! included, as QEMU and `cryptsetup --key-file` read it); `-p` puts the passphrase in the config text, for tests
 //! and scripts. Keys and salts come from the stack's generator: without
 //! an entropy source `init` and `addkey` are refused. A wrong passphrase
 //! fails the statement with the provider and the cause and writes
@@ -79,19 +79,14 @@ impl core::fmt::Debug for Passphrase {
 }
 
 impl Passphrase {
-    /// The passphrase's bytes (a secret's trailing newline dropped).
+    /// The passphrase's bytes: a secret's file as it is, byte for byte
+    /// (as QEMU's `secret` object and `cryptsetup --key-file` read it).
     pub fn resolve(&self, stack: &Stack) -> Result<Vec<u8>, CtlError> {
         match self {
             Passphrase::Inline(p) => Ok(p.as_bytes().to_vec()),
-            Passphrase::Secret(name) => {
-                let s = stack.secret(name).ok_or_else(|| {
-                    CtlError::Invalid(format!(
-                        "no secret named '{name}' (give it with --secret {name}=FILE)"
-                    ))
-                })?;
-                let s = s.strip_suffix(b"\n").unwrap_or(s);
-                Ok(s.strip_suffix(b"\r").unwrap_or(s).to_vec())
-            }
+            Passphrase::Secret(name) => stack.secret(name).map(<[u8]>::to_vec).ok_or_else(|| {
+                CtlError::Invalid(format!("no secret named '{name}' (give it with --secret {name}=FILE)"))
+            }),
         }
     }
 }

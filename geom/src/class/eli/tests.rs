@@ -155,7 +155,7 @@ fn key_slots_are_added_and_removed() {
     apply(&mut s, "eli attach -p pw vtbd0").unwrap();
     apply(&mut s, "eli addkey -i 1 -p two vtbd0").unwrap();
     apply(&mut s, "eli addkey -i 1 -n 5 -k sec vtbd0.eli").unwrap_err();
-    s.set_secret("sec", b"three\n");
+    s.set_secret("sec", b"three");
     apply(&mut s, "eli addkey -i 1 -n 5 -k sec vtbd0.eli").unwrap();
     let e = apply(&mut s, "eli addkey -i 1 -n 5 -p four vtbd0").unwrap_err();
     assert!(e.to_string().contains("slots"), "{e}");
