@@ -23,6 +23,7 @@ missing_pkgs() {
         want ss iproute2
         want sfdisk fdisk
         want sgdisk gdisk
+        want cryptsetup cryptsetup-bin
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
     fi
 }

@@ -1292,3 +1292,145 @@ pub fn raid5_member_failure_rebuild_restart(p: Platform) {
     let st = a.stop();
     assert!(st.success(), "clean stop: {st:?}");
 }
+
+/// `qemu-io` through QEMU's own LUKS driver on a file (`--image-opts
+/// driver=luks`), with the passphrase in `pass`.
+fn luks_io(pass: &std::path::Path, file: &std::path::Path, cmds: &[&str]) -> crate::Output {
+    let object = format!("secret,id=s0,file={}", pass.display());
+    let opts = format!("driver=luks,key-secret=s0,file.filename={}", file.display());
+    let mut args = vec!["--object", &object, "--image-opts", &opts];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    crate::client("qemu-io", &args)
+}
+
+/// True when a sector of `hay` is all `byte`.
+fn has_sector_of(hay: &[u8], byte: u8) -> bool {
+    hay.chunks_exact(512).any(|s| s.iter().all(|&b| b == byte))
+}
+
+/// eli volumes move between Strata and the rest of the world: one Strata
+/// formats (the passphrase a `--secret`) opens in QEMU's LUKS driver and
+/// passes `cryptsetup luksDump`, with no plaintext on the raw disk and
+/// each byte enciphered once; one `qemu-img create -f luks` made attaches
+/// in Strata and reads what QEMU wrote; a wrong passphrase stops the boot
+/// naming the provider and the cause, and writes nothing.
+pub fn eli_volumes_move_between_strata_and_qemu(p: Platform) {
+    let dir = TempDir::new("eli");
+    let pass = dir.path("pass");
+    std::fs::write(&pass, b"correct horse battery").unwrap();
+    let disk = dir.path("strata.img");
+    let secret = format!("vol={}", pass.display());
+    let conf = "eli init -i 10 -k vol vtbd0\neli attach -k vol vtbd0\nexport nbd vol vtbd0.eli\n";
+    let mut start = Start::new(p)
+        .disk(format!("{},size=64M", disk.display()))
+        .config(conf);
+    start.extra.extend(["--secret".to_string(), secret.clone()]);
+    let a = start.spawn().expect("start with eli");
+    let u = a.uri("vol");
+    qemu_io(&u, &["write -P 0x5a 0 1M", "write -P 0xa5 5M 64k"]);
+    qemu_io(&u, &["read -P 0x5a 0 1M", "read -P 0xa5 5M 64k"]);
+    let metrics = a.http_get("/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("strata_provider_encrypted_bytes_total{provider=\"vtbd0.eli\"}"))
+        .unwrap_or_else(|| panic!("no encrypted bytes figure: {metrics}"));
+    assert!(
+        line.ends_with(&format!(" {}", (1 << 20) + (64 << 10))),
+        "each byte written enciphered once: {line}"
+    );
+    let topo = a.http_get("/geom");
+    assert!(topo.contains("\"cipher\":\"aes-xts-plain64\""), "{topo}");
+    assert!(a.stop().success());
+
+    let raw = std::fs::read(&disk).unwrap();
+    assert!(
+        !has_sector_of(&raw, 0x5a) && !has_sector_of(&raw, 0xa5),
+        "plaintext on the raw disk"
+    );
+    let dump = client("cryptsetup", &["luksDump", disk.to_str().unwrap()]);
+    assert!(dump.ok, "cryptsetup luksDump: {}", dump.stderr);
+    for want in [
+        "Version:       \t1",
+        "xts-plain64",
+        "sha256",
+        "Key Slot 0: ENABLED",
+        "Key Slot 1: DISABLED",
+    ] {
+        assert!(
+            dump.stdout.contains(want),
+            "luksDump lacks {want:?}: {}",
+            dump.stdout
+        );
+    }
+    let o = luks_io(&pass, &disk, &["read -P 0x5a 0 1M", "read -P 0xa5 5M 64k"]);
+    assert!(
+        o.ok && !o.stdout.contains("verification failed"),
+        "QEMU's LUKS driver: {}{}",
+        o.stdout,
+        o.stderr
+    );
+
+    // QEMU's volume in Strata.
+    let theirs = dir.path("qemu.img");
+    let object = format!("secret,id=s0,file={}", pass.display());
+    let o = client(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            &object,
+            "-o",
+            "key-secret=s0,iter-time=10",
+            theirs.to_str().unwrap(),
+            "32M",
+        ],
+    );
+    assert!(o.ok, "qemu-img create -f luks: {}", o.stderr);
+    let o = luks_io(&pass, &theirs, &["write -P 0x33 4096 64k"]);
+    assert!(o.ok, "{}", o.stderr);
+    let conf = "eli attach -k vol vtbd0\nexport nbd vol vtbd0.eli\n";
+    let mut start = Start::new(p)
+        .disk(theirs.display().to_string())
+        .config(conf);
+    start.extra.extend(["--secret".to_string(), secret]);
+    let a = start.spawn().expect("attach QEMU's volume");
+    qemu_io(
+        &a.uri("vol"),
+        &["read -P 0x33 4096 64k", "write -P 0x44 1M 4k"],
+    );
+    assert!(a.stop().success());
+    let o = luks_io(
+        &pass,
+        &theirs,
+        &["read -P 0x44 1M 4k", "read -P 0x33 4096 64k"],
+    );
+    assert!(
+        o.ok && !o.stdout.contains("verification failed"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+
+    // A wrong passphrase: the boot stops, naming the provider and why.
+    let bad = dir.path("bad");
+    std::fs::write(&bad, b"correct horse battery\n").unwrap();
+    let before = std::fs::read(&disk).unwrap();
+    let mut start = Start::new(p).disk(disk.display().to_string()).config(conf);
+    start
+        .extra
+        .extend(["--secret".to_string(), format!("vol={}", bad.display())]);
+    let e = start.run_to_exit(Duration::from_secs(120));
+    assert_ne!(e.code, Some(0));
+    let said = format!("{}{}{}", e.stdout, e.stderr, e.console);
+    assert!(said.contains("vtbd0: wrong passphrase"), "{said}");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "a refused attach wrote to the disk"
+    );
+}

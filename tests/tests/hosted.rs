@@ -66,3 +66,8 @@ fn clean_stop_drains_writes() {
 fn raid5_member_failure_rebuild_restart() {
     scenarios::raid5_member_failure_rebuild_restart(Hosted);
 }
+
+#[test]
+fn eli_volumes_move_between_strata_and_qemu() {
+    scenarios::eli_volumes_move_between_strata_and_qemu(Hosted);
+}
