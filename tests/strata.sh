@@ -4,6 +4,7 @@
 #   tests/strata.sh test                       run the whole test suite
 #   tests/strata.sh bench                      run the benchmark (prints figures)
 #   tests/strata.sh bench-raid5                raid5 against stripe, hosted and appliance
+#   tests/strata.sh bench-crypt                plain, eli and gbde; QEMU's LUKS driver beside eli
 # Installs what is missing (QEMU, NBD clients and peers, the Rust target), or
 # stops with a message naming what is missing.
 set -euo pipefail
@@ -100,8 +101,13 @@ bench-raid5)
     cargo build --release -q -p image --bin strata
     exec cargo run --release -q -p strata-tests --bin bench_raid5 -- "$@"
     ;;
+bench-crypt)
+    install_deps bench
+    cargo build --release -q -p image --bin strata
+    exec cargo run --release -q -p strata-tests --bin bench_crypt -- "$@"
+    ;;
 *)
-    echo "usage: tests/strata.sh run|test|bench|bench-raid5 [options]" >&2
+    echo "usage: tests/strata.sh run|test|bench|bench-raid5|bench-crypt [options]" >&2
     exit 2
     ;;
 esac

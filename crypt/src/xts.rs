@@ -50,6 +50,15 @@ fn double(t: u128) -> u128 {
     (t << 1) ^ (0x87 * (t >> 127))
 }
 
+/// Set by [`soft_only`].
+static SOFT_ONLY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Makes every key expanded from now on use the `aes` crate, AES-NI or
+/// not (the platform's `aes=soft` switch, for measuring the fallback).
+pub fn soft_only(on: bool) {
+    SOFT_ONLY.store(on, core::sync::atomic::Ordering::Relaxed);
+}
+
 impl Xts {
     /// Expands `key` (32 or 64 bytes: the data key, then the tweak key),
     /// for AES-NI when the CPU has it ([`crate::aesni_available`]), for
@@ -57,6 +66,9 @@ impl Xts {
     pub fn new(key: &[u8]) -> Result<Xts, BadKey> {
         if !matches!(key.len(), 32 | 64) {
             return Err(BadKey);
+        }
+        if SOFT_ONLY.load(core::sync::atomic::Ordering::Relaxed) {
+            return Xts::new_soft(key);
         }
         let (k1, k2) = key.split_at(key.len() / 2);
         match (AesNi::new(k1), AesNi::new(k2)) {

@@ -330,7 +330,8 @@ struct RunArgs {
     log: Option<PathBuf>,
     /// Add WORD to the kernel command line (repeatable): loglevel=debug,
     /// strata.tsc=cpuid|pit2|pm|pit0, strata.selftest=NAME[,NAME...]
-    /// (idle, heap, pagefault, ud, stackoverflow, panic).
+    /// (idle, heap, pagefault, ud, stackoverflow, panic), strata.aes=soft
+    /// (the portable AES instead of AES-NI, to measure it).
     #[arg(long = "kernel-arg", value_name = "WORD", value_parser = parse_kernel_arg)]
     kernel_args: Vec<String>,
 }

@@ -337,6 +337,11 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
         log::warn!("no entropy from getrandom(2): creating keys is refused");
     }
     svc.set_live_clock(monotonic_ns);
+    // STRATA_AES=soft: the aes crate for every key, to measure it.
+    if std::env::var("STRATA_AES").is_ok_and(|v| v == "soft") {
+        crypt::xts::soft_only(true);
+        log::info!("aes: the aes crate (STRATA_AES=soft)");
+    }
     let started = Instant::now();
     svc.set_platform(Box::new(move || {
         let (total, used) = memory_status();

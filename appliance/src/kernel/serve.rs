@@ -193,6 +193,15 @@ pub fn serve(boot: BootInfo) -> ! {
         log::warn!("entropy: the CPU has no RDSEED or RDRAND");
     }
     svc.set_live_clock(super::now_ns);
+    // `strata.aes=soft`: the portable AES for every key, to measure it.
+    if boot
+        .cmdline
+        .split_whitespace()
+        .any(|w| w == "strata.aes=soft")
+    {
+        crypt::xts::soft_only(true);
+        log::info!("aes: the portable implementation (strata.aes=soft)");
+    }
     let buffers: Vec<usize> = PROTOCOLS
         .iter()
         .map(|p| socket_bytes(p, super::memory_stats().total_bytes))
