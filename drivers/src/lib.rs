@@ -8,12 +8,14 @@
 //! - [`virtio`]: feature negotiation shared by the drivers;
 //! - [`virtio_blk`]: the block driver (implements `geom::disk::BlockDevice`);
 //! - [`virtio_net`]: the network driver (implements `smoltcp::phy::Device`);
-//! - [`probe`] ([`probe_all`]): finds and starts every disk and NIC, in
-//!   stable order.
+//! - [`virtio_rng`]: the entropy driver (a bounded, polled read at boot);
+//! - [`probe`] ([`probe_all`]): finds and starts every disk, NIC and
+//!   entropy device, in stable order.
 //!
 //! `unsafe` is denied at the root and allowed only in the modules that
 //! touch hardware or hand memory to devices: `hal`, `pci`, `mmio`,
-//! `probe`, and the queue glue of `virtio_blk` and `virtio_net`.
+//! `probe`, and the queue glue of `virtio_blk`, `virtio_net` and
+//! `virtio_rng`.
 #![no_std]
 #![deny(unsafe_code)]
 extern crate alloc;
@@ -39,5 +41,7 @@ pub mod virtio;
 pub mod virtio_blk;
 #[allow(unsafe_code, reason = "descriptor chains over the NIC's buffers")]
 pub mod virtio_net;
+#[allow(unsafe_code, reason = "a descriptor over the entropy buffer")]
+pub mod virtio_rng;
 
 pub use probe::*;

@@ -1,10 +1,11 @@
 //! Finding and starting devices: the PCI bus scan and the microvm
 //! window, each device's transport and driver, and its interrupt
-//! acknowledgement, in stable order (vtbd0, vtbd1, …).
+//! acknowledgement, in stable order (vtbd0, vtbd1, …). An entropy device
+//! (virtio-rng) is optional: found ones are started, none is no error.
 
 use crate::hal::IdentityHal;
 use crate::virtio::InitError;
-use crate::{mmio, pci, virtio_blk, virtio_net};
+use crate::{mmio, pci, virtio_blk, virtio_net, virtio_rng};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -15,6 +16,8 @@ use virtio_drivers::transport::{DeviceType, SomeTransport};
 pub type BlkDevice = virtio_blk::VirtioBlk<SomeTransport<'static>>;
 /// A NIC on either transport.
 pub type NetDevice = virtio_net::VirtioNet<SomeTransport<'static>>;
+/// An entropy device on either transport.
+pub type RngDevice = virtio_rng::VirtioRng<SomeTransport<'static>>;
 
 /// Where a device was found and how it interrupts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +127,8 @@ impl IrqAck {
 
 /// A started device with its name and location.
 pub struct Probed<D> {
-    /// Stable name: vtbd0, vtbd1, … for disks, vtnet0, … for NICs.
+    /// Stable name: vtbd0, vtbd1, … for disks, vtnet0, … for NICs,
+    /// vtrng0, … for entropy devices.
     pub name: String,
     /// Where it was found.
     pub location: Location,
@@ -153,6 +157,8 @@ pub struct Devices {
     pub blks: Vec<Probed<BlkDevice>>,
     /// NICs, in the same order.
     pub nets: Vec<Probed<NetDevice>>,
+    /// Entropy devices (virtio-rng), in the same order; often none.
+    pub rngs: Vec<Probed<RngDevice>>,
     /// Every PCI function seen (for the log).
     pub pci: Vec<pci::PciFunction>,
     /// Devices that failed to start.
@@ -229,6 +235,15 @@ fn start(
                 device,
             });
         }),
+        DeviceType::EntropySource => virtio_rng::VirtioRng::new(transport).map(|device| {
+            let name = format!("vtrng{}", out.rngs.len());
+            out.rngs.push(Probed {
+                name,
+                location,
+                irq_ack,
+                device,
+            });
+        }),
         _ => return,
     };
     if let Err(e) = result {
@@ -241,8 +256,8 @@ fn start(
     }
 }
 
-/// Finds every virtio disk and NIC, starts them, and names them in stable
-/// order (vtbd0, vtbd1, … and vtnet0, …).
+/// Finds every virtio disk, NIC and entropy device, starts them, and names
+/// them in stable order (vtbd0, vtbd1, …, vtnet0, … and vtrng0, …).
 ///
 /// `map_mmio(phys, len)` must map a physical range 1:1 (uncached); it is
 /// called for PCI BARs above 4 GiB, which the platform's boot map does not
@@ -279,7 +294,10 @@ pub unsafe fn probe_all(map_mmio: &mut dyn FnMut(u64, u64), cfg: &ProbeConfig) -
                 irq_line: f.irq_line,
                 irq_pin: f.irq_pin,
             };
-            if !matches!(f.virtio, Some(DeviceType::Block | DeviceType::Network)) {
+            if !matches!(
+                f.virtio,
+                Some(DeviceType::Block | DeviceType::Network | DeviceType::EntropySource)
+            ) {
                 continue;
             }
             match pci::virtio_transport::<IdentityHal, _>(&pci::PortCam, &mut root, f.bdf, map_mmio)

@@ -224,6 +224,15 @@ impl QemuConfig {
             Machine::Microvm => "virtio-net-device,netdev=n0",
         };
         push(&["-device", nic]);
+        // The host's entropy for the appliance's keys (virtio-rng), read
+        // from the host's /dev/urandom; last, so the disks and the NIC
+        // keep their PCI slots and virtio-mmio transports.
+        push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+        let rng = match self.machine {
+            Machine::Q35 => "virtio-rng-pci,rng=rng0,disable-legacy=on",
+            Machine::Microvm => "virtio-rng-device,rng=rng0",
+        };
+        push(&["-device", rng]);
         a
     }
 }
@@ -352,7 +361,12 @@ mod tests {
                 "virtio-blk-pci,drive=d0,disable-legacy=on",
                 "virtio-blk-pci,drive=d1,disable-legacy=on",
                 "virtio-net-pci,netdev=n0,romfile=,disable-legacy=on",
+                "virtio-rng-pci,rng=rng0,disable-legacy=on",
             ]
+        );
+        assert_eq!(
+            values(&a, "-object"),
+            ["rng-random,id=rng0,filename=/dev/urandom"]
         );
         assert_eq!(
             values(&a, "-netdev"),
@@ -411,7 +425,12 @@ mod tests {
                 "virtio-blk-device,drive=d0",
                 "virtio-blk-device,drive=d1",
                 "virtio-net-device,netdev=n0",
+                "virtio-rng-device,rng=rng0",
             ]
+        );
+        assert_eq!(
+            values(&a, "-object"),
+            ["rng-random,id=rng0,filename=/dev/urandom"]
         );
         assert!(!a.iter().any(|x| x.contains("-pci")));
     }
@@ -424,12 +443,19 @@ mod tests {
     }
 
     #[test]
-    fn no_disks_still_has_nic() {
+    fn no_disks_still_has_nic_and_rng() {
         let mut c = base(Machine::Q35, Accel::Tcg);
         c.disks.clear();
         let a = c.args();
         assert!(values(&a, "-drive").is_empty());
-        assert_eq!(values(&a, "-device").len(), 2);
+        assert_eq!(
+            values(&a, "-device"),
+            [
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "virtio-net-pci,netdev=n0,romfile=,disable-legacy=on",
+                "virtio-rng-pci,rng=rng0,disable-legacy=on",
+            ]
+        );
     }
 
     #[test]

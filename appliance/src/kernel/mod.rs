@@ -10,6 +10,7 @@
 //! - memory: the global allocator (page-aligned DMA memory = an allocation
 //!   with `Layout` alignment 4096), [`alloc_frames`], [`memory_stats`];
 //! - time: [`now_ns`], [`uptime_ms`];
+//! - the host's entropy (virtio-rng): [`entropy::host_entropy`];
 //! - sleeping: [`idle_wait`], [`enable_irq`], [`enable_pci_intx`],
 //!   [`take_pending_irqs`];
 //! - console and exit: [`console_write`], [`exit_qemu`].
@@ -17,6 +18,7 @@
 pub mod acpi;
 pub mod apic;
 pub mod boot;
+pub mod entropy;
 pub mod exit;
 pub mod fw_cfg;
 pub mod gdt;

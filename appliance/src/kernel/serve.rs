@@ -152,6 +152,7 @@ pub fn serve(boot: BootInfo) -> ! {
         acks.extend(b.irq_ack);
         disks.push(Box::new(b.device));
     }
+    super::entropy::keep(devs.rngs);
     let Some(mut nic) = devs.nets.into_iter().next() else {
         fatal("no virtio-net device: nothing to serve on")
     };
@@ -191,6 +192,14 @@ pub fn serve(boot: BootInfo) -> ! {
         log::info!("entropy: RDSEED/RDRAND");
     } else {
         log::warn!("entropy: the CPU has no RDSEED or RDRAND");
+    }
+    let mut e = [0u8; 32];
+    let n = super::entropy::host_entropy(&mut e);
+    if n > 0 {
+        svc.add_entropy(&e[..n]);
+        log::info!("entropy: virtio-rng gave {n} bytes");
+    } else {
+        log::info!("entropy: nothing from virtio-rng");
     }
     svc.set_live_clock(super::now_ns);
     // `strata.aes=soft`: the portable AES for every key, to measure it.
