@@ -13,8 +13,10 @@
 //! ```
 //!
 //! ```text
-//! eli init [-f] [-i ITER_MS] [-s 32|64] (-p PASS | -k SECRET) PROV
+//! eli init [-f] [-z] [-i ITER_MS] [-s 32|64] (-p PASS | -k SECRET) PROV
 //!        # a LUKS1 header, a fresh master key, key slot 0 for the passphrase;
+//!        # -z: the payload written as enciphered zeroes first (every sector
+//!        # then reads zeroes until written; without it, garbage);
 //!        # nothing written if PROV holds a LUKS volume already (that this
 //!        # passphrase opens: done; another: refused unless -f)
 //! eli attach (-p PASS | -k SECRET) PROV        # PROV.eli
@@ -113,6 +115,7 @@ struct Opts {
     iter_ms: Option<u32>,
     key_bytes: Option<u32>,
     slot: Option<usize>,
+    zero: bool,
 }
 
 fn options(args: &mut Args<'_>, allowed: &[&str]) -> Result<Opts, ConfigError> {
@@ -132,6 +135,7 @@ fn options(args: &mut Args<'_>, allowed: &[&str]) -> Result<Opts, ConfigError> {
                 o.pass = Some(pass_option(args, w.text)?);
             }
             "-f" => o.force = true,
+            "-z" => o.zero = true,
             "-i" => {
                 let n = args.number("-i")?;
                 o.iter_ms = Some(u32::try_from(n.clamp(1, 60_000)).unwrap_or(60_000));
@@ -222,7 +226,18 @@ enum Job {
         label: &'static str,
         next: Option<(u64, Vec<u8>)>,
     },
+    /// `init -z`: enciphered zeroes over the payload, one chunk at a
+    /// time from `at` (payload bytes), then the header `image`.
+    Zero {
+        at: u64,
+        end: u64,
+        xts: Box<Xts>,
+        image: Vec<u8>,
+    },
 }
+
+/// Bytes of payload one `init -z` write covers.
+const ZERO_CHUNK: u64 = 1 << 20;
 
 /// What a read header is for.
 enum AfterRead {
@@ -237,6 +252,9 @@ pub struct Fresh {
     header: Header,
     /// The sectors before the payload: header, slot 0's material, zeroes.
     image: Vec<u8>,
+    /// `-z`: the master key's cipher, to write the payload as enciphered
+    /// zeroes before the header.
+    zero: Option<Xts>,
 }
 
 /// One client write in flight: the bio to answer once its enciphered
@@ -412,14 +430,48 @@ impl EliGeom {
     }
 
     fn write_fresh(&mut self, io: &mut Io<'_>, fresh: Box<Fresh>) {
-        let Fresh { header, image } = *fresh;
+        let Fresh { header, image, zero } = *fresh;
         if image.len() as u64 > self.sectors_below * SECTOR {
             return self.fail(io, format!("{}: too small for a LUKS header and key slots", self.below));
         }
         self.head = image[..1024].to_vec();
+        self.payload = u64::from(header.payload_offset) * SECTOR;
         self.header = Some(header);
-        self.job = Some(Job::Write { pending: 0, failed: false, label: "init", next: None });
-        self.send_write(io, 0, &image);
+        match zero {
+            // The payload first, the header last: a cut before the end
+            // leaves no volume, and the next init starts over.
+            Some(xts) => {
+                let end = self.sectors_below * SECTOR - self.payload;
+                self.job = Some(Job::Zero { at: 0, end, xts: Box::new(xts), image });
+                self.zero_next(io);
+            }
+            None => {
+                self.job = Some(Job::Write { pending: 0, failed: false, label: "init", next: None });
+                self.send_write(io, 0, &image);
+            }
+        }
+    }
+
+    /// Sends the next chunk of enciphered zeroes, or the header after the
+    /// last.
+    fn zero_next(&mut self, io: &mut Io<'_>) {
+        let Some(Job::Zero { at, end, xts, image }) = &mut self.job else {
+            return;
+        };
+        if *at >= *end {
+            let image = core::mem::take(image);
+            self.job = Some(Job::Write { pending: 0, failed: false, label: "init", next: None });
+            return self.send_write(io, 0, &image);
+        }
+        let len = ZERO_CHUNK.min(*end - *at);
+        let mut chunk = vec![0u8; len as usize];
+        xts.encrypt(&mut chunk, SECTOR as usize, *at / SECTOR);
+        let offset = self.payload + *at;
+        *at += len;
+        let sg = SgList::from_bytes(&chunk, io.meta_counters());
+        let mut bio = Bio::with_data(BioCmd::Write, offset, sg);
+        bio.fua = true;
+        io.request(self.consumer, bio, META);
     }
 
     /// Writes `bytes` at `at` below, with FUA, as part of the current job.
@@ -434,6 +486,14 @@ impl EliGeom {
     }
 
     fn write_done(&mut self, io: &mut Io<'_>, result: BioResult) {
+        if let Some(Job::Zero { .. }) = &self.job {
+            if result.is_err() {
+                self.job = None;
+                let _ = io.access(self.consumer, -1, -1, -1);
+                return self.fail(io, format!("{}: writing zeroes over the payload failed", self.below));
+            }
+            return self.zero_next(io);
+        }
         let Some(Job::Write { pending, failed, label, next }) = &mut self.job else {
             return;
         };
@@ -660,6 +720,9 @@ pub struct Init {
     pub iter_ms: u32,
     /// Master key bytes.
     pub key_bytes: u32,
+    /// `-z`: write the payload as enciphered zeroes first, so every
+    /// sector reads zeroes until written.
+    pub zero: bool,
 }
 
 impl Command for Init {
@@ -686,7 +749,12 @@ impl Command for Init {
         image[..luks::HEADER_BYTES].copy_from_slice(&h.to_bytes());
         let at = h.slots[slot].offset as usize * SECTOR as usize;
         image[at..at + material.len()].copy_from_slice(&material);
-        let fresh = Box::new(Fresh { header: h, image });
+        let zero = if self.zero {
+            Some(Xts::new(&key).map_err(|_| CtlError::Invalid(String::from("bad master key size")))?)
+        } else {
+            None
+        };
+        let fresh = Box::new(Fresh { header: h, image, zero });
         EliGeom::create(stack, &self.provider, AfterRead::Init { pass, force: self.force, fresh })
     }
 }
@@ -808,7 +876,7 @@ impl Class for EliClass {
         };
         Ok(match verb.text {
             "init" => {
-                let o = options(args, &["-f", "-i", "-s", "-p", "-k"])?;
+                let o = options(args, &["-f", "-i", "-s", "-z", "-p", "-k"])?;
                 let pass = need_pass(args, &o)?;
                 let provider = args.name("a provider")?;
                 args.finish()?;
@@ -818,6 +886,7 @@ impl Class for EliClass {
                     force: o.force,
                     iter_ms: o.iter_ms.unwrap_or(DEFAULT_ITER_MS),
                     key_bytes: o.key_bytes.unwrap_or(64),
+                    zero: o.zero,
                 })
             }
             "attach" => {

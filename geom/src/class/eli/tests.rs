@@ -111,6 +111,22 @@ fn data_is_enciphered_on_disk_and_reads_back() {
 }
 
 #[test]
+fn init_z_makes_every_sector_read_zeroes() {
+    let (mut s, _disks) = testing::stack_with_disks(1, 4 << 20, 512);
+    s.add_entropy(b"tests");
+    apply(&mut s, "eli init -z -i 1 -p pw vtbd0").unwrap();
+    apply(&mut s, "eli attach -p pw vtbd0").unwrap();
+    let c = s.open("vtbd0.eli", Access::READ).unwrap();
+    let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
+    assert!(testing::read(&mut s, c, 0, size).unwrap().iter().all(|&b| b == 0));
+    // Without -z a fresh volume reads what the cipher makes of zeroes.
+    let (mut s, _disks) = formatted();
+    apply(&mut s, "eli attach -p pw vtbd0").unwrap();
+    let c = s.open("vtbd0.eli", Access::READ).unwrap();
+    assert!(testing::read(&mut s, c, 0, 4096).unwrap().iter().any(|&b| b != 0));
+}
+
+#[test]
 fn a_wrong_passphrase_is_refused_names_the_provider_and_writes_nothing() {
     let (mut s, disks) = formatted();
     let before = disks[0].contents();
