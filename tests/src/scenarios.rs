@@ -1315,8 +1315,10 @@ fn has_sector_of(hay: &[u8], byte: u8) -> bool {
 /// formats (the passphrase a `--secret`) opens in QEMU's LUKS driver and
 /// passes `cryptsetup luksDump`, with no plaintext on the raw disk and
 /// each byte enciphered once; one `qemu-img create -f luks` made attaches
-/// in Strata and reads what QEMU wrote; a wrong passphrase stops the boot
-/// naming the provider and the cause, and writes nothing.
+/// in Strata and reads what QEMU wrote, gets a key slot added and the
+/// old one removed live, as cryptsetup and QEMU then see them; a wrong
+/// passphrase stops the boot naming the provider and the cause, and
+/// writes nothing.
 pub fn eli_volumes_move_between_strata_and_qemu(p: Platform) {
     let dir = TempDir::new("eli");
     let pass = dir.path("pass");
@@ -1404,9 +1406,39 @@ pub fn eli_volumes_move_between_strata_and_qemu(p: Platform) {
         &a.uri("vol"),
         &["read -P 0x33 4096 64k", "write -P 0x44 1M 4k"],
     );
+    // A second key slot, added live; then the first removed (the last
+    // slot only with -f).
+    a.geom(&["eli addkey -i 10 -n 3 -p second vtbd0"]);
+    let removed = a.strata("geom", &["eli delkey -n 3 vtbd0"]);
+    assert!(removed.ok, "{}", removed.stderr);
+    let last = a.strata("geom", &["eli delkey -n 0 vtbd0"]);
+    assert!(
+        !last.ok && last.stderr.contains("last key slot"),
+        "{}{}",
+        last.stdout,
+        last.stderr
+    );
+    a.geom(&[
+        "eli addkey -i 10 -n 3 -p second vtbd0",
+        "eli delkey -n 0 vtbd0",
+    ]);
     assert!(a.stop().success());
+    let dump = client("cryptsetup", &["luksDump", theirs.to_str().unwrap()]);
+    assert!(
+        dump.stdout.contains("Key Slot 3: ENABLED") && dump.stdout.contains("Key Slot 0: DISABLED"),
+        "{}",
+        dump.stdout
+    );
+    let second = dir.path("second");
+    std::fs::write(&second, b"second").unwrap();
+    let gone = luks_io(&pass, &theirs, &["read 0 512"]);
+    assert!(
+        !gone.ok,
+        "the removed slot still opens the volume: {}",
+        gone.stdout
+    );
     let o = luks_io(
-        &pass,
+        &second,
         &theirs,
         &["read -P 0x44 1M 4k", "read -P 0x33 4096 64k"],
     );
