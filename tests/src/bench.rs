@@ -123,3 +123,18 @@ pub fn fio(
         j["io_bytes"].as_u64().unwrap_or(0),
     ))
 }
+
+/// Builds the appliance kernel with `strata build` and points
+/// `STRATA_KERNEL` at it, so every QEMU boot of the benchmark uses the
+/// build just made (left unset if the build fails: `strata run` then
+/// builds it itself).
+pub fn use_built_kernel(strata: &std::path::Path) {
+    let kernel = Command::new(strata)
+        .arg("build")
+        .output()
+        .expect("strata build");
+    if kernel.status.success() {
+        let path = String::from_utf8_lossy(&kernel.stdout).trim().to_string();
+        std::env::set_var("STRATA_KERNEL", path);
+    }
+}

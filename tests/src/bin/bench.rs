@@ -59,14 +59,7 @@ fn qemu_nbd(file: &str, port: u16) -> Child {
 
 fn main() {
     let bin = strata_bin();
-    let kernel = Command::new(&bin)
-        .arg("build")
-        .output()
-        .expect("strata build");
-    if kernel.status.success() {
-        let path = String::from_utf8_lossy(&kernel.stdout).trim().to_string();
-        std::env::set_var("STRATA_KERNEL", path);
-    }
+    strata_tests::bench::use_built_kernel(&bin);
     println!(
         "strata benchmark ({} MiB transfers, nbdcopy --connections=1)",
         mb()

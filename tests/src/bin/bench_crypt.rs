@@ -22,7 +22,6 @@
 //! size (default 128); `STRATA_BENCH_SKIP_QEMU=1` leaves the appliance
 //! out.
 
-use std::process::Command;
 use std::time::Instant;
 use strata_tests::bench::fio;
 use strata_tests::{client, strata_bin, Appliance, Platform, Start, TempDir};
@@ -159,14 +158,7 @@ fn main() {
     let bin = strata_bin();
     let mut platforms = vec![(Platform::Hosted, "hosted")];
     if !skip_qemu {
-        let kernel = Command::new(&bin)
-            .arg("build")
-            .output()
-            .expect("strata build");
-        if kernel.status.success() {
-            let path = String::from_utf8_lossy(&kernel.stdout).trim().to_string();
-            std::env::set_var("STRATA_KERNEL", path);
-        }
+        strata_tests::bench::use_built_kernel(&bin);
         platforms.push((Platform::Qemu, "appliance"));
     }
     let dir = TempDir::new("bench-crypt");
@@ -192,7 +184,12 @@ fn main() {
                     rows.push(measure(&a, &row_name, top, secs, &dir));
                     if !*soft && (*name == "plain" || *name == "eli aes-ni") {
                         let uri = a.uri("vol");
-                        let count = disk_mb.max(16);
+                        let size: u64 = client("nbdinfo", &["--size", &uri])
+                            .stdout
+                            .trim()
+                            .parse()
+                            .unwrap_or(0);
+                        let count = (size >> 20).max(1);
                         let w = qemu_io_bench(&["-f", "raw", &uri], true, count);
                         let r = qemu_io_bench(&["-f", "raw", &uri], false, count);
                         bench_pairs.push((format!("Strata {pname} {name} over NBD"), w, r));

@@ -21,7 +21,6 @@
 //! appliance out. A new raid5 computes its parity first; the figures are
 //! taken once that is done.
 
-use std::process::Command;
 use strata_tests::bench::fio;
 use strata_tests::{client, strata_bin, Appliance, Platform, Start, TempDir};
 
@@ -175,14 +174,7 @@ fn main() {
     let bin = strata_bin();
     let mut platforms = vec![(Platform::Hosted, "hosted")];
     if !skip_qemu {
-        let kernel = Command::new(&bin)
-            .arg("build")
-            .output()
-            .expect("strata build");
-        if kernel.status.success() {
-            let path = String::from_utf8_lossy(&kernel.stdout).trim().to_string();
-            std::env::set_var("STRATA_KERNEL", path);
-        }
+        strata_tests::bench::use_built_kernel(&bin);
         platforms.push((Platform::Qemu, "appliance"));
     }
     let dir = TempDir::new("bench-raid5");

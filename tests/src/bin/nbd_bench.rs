@@ -293,14 +293,7 @@ fn main() {
     let skip_qemu = std::env::var_os("STRATA_BENCH_SKIP_QEMU").is_some();
     let bin = strata_bin();
     if !skip_qemu {
-        let kernel = Command::new(&bin)
-            .arg("build")
-            .output()
-            .expect("strata build");
-        if kernel.status.success() {
-            let path = String::from_utf8_lossy(&kernel.stdout).trim().to_string();
-            std::env::set_var("STRATA_KERNEL", path);
-        }
+        strata_tests::bench::use_built_kernel(&bin);
     }
     let wanted = std::env::var("STRATA_BENCH_SERVERS").ok();
     let want = |name: &str| {
