@@ -374,6 +374,16 @@ impl EliGeom {
                 Err(e) => self.fail(io, format!("{}: {e}", self.below)),
             },
             AfterRead::Init { pass, force, fresh } => {
+                // A LUKS magic Strata cannot open (LUKS2, another cipher, a
+                // damaged header) is somebody's volume all the same.
+                if let (Err(e), false) = (&parsed, force) {
+                    if *e != luks::LuksError::NotLuks {
+                        return self.fail(
+                            io,
+                            format!("{}: {e}; refusing to overwrite it (eli init -f does)", self.below),
+                        );
+                    }
+                }
                 if let (Ok(h), false) = (&parsed, force) {
                     if h.unlock(&self.head, &pass).is_err() {
                         return self.fail(
@@ -676,12 +686,6 @@ impl Geom for EliGeom {
 
     fn settling(&self) -> bool {
         self.job.is_some()
-    }
-
-    fn tasteable(&self) -> bool {
-        // What is on PROV.eli is the user's: another class's metadata
-        // inside an encrypted volume is found by tasting like any other.
-        true
     }
 
     fn dumpconf(&self) -> Value {

@@ -164,6 +164,24 @@ fn init_twice_keeps_the_volume_and_refuses_another_passphrase() {
     assert_eq!(testing::read(&mut s, c, 0, 4096).unwrap(), vec![0x42; 4096]);
 }
 
+/// A header with the LUKS magic that Strata cannot open (here LUKS2) is
+/// left alone by `init` without `-f`, and named in the refusal.
+#[test]
+fn init_refuses_to_overwrite_a_luks_volume_it_cannot_read() {
+    let (mut s, disks) = testing::stack_with_disks(1, 4 << 20, 512);
+    s.add_entropy(b"tests");
+    let mut head = vec![0u8; 4096];
+    head[..8].copy_from_slice(b"LUKS\xba\xbe\x00\x02");
+    disks[0].write_at(0, &head);
+    let before = disks[0].contents();
+    let e = apply(&mut s, "eli init -i 1 -p pw vtbd0").unwrap_err().to_string();
+    assert!(e.contains("vtbd0") && e.contains("LUKS version 2") && e.contains("-f"), "{e}");
+    assert!(s.settle(1000));
+    assert!(disks[0].contents() == before, "a LUKS2 volume was overwritten");
+    apply(&mut s, "eli init -f -i 1 -p pw vtbd0").unwrap();
+    apply(&mut s, "eli attach -p pw vtbd0").unwrap();
+}
+
 #[test]
 fn key_slots_are_added_and_removed() {
     let (mut s, _disks) = formatted();
