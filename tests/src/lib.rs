@@ -40,14 +40,28 @@ pub fn strata_bin() -> PathBuf {
     .clone()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests
-/// that start their server right away).
+/// A free TCP port on 127.0.0.1, for a server the test starts right away.
+///
+/// Ports come from below Linux's ephemeral range (32768 up), so a client's
+/// outgoing connection cannot take the port between this check and the
+/// server's bind; each test process walks its own stretch of the range.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A scratch directory removed on drop.
@@ -245,8 +259,20 @@ impl<'a> Start<'a> {
         }
     }
 
-    /// Starts it and waits for its ready lines (or its failure).
+    /// Starts it and waits for its ready lines (or its failure). A port
+    /// taken by someone else between the check and the bind is retried on
+    /// fresh ports.
     pub fn spawn(self) -> Result<Appliance, String> {
+        let mut tries = 0;
+        loop {
+            match self.try_spawn() {
+                Err(e) if e.contains("Address already in use") && tries < 3 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn try_spawn(&self) -> Result<Appliance, String> {
         let dir = TempDir::new("run");
         let (nbd, http) = (free_port(), free_port());
         let log = dir.path("console.log");
