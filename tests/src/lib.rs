@@ -276,20 +276,18 @@ impl<'a> Start<'a> {
         let dir = TempDir::new("run");
         let (nbd, http) = (free_port(), free_port());
         let log = dir.path("console.log");
+        // The standard error goes to a file, complete once the process has
+        // exited (a pipe's end can outlive it in a child another test
+        // thread forked at the same moment).
+        let errlog = log.with_extension("stderr");
+        let errfile =
+            std::fs::File::create(&errlog).map_err(|e| format!("{}: {e}", errlog.display()))?;
         let mut child = self
             .command(&dir, nbd, http, &log)
+            .stderr(errfile)
             .spawn()
             .map_err(|e| format!("start strata: {e}"))?;
         let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let errlog = log.with_extension("stderr");
-        let errlog2 = errlog.clone();
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let mut r = BufReader::new(stderr);
-            let _ = r.read_to_end(&mut buf);
-            let _ = std::fs::write(errlog2, buf);
-        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -316,7 +314,6 @@ impl<'a> Start<'a> {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let st = child.wait().ok();
-                    std::thread::sleep(Duration::from_millis(200));
                     return Err(format!(
                         "strata exited ({st:?}) before ready: {}",
                         std::fs::read_to_string(&errlog).unwrap_or_default()
@@ -418,12 +415,6 @@ impl Appliance {
     pub fn stop_with_output(mut self) -> (std::process::ExitStatus, String) {
         let st = self.terminate();
         let errlog = self.log.with_extension("stderr");
-        // The standard error is written once its pipe closes.
-        wait_for(
-            "the host tool's standard error",
-            Duration::from_secs(10),
-            || errlog.exists().then_some(()),
-        );
         let text = [&self.log, &errlog]
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
