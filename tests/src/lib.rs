@@ -528,6 +528,37 @@ pub fn client(program: &str, args: &[&str]) -> Output {
     }
 }
 
+/// Runs `qemu-img create -f luks` on `path` with the secret object
+/// `object` (id `s0`) and returns its output. QEMU times its PBKDF2 by
+/// the thread's CPU time and refuses when a loaded host shows it none
+/// ("Unable to get accurate CPU usage"); that refusal is QEMU's timing
+/// check, not the volume's, so it is retried a few times.
+pub fn qemu_img_create_luks(object: &str, path: &Path, size: &str) -> Output {
+    let path = path.to_str().expect("a UTF-8 path");
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        object,
+        "-o",
+        "key-secret=s0,iter-time=10",
+        path,
+        size,
+    ];
+    let mut out = client("qemu-img", &args);
+    for _ in 0..5 {
+        if out.ok || !out.stderr.contains("Unable to get accurate CPU usage") {
+            break;
+        }
+        let _ = std::fs::remove_file(path);
+        std::thread::sleep(Duration::from_millis(200));
+        out = client("qemu-img", &args);
+    }
+    out
+}
+
 /// Runs `qemu-io -f raw URI -c CMD…` and returns its output, whatever
 /// happened (for requests that are meant to fail).
 pub fn qemu_io_any(uri: &str, cmds: &[&str]) -> Output {

@@ -1,7 +1,9 @@
 //! Client scenarios run against both platforms: the same assertions for
 //! the appliance in QEMU and for hosted Strata.
 
-use crate::{client, qemu_io, qemu_io_any, wait_for, Platform, Start, TempDir};
+use crate::{
+    client, qemu_img_create_luks, qemu_io, qemu_io_any, wait_for, Platform, Start, TempDir,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -1378,21 +1380,7 @@ pub fn eli_volumes_move_between_strata_and_qemu(p: Platform) {
     // QEMU's volume in Strata.
     let theirs = dir.path("qemu.img");
     let object = format!("secret,id=s0,file={}", pass.display());
-    let o = client(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            &object,
-            "-o",
-            "key-secret=s0,iter-time=10",
-            theirs.to_str().unwrap(),
-            "32M",
-        ],
-    );
+    let o = qemu_img_create_luks(&object, &theirs, "32M");
     assert!(o.ok, "qemu-img create -f luks: {}", o.stderr);
     let o = luks_io(&pass, &theirs, &["write -P 0x33 4096 64k"]);
     assert!(o.ok, "{}", o.stderr);

@@ -24,7 +24,7 @@
 
 use std::time::Instant;
 use strata_tests::bench::fio;
-use strata_tests::{client, strata_bin, Appliance, Platform, Start, TempDir};
+use strata_tests::{client, qemu_img_create_luks, strata_bin, Appliance, Platform, Start, TempDir};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -207,21 +207,7 @@ fn main() {
     std::fs::write(&pass, b"bench").unwrap();
     let file = dir.path("qemu-luks.img");
     let object = format!("secret,id=s0,file={}", pass.display());
-    let created = client(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            &object,
-            "-o",
-            "key-secret=s0,iter-time=10",
-            file.to_str().unwrap(),
-            &format!("{disk_mb}M"),
-        ],
-    );
+    let created = qemu_img_create_luks(&object, &file, &format!("{disk_mb}M"));
     if created.ok {
         let opts = format!("driver=luks,key-secret=s0,file.filename={}", file.display());
         let args = ["--object", object.as_str(), "--image-opts", opts.as_str()];
