@@ -1079,6 +1079,14 @@ impl Raid5Geom {
                 self.grant_slots(io);
             }
         }
+        // A job's or scrub's progress moves before the row passes on: an
+        // op queued behind a rebuild's row must plan with the row rebuilt
+        // (or it leaves the target out of a write it has just rebuilt).
+        match o.kind {
+            OpKind::Job => self.job_row_done(io, result),
+            OpKind::Scrub => self.scrub_row_done(io),
+            OpKind::Write | OpKind::Rebuilt => {}
+        }
         self.unlock(io, op, o.row);
         while let Some(&next) = self.room_waiters.front() {
             let fits = self.ops.get(next).is_none()
@@ -1091,10 +1099,8 @@ impl Raid5Geom {
             self.room_waiters.pop_front();
             self.plan_op(io, next);
         }
-        match o.kind {
-            OpKind::Write | OpKind::Rebuilt => self.piece_done(io, o.parent, result),
-            OpKind::Job => self.job_row_done(io, result),
-            OpKind::Scrub => self.scrub_row_done(io),
+        if matches!(o.kind, OpKind::Write | OpKind::Rebuilt) {
+            self.piece_done(io, o.parent, result);
         }
     }
 
