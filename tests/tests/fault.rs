@@ -80,8 +80,11 @@ fn must_pass(c: &Campaign, rounds: u32) {
     );
     assert!(c.out.lines().any(|l| l == "PASS"), "{}", c.out);
     assert_eq!(c.figure("\nrounds "), u64::from(rounds), "{}", c.out);
-    assert!(c.figure("writes acknowledged") > 1000, "{}", c.out);
-    assert!(c.figure(", flushes ") > 50, "{}", c.out);
+    // Real work was acknowledged: a floor well below what a slow,
+    // loaded host still does (about 90 writes in a round cut at 1 s).
+    let rounds = u64::from(rounds);
+    assert!(c.figure("writes acknowledged") > 60 * rounds, "{}", c.out);
+    assert!(c.figure(", flushes ") > 6 * rounds, "{}", c.out);
 }
 
 #[test]
