@@ -14,8 +14,11 @@
 //!  sector history:  floor {durable writes, none before another}
 //!                   later [writes since, acked, failed or in flight]
 //!
-//!  live read issued at t:  floor ∪ later, minus every write that is
-//!                          before a write completed OK before t
+//!                   shadow [durable values a newer durable write
+//!                          replaced, that reads in flight may return]
+//!
+//!  live read issued at t:  floor ∪ later ∪ shadow, minus every write
+//!                          that is before a write completed OK before t
 //!  after a power cut:      floor ∪ later (what was not flushed may or
 //!                          may not have reached the medium)
 //! ```
@@ -59,6 +62,9 @@ impl Write {
 struct History {
     floor: Vec<u64>,
     later: Vec<u64>,
+    /// Values a newer durable write pushed out of `floor` while a read
+    /// that may still return them was in flight (live reads only).
+    shadow: Vec<u64>,
 }
 
 /// What a sector read back as.
@@ -159,6 +165,7 @@ impl Ledger {
                 History {
                     floor: vec![BASELINE],
                     later: Vec::new(),
+                    shadow: Vec::new(),
                 };
                 n
             ],
@@ -287,7 +294,7 @@ impl Ledger {
                 self.promote(s, &ids);
             }
             self.prune(s, horizon);
-            if self.sectors[s].later.is_empty() {
+            if self.sectors[s].later.is_empty() && self.sectors[s].shadow.is_empty() {
                 self.in_dirty[s] = false;
             } else {
                 keep.push(s as u32);
@@ -309,6 +316,14 @@ impl Ledger {
             .filter(|a| !all.iter().any(|b| w[a].before(&w[b])))
             .collect();
         h.later.retain(|id| !maximal.contains(id));
+        // A floor value a newer one replaces is still a right answer to a
+        // read sent before that one completed: kept for live reads until
+        // `prune` finds no such read left.
+        for id in &h.floor {
+            if !maximal.contains(id) && !h.shadow.contains(id) {
+                h.shadow.push(*id);
+            }
+        }
         h.floor = maximal;
     }
 
@@ -318,19 +333,29 @@ impl Ledger {
         let w = &self.writes;
         let h = &mut self.sectors[s];
         let floor = &h.floor;
-        h.later.retain(|id| {
+        let readable = |id: &u64| {
             !floor
                 .iter()
                 .any(|f| w[id].before(&w[f]) && w[f].done.is_some_and(|d| d < horizon))
-        });
+        };
+        h.later.retain(readable);
+        h.shadow.retain(readable);
     }
 
     /// The writes sector `s` may return to a read sent at `issued`
     /// (`None`: after a power cut).
     fn allowed(&self, s: usize, issued: Option<u64>) -> Vec<u64> {
         let h = &self.sectors[s];
-        let all: Vec<u64> = h.floor.iter().chain(&h.later).copied().collect();
-        let Some(t) = issued else { return all };
+        let Some(t) = issued else {
+            return h.floor.iter().chain(&h.later).copied().collect();
+        };
+        let all: Vec<u64> = h
+            .floor
+            .iter()
+            .chain(&h.later)
+            .chain(&h.shadow)
+            .copied()
+            .collect();
         let w = &self.writes;
         let known: Vec<&Write> = all
             .iter()
@@ -442,13 +467,16 @@ impl Ledger {
             };
             let h = &mut self.sectors[s];
             h.later.clear();
+            h.shadow.clear();
             // Garbage leaves nothing it may hold: it is reported again
             // until a write replaces it.
             h.floor = id.into_iter().collect();
             self.in_dirty[s] = false;
         }
-        self.dirty
-            .retain(|&s| !self.sectors[s as usize].later.is_empty());
+        self.dirty.retain(|&s| {
+            let h = &self.sectors[s as usize];
+            !h.later.is_empty() || !h.shadow.is_empty()
+        });
         bad
     }
 
@@ -557,6 +585,38 @@ mod tests {
         let g = l.check_live(0, &other, l.clock + 1);
         assert_eq!(g.len(), 8);
         assert!(!g[0].lost);
+    }
+
+    /// A read sent while B (which replaces the durable A) is in flight
+    /// may return A even after B completed and a flush made B durable:
+    /// the flush pushes A out of the floor, not out of that read's
+    /// answers. A read sent after B completed may not.
+    #[test]
+    fn a_read_in_flight_keeps_the_value_a_flushed_write_replaced() {
+        let mut l = Ledger::new(16 * K, 1);
+        let (a, da) = write(&mut l, 0, K);
+        l.end_write(a, 0, K, true, false);
+        let f = l.begin_flush();
+        l.end_flush(f, u64::MAX);
+        let (b, db) = write(&mut l, 0, K);
+        let read = l.now();
+        l.end_write(b, 0, K, true, false);
+        let f = l.begin_flush();
+        l.end_flush(f, read);
+        assert!(
+            l.check_live(0, &da, read).is_empty(),
+            "the racing read may see A"
+        );
+        assert!(l.check_live(0, &db, read).is_empty());
+        let after = l.now();
+        assert_eq!(l.check_live(0, &da, after).len(), 8, "a later read may not");
+        // Once no read from before B is in flight, A is forgotten.
+        let f = l.begin_flush();
+        l.end_flush(f, u64::MAX);
+        assert!(l.sectors[0].shadow.is_empty());
+        assert_eq!(l.check_live(0, &da, read).len(), 8);
+        // A power cut never brings A back.
+        assert_eq!(l.clone().check_recovered(0, &da).len(), 8);
     }
 
     #[test]
