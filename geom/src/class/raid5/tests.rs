@@ -1,4 +1,4 @@
-use super::layout::{page_list, xor, Layout};
+use super::layout::{xor, Layout};
 use super::*;
 use crate::bio::BioError;
 use crate::class::Class;
@@ -808,19 +808,18 @@ fn a_write_queued_behind_the_rebuilds_row_reaches_the_rebuilt_member() {
 /// network engine's receive buffers are): `skew` bytes of the first page
 /// are skipped.
 fn skewed_write(offset: u64, data: &[u8], skew: usize) -> crate::bio::Bio {
-    use crate::page::{PageRef, SgList, PAGE_SIZE};
+    use crate::page::{Page, PageRef, SgList, PAGE_SIZE};
     let counters = crate::page::DataCounters::new();
-    let mut sg = SgList::alloc(0);
+    let mut sg = SgList::new();
     let mut at = 0;
-    let mut first = true;
+    let mut off = skew;
     while at < data.len() {
-        let page = crate::page::Page::new_zeroed();
-        let off = if first { skew } else { 0 };
-        first = false;
+        let page = Page::new_zeroed();
         let take = (PAGE_SIZE - off).min(data.len() - at);
-        page_list(&page).copy_from_slice(off as u64, &data[at..at + take], &counters).unwrap();
+        page.copy_in(off, &data[at..at + take], &counters).unwrap();
         sg.push(PageRef { page, offset: off as u32, len: take as u32 });
         at += take;
+        off = 0;
     }
     crate::bio::Bio::with_data(crate::bio::BioCmd::Write, offset, sg)
 }
