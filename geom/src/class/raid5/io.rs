@@ -336,6 +336,21 @@ impl Raid5Geom {
         }
     }
 
+    /// True when `o`'s row holds bytes a logged write left unflushed
+    /// outside what `o` writes (on members that serve the row).
+    fn dirty_beyond(&self, o: &RowOp) -> bool {
+        if !self.ppl || o.kind != OpKind::Write {
+            return false;
+        }
+        let Some((_, hull)) = self.unflushed.get(&o.row) else {
+            return false;
+        };
+        hull.iter().enumerate().any(|(k, &(hs, he))| {
+            let (s, e) = self.chunk_range(o, k);
+            hs < he && self.available(self.layout.member(o.row, k), o.row) && (hs < s || he > e || s == e)
+        })
+    }
+
     fn method(&self, o: &RowOp) -> Result<Method, BioError> {
         let row = o.row;
         let down = self.unavailable(row);
@@ -423,6 +438,14 @@ impl Raid5Geom {
             Ok(m) => m,
             Err(e) => return self.finish_op(io, op, Err(e)),
         };
+        if method != Method::NoParity && self.dirty_beyond(o) {
+            if let Some(o) = self.ops.get_mut(op) {
+                o.phase = Phase::FlushWait;
+            }
+            self.flush_waiters.push_back(op);
+            return self.start_checkpoint(io);
+        }
+        let o = self.ops.get(op).expect("op");
         let row = o.row;
         let p = self.layout.parity(row);
         let mut wanted: Vec<(usize, u64, bool)> = Vec::new(); // member, column, read
@@ -1074,6 +1097,17 @@ impl Raid5Geom {
             }
         }
         if let Some((_, _, seq)) = o.slot {
+            // Its bytes are unflushed until a round sent from now on.
+            let rounds = self.flush_rounds;
+            let data = self.layout.data();
+            let ranges: Vec<(u64, u64)> = (0..data).map(|k| self.chunk_range(&o, k)).collect();
+            let (at, hull) = self.unflushed.entry(o.row).or_insert((0, vec![(0, 0); data]));
+            *at = rounds;
+            for (h, &(s, e)) in hull.iter_mut().zip(&ranges) {
+                if s < e {
+                    *h = if h.0 < h.1 { (h.0.min(s), h.1.max(e)) } else { (s, e) };
+                }
+            }
             self.incomplete.remove(&seq);
             if self.slot_waiters.front().is_some() && !self.checkpoint_inflight {
                 self.grant_slots(io);
@@ -1124,9 +1158,11 @@ impl Raid5Geom {
             .map_or(self.next_seq - 1, |s| s - 1);
         let targets: Vec<usize> = (0..self.members.len()).filter(|&m| self.present(m)).collect();
         let idle = self.idle();
+        self.flush_rounds += 1;
         let id = self.flushes.insert(FlushRound {
             pending: targets.len() as u32,
             watermark,
+            round: self.flush_rounds,
             parent,
             job,
             idle,
@@ -1182,6 +1218,10 @@ impl Raid5Geom {
             .count()
             > 1;
         let result = if broken { Err(BioError::Io) } else { f.result };
+        if result.is_ok() {
+            // The rows written before the round was sent are durable.
+            self.unflushed.retain(|_, (at, _)| *at >= f.round);
+        }
         if result.is_ok() && f.watermark > self.watermark {
             self.watermark = f.watermark;
             for slots in &mut self.slots {
@@ -1210,6 +1250,11 @@ impl Raid5Geom {
                 self.barrier = self.touch_all();
             }
             self.piece_done(io, p, result);
+        }
+        for op in core::mem::take(&mut self.flush_waiters) {
+            if self.ops.get(op).is_some_and(|o| o.phase == Phase::FlushWait) {
+                self.plan_op(io, op);
+            }
         }
         if !self.slot_waiters.is_empty() {
             self.grant_slots(io);

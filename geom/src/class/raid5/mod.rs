@@ -210,6 +210,9 @@ pub(crate) enum Phase {
     Queued,
     /// Waiting for blocks (stripe cache, or reads of whole chunks).
     Reading,
+    /// Waiting for a flush of the members: the row holds unflushed bytes
+    /// the write does not cover (see [`Raid5Geom::unflushed`]).
+    FlushWait,
     /// Waiting for a log slot.
     SlotWait,
     /// The log entry is being written.
@@ -262,6 +265,8 @@ pub(crate) struct FlushRound {
     pending: u32,
     /// Sequence numbers up to this were complete when it was sent.
     watermark: u64,
+    /// Its number among the rounds sent (from 1).
+    round: u64,
     /// Client flush waiting for it.
     parent: Option<u32>,
     /// A job's checkpoint.
@@ -307,6 +312,19 @@ pub struct Raid5Geom {
     incomplete: BTreeSet<u64>,
     /// Every entry up to it is durable.
     watermark: u64,
+    /// Per row a logged write left since the members' last flush: the
+    /// flush rounds sent when it ended, and per data chunk the hull of the
+    /// bytes written. A partial parity counts every byte outside its own
+    /// write as it is in memory, so a later write whose range does not
+    /// cover these waits for a flush: a cut could keep its log entry and
+    /// lose the earlier bytes, and its replay would leave parity that
+    /// matches neither.
+    unflushed: BTreeMap<u64, (u64, Vec<(u64, u64)>)>,
+    /// Flush rounds sent.
+    flush_rounds: u64,
+    /// Ops waiting for a flush round to make their row's earlier writes
+    /// durable.
+    flush_waiters: VecDeque<u32>,
     /// Ops waiting for a log slot.
     slot_waiters: VecDeque<u32>,
     /// Ops waiting for their data pages to come back from a device.
