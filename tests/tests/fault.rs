@@ -189,7 +189,7 @@ fn a_raid5_survives_power_cuts_and_a_failing_member() {
 /// first boot) through power cuts: with no redundancy left, the partial
 /// parity log must still keep every acknowledged write.
 #[test]
-#[ignore = "raid5: about 1 run in 6 (seeds 17, 18) reads garbage in a missing chunk after a cut: an entry logged in the last moments before the cut carries a partial parity whose tail (from a sector inside one column to the end of the write) holds an older write's payload at the same offsets, with a valid checksum; cause not found yet"]
+#[ignore = "raid5: about 1 run in 7 (seeds 17, 18) reads garbage in a missing chunk after a cut: an entry logged in the last moments before the cut carries a partial parity whose tail (from a sector inside one column to the end of the write) holds an older write's payload at the same offsets, with a valid checksum; cause not found yet"]
 fn a_degraded_raid5_survives_power_cuts() {
     let c = campaign(
         "fault-raid5-degraded",
