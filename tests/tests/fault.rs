@@ -2,10 +2,9 @@
 //! over disks with a volatile write cache, breaks them and cuts power on a
 //! seeded schedule, and checks every sector against what was
 //! acknowledged. One disk, a stripe, a mirror, an eli volume and a
-//! raid5 through power cuts pass, the raid5's parity scrubbed clean at
-//! the end (its campaigns with a failing member and degraded are
-//! ignored: a degraded array still loses a row's missing chunk after
-//! some cuts); disks that drop their flushes must make it fail.
+//! raid5 through power cuts pass (whole, degraded, and with a failing
+//! member rebuilt), the raid5's parity scrubbed clean at the end; disks
+//! that drop their flushes must make it fail.
 
 use std::process::Command;
 use strata_tests::{strata_bin, TempDir};
@@ -164,7 +163,6 @@ fn a_raid5_survives_power_cuts() {
 /// that rebuild; nothing is lost or mixed, and the final scrub finds the
 /// parity of every row consistent.
 #[test]
-#[ignore = "raid5: passed 12 of 12 runs after the fixes of the rebuild's row order and the ledger's racing reads, but runs degraded between its faults, where the degraded campaign still failed 1 run of 12 (see there)"]
 fn a_raid5_survives_power_cuts_and_a_failing_member() {
     let c = campaign(
         "fault-raid5",
@@ -189,7 +187,6 @@ fn a_raid5_survives_power_cuts_and_a_failing_member() {
 /// first boot) through power cuts: with no redundancy left, the partial
 /// parity log must still keep every acknowledged write.
 #[test]
-#[ignore = "raid5: about 1 run in 7 (seeds 17, 18) reads garbage in a missing chunk after a cut: an entry logged in the last moments before the cut carries a partial parity whose tail (from a sector inside one column to the end of the write) holds an older write's payload at the same offsets, with a valid checksum; cause not found yet"]
 fn a_degraded_raid5_survives_power_cuts() {
     let c = campaign(
         "fault-raid5-degraded",

@@ -10,6 +10,7 @@ use super::{
 use crate::bio::{Bio, BioCmd, BioError, BioResult};
 use crate::page::{Page, SgList, PAGE_SIZE};
 use crate::stack::Io;
+use core::hash::Hasher;
 use alloc::vec;
 use alloc::vec::Vec;
 use bufcache::{Lookup, Ready, Tag};
@@ -917,11 +918,11 @@ impl Raid5Geom {
         let meta = io.meta_counters();
         // The partial parity is checksummed where it lies, mapped, not
         // copied out.
-        let mut crc = ppl::start_checksum(&header);
+        let mut sum = ppl::start_checksum(&header, self.id);
         for pg in &o.pp {
-            super::layout::with_page(pg, meta, |b| crc.update(b))?;
+            super::layout::with_page(pg, meta, |b| sum.write(b))?;
         }
-        ppl::seal(&mut header, crc.finalize());
+        ppl::seal(&mut header, sum.finish());
         let mut sg = SgList::from_bytes(&header, meta);
         for pg in &o.pp {
             sg.append(&page_list(pg));

@@ -595,7 +595,7 @@ impl Raid5Geom {
                     }
                 }
                 let refs: Vec<&[u8]> = pp.iter().map(|b| &b[..]).collect();
-                if ppl::checksum(&h, &refs) != ppl::sealed(&h) {
+                if ppl::checksum(&h, &refs, self.id) != ppl::sealed(&h) {
                     continue;
                 }
                 max_seq = max_seq.max(e.seq);

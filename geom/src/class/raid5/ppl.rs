@@ -21,7 +21,7 @@
 //!
 //! | offset | bytes | field |
 //! |---|---|---|
-//! | 0 | 16 | magic `STRATA-R5-PPL-1\0` |
+//! | 0 | 16 | magic `STRATA-R5-PPL-2\0` |
 //! | 16 | 8 | array id |
 //! | 24 | 8 | sequence number (1, 2, …; never reused) |
 //! | 32 | 8 | watermark: every entry up to it is durable, replay none of them |
@@ -32,7 +32,7 @@
 //! | 60 | 4 | data chunks (n) |
 //! | 64 | 8 | columns whose parity changes (bit c: column c; the partial parity pages follow in column order) |
 //! | 72 | 8·n | per data chunk: first byte and end byte (within the chunk) written to disk |
-//! | 4092 | 4 | crc32 of the header's other bytes and the partial parity |
+//! | 4088 | 8 | SipHash-2-4, keyed by the array id, of the header's other bytes and the partial parity (see [`start_checksum`]) |
 //!
 //! Sequence numbers only grow. A slot is reused only after a flush of
 //! every member made its entry's writes durable, and the entry written
@@ -42,9 +42,11 @@
 
 use super::layout::COLUMN;
 use alloc::vec::Vec;
+use core::hash::Hasher;
+use siphasher::sip::SipHasher24;
 
 /// Magic at the start of a log entry.
-pub const MAGIC: [u8; 16] = *b"STRATA-R5-PPL-1\0";
+pub const MAGIC: [u8; 16] = *b"STRATA-R5-PPL-2\0";
 /// Flag: the entry carries partial parity.
 pub const FLAG_PP: u32 = 1;
 /// Most data chunks a header has room for.
@@ -86,22 +88,35 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(w)
 }
 
-/// The checksum's state after a header page (without its last four
-/// bytes): the partial parity pages are fed to it where they are mapped.
-pub fn start_checksum(header: &[u8]) -> crc32fast::Hasher {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&header[..COLUMN as usize - 4]);
+/// Where a header page keeps its checksum (its last eight bytes).
+const SUM_AT: usize = COLUMN as usize - 8;
+
+/// The second half of the checksum's key (the first is the array id).
+const KEY: u64 = u64::from_le_bytes(*b"r5-ppl-2");
+
+/// The checksum's state after a header page (without its checksum), keyed
+/// by the array `id`: the partial parity pages are fed to it where they
+/// are mapped.
+///
+/// A CRC will not do here. It is linear, so when every sector of the
+/// partial parity carries its own CRC (as the fault campaign's sectors
+/// do, and as many formats' blocks do), a torn entry that keeps the new
+/// header and an older entry's last sectors passes the CRC of the whole;
+/// its replay then writes the older sectors into the row's parity.
+pub fn start_checksum(header: &[u8], id: u64) -> SipHasher24 {
+    let mut h = SipHasher24::new_with_keys(id, KEY);
+    h.write(&header[..SUM_AT]);
     h
 }
 
-/// The checksum over a header page (without its last four bytes) and the
-/// partial parity pages.
-pub fn checksum(header: &[u8], pp: &[&[u8]]) -> u32 {
-    let mut h = start_checksum(header);
+/// The checksum over a header page (without its checksum) and the partial
+/// parity pages, keyed by the array `id`.
+pub fn checksum(header: &[u8], pp: &[&[u8]], id: u64) -> u64 {
+    let mut h = start_checksum(header, id);
     for p in pp {
-        h.update(p);
+        h.write(p);
     }
-    h.finalize()
+    h.finish()
 }
 
 impl Entry {
@@ -172,15 +187,14 @@ impl Entry {
     }
 }
 
-/// Stores the checksum in the last four bytes of a header page.
-pub fn seal(header: &mut [u8], crc: u32) {
-    let at = COLUMN as usize - 4;
-    header[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+/// Stores the checksum in the last eight bytes of a header page.
+pub fn seal(header: &mut [u8], sum: u64) {
+    header[SUM_AT..SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// The checksum a header page carries.
-pub fn sealed(header: &[u8]) -> u32 {
-    le32(header, COLUMN as usize - 4)
+pub fn sealed(header: &[u8]) -> u64 {
+    le64(header, SUM_AT)
 }
 
 #[cfg(test)]
@@ -206,11 +220,11 @@ mod tests {
     fn emit_and_parse_agree() {
         let e = sample();
         let mut b = e.emit();
-        let crc = checksum(&b, &[&[7u8; 4096]]);
+        let crc = checksum(&b, &[&[7u8; 4096]], 0x1234);
         seal(&mut b, crc);
         assert_eq!(Entry::parse(&b, 2, 65536), Some(e));
         assert_eq!(sealed(&b), crc);
-        assert_eq!(&b[0..16], b"STRATA-R5-PPL-1\0");
+        assert_eq!(&b[0..16], b"STRATA-R5-PPL-2\0");
         // Another geometry is refused.
         assert_eq!(Entry::parse(&b, 3, 65536), None);
         assert_eq!(Entry::parse(&b, 2, 8192), None);
@@ -221,13 +235,55 @@ mod tests {
         let e = sample();
         let b = e.emit();
         let pp = [1u8; 4096];
-        let crc = checksum(&b, &[&pp]);
+        let crc = checksum(&b, &[&pp], e.id);
         let mut b2 = b.clone();
         b2[40] ^= 1;
-        assert_ne!(checksum(&b2, &[&pp]), crc);
+        assert_ne!(checksum(&b2, &[&pp], e.id), crc);
         let mut pp2 = pp;
         pp2[100] ^= 1;
-        assert_ne!(checksum(&b, &[&pp2]), crc);
+        assert_ne!(checksum(&b, &[&pp2], e.id), crc);
+        // Another array's entry does not pass as this one's.
+        assert_ne!(checksum(&b, &[&pp], e.id + 1), crc);
+    }
+
+    /// A 512-byte sector that ends with the CRC32 of the rest of it.
+    fn closed_sector(seed: u8) -> [u8; 512] {
+        let mut s = [0u8; 512];
+        for (i, x) in s.iter_mut().enumerate() {
+            *x = seed.wrapping_mul(31).wrapping_add((i as u8).wrapping_mul(seed | 1));
+        }
+        let crc = crc32fast::hash(&s[..508]);
+        s[508..].copy_from_slice(&crc.to_le_bytes());
+        s
+    }
+
+    /// A torn entry: the new header and the first sectors of its partial
+    /// parity, then the sectors an older entry left in the slot. When every
+    /// sector carries its own CRC32, a CRC32 of the whole cannot tell the
+    /// two apart; the checksum must.
+    #[test]
+    fn a_torn_entry_over_self_checksummed_sectors_is_refused() {
+        let e = sample();
+        let b = e.emit();
+        let page = |base: u8| -> [u8; 4096] {
+            let mut p = [0u8; 4096];
+            for (k, s) in p.chunks_mut(512).enumerate() {
+                s.copy_from_slice(&closed_sector(base + k as u8));
+            }
+            p
+        };
+        let (new, old) = (page(1), page(100));
+        let mut torn = new;
+        torn[3 * 512..].copy_from_slice(&old[3 * 512..]);
+        // What a CRC32 over the entry sees: no difference.
+        let crc = |pp: &[u8]| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&b);
+            h.update(pp);
+            h.finalize()
+        };
+        assert_eq!(crc(&new), crc(&torn), "the sectors are CRC32-closed");
+        assert_ne!(checksum(&b, &[&new], e.id), checksum(&b, &[&torn], e.id));
     }
 
     proptest! {
