@@ -110,11 +110,13 @@ pub struct Meta<T: AsRef<[u8]>> {
     buffer: T,
 }
 
-fn le32(b: &[u8]) -> u32 {
+/// The little-endian u32 at the start of `b`.
+pub(crate) fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn le64(b: &[u8]) -> u64 {
+/// The little-endian u64 at the start of `b`.
+pub(crate) fn le64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)

@@ -74,6 +74,9 @@ struct State {
     stats: FakeStats,
     /// The device's own view of data (a DMA engine, not a map on the path).
     dma: DataCounters,
+    /// With [`FakeDiskHandle::log_unflushed`]: each write completed since
+    /// the last flush, as (offset, bytes), for [`FakeDiskHandle::cut`].
+    unflushed: Option<Vec<(usize, Vec<u8>)>>,
 }
 
 impl State {
@@ -105,14 +108,23 @@ impl State {
                 bio.sg.device_access(lease, &self.dma, |at, src| {
                     data[at as usize..at as usize + src.len()].copy_from_slice(src);
                 });
+                if let Some(log) = &mut self.unflushed {
+                    log.push((o, self.data[o..o + n].to_vec()));
+                }
             }
             BioCmd::Flush => {
                 self.stats.flushes += 1;
                 self.durable.copy_from_slice(&self.data);
+                if let Some(log) = &mut self.unflushed {
+                    log.clear();
+                }
             }
             BioCmd::Discard | BioCmd::WriteZeroes => {
                 self.stats.frees += 1;
                 self.data[o..o + n].fill(0);
+                if let Some(log) = &mut self.unflushed {
+                    log.push((o, vec![0; n]));
+                }
             }
             // The disk geom answers it; a device never sees it.
             BioCmd::GetAllocation => {}
@@ -148,6 +160,7 @@ impl FakeDisk {
             },
             data: vec![0; size_bytes as usize],
             durable: vec![0; size_bytes as usize],
+            unflushed: None,
             queue: Vec::new(),
             rng: XorShiftRng::seed_from_u64(seed),
             reorder: true,
@@ -277,6 +290,26 @@ impl FakeDiskHandle {
         let o = offset as usize;
         st.data[o..o + bytes.len()].copy_from_slice(bytes);
         st.durable[o..o + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Records each write completed after the last flush, for
+    /// [`FakeDiskHandle::cut`].
+    pub fn log_unflushed(&self) {
+        self.state.lock().unflushed = Some(Vec::new());
+    }
+
+    /// The medium after a power cut that kept, of the writes completed
+    /// since the last flush (with [`FakeDiskHandle::log_unflushed`]), those
+    /// `keep` picks by their order: a cache that writes back in any order.
+    pub fn cut(&self, keep: &dyn Fn(usize) -> bool) -> Vec<u8> {
+        let st = self.state.lock();
+        let mut img = st.durable.clone();
+        for (i, (o, bytes)) in st.unflushed.iter().flatten().enumerate() {
+            if keep(i) {
+                img[*o..*o + bytes.len()].copy_from_slice(bytes);
+            }
+        }
+        img
     }
 
     /// What the disk has done.
@@ -682,6 +715,25 @@ pub fn run_model(stack: &mut Stack, c: ConsumerId, ops: &[Op], disks: &[FakeDisk
     }
 }
 
+/// A proptest strategy of reads, writes, flushes and racing flushes over
+/// `sectors` sectors, each op at most `max_len` sectors (for classes that
+/// do not discard: eli, gbde).
+#[cfg(test)]
+pub fn ops_rw(
+    sectors: u64,
+    max_len: u64,
+    n: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        4 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Read { at, len }),
+        4 => (0..sectors, 1..=max_len, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::RacingFlush),
+    ];
+    proptest::collection::vec(op, 1..n)
+}
+
 /// A proptest strategy for ops over a provider of up to `sectors` sectors,
 /// each op at most `max_len` sectors: reads, writes, flushes, discards,
 /// write-zeroes and flushes racing the requests of their batch (every
@@ -703,4 +755,169 @@ pub fn ops_all(
         1 => Just(Op::RacingFlush),
     ];
     proptest::collection::vec(op, 1..n)
+}
+
+/// One step of a crash-point sequence (see [`run_to_cut`]).
+#[derive(Clone, Copy, Debug)]
+pub enum CrashStep {
+    /// Write `len` bytes of [`pattern`]`(seed, at, len)` at `at`.
+    Write {
+        /// Byte offset.
+        at: u64,
+        /// Bytes.
+        len: u64,
+        /// Pattern seed.
+        seed: u8,
+        /// Forced unit access.
+        fua: bool,
+    },
+    /// A flush.
+    Flush,
+}
+
+/// What each sector may hold after a cut, from what was acknowledged.
+pub struct Expect {
+    /// Per sector: every value a write could have left (the first is the
+    /// value before the sequence).
+    pub may: Vec<Vec<Vec<u8>>>,
+    /// Per sector: the oldest entry of `may` it may hold: that of a write
+    /// acknowledged and made stable by a later acknowledged flush (or by
+    /// FUA); a later write may have replaced it.
+    pub must: Vec<usize>,
+}
+
+impl Expect {
+    /// Panics, naming `what`, if a sector of `got` holds what nobody
+    /// wrote or lost an acknowledged write.
+    pub fn check(&self, got: &[u8], what: &str) {
+        for (i, may) in self.may.iter().enumerate() {
+            let s = &got[i * 512..(i + 1) * 512];
+            assert!(
+                may.iter().any(|v| v == s),
+                "{what}: sector {i} holds what nobody wrote"
+            );
+            assert!(
+                may[self.must[i]..].iter().any(|v| v == s),
+                "{what}: sector {i} lost an acknowledged write"
+            );
+        }
+    }
+}
+
+/// The provider under test, opened: its consumer and every byte it held
+/// before the sequence.
+pub type Opened = (ConsumerId, Vec<u8>);
+
+/// Which of the writes a disk had not flushed survive a power cut.
+#[derive(Clone, Copy, Debug)]
+pub enum Survivors {
+    /// None of them.
+    None,
+    /// All of them.
+    All,
+    /// Each kept or lost by a generator seeded with this.
+    Some(u64),
+}
+
+/// Runs `steps` one at a time on a fresh copy of the disk images `base`,
+/// letting the disks complete only `cut` requests in all, and returns the
+/// disks' images as a power cut leaves them (`keep`: which of the writes
+/// they had not flushed survive), what the sectors may hold, and whether
+/// the sequence finished. `open` assembles the stack and opens the provider
+/// under test; `tick` runs before each step.
+pub fn run_to_cut(
+    base: &[Vec<u8>],
+    open: &mut dyn FnMut(&mut Stack, &[FakeDiskHandle]) -> Opened,
+    tick: &mut dyn FnMut(&mut Stack),
+    steps: &[CrashStep],
+    cut: usize,
+    keep: Survivors,
+) -> (Vec<Vec<u8>>, Expect, bool) {
+    use core::sync::atomic::{AtomicUsize, Ordering};
+    let (mut s, disks) = stack_from_images(base, 512);
+    let (c, before) = open(&mut s, &disks);
+    for d in &disks {
+        d.log_unflushed();
+    }
+    let budget = Arc::new(AtomicUsize::new(cut));
+    for d in &disks {
+        d.set_budget(Some(budget.clone()));
+    }
+    let sectors = before.len() / 512;
+    let mut may: Vec<Vec<Vec<u8>>> = (0..sectors)
+        .map(|i| vec![before[i * 512..(i + 1) * 512].to_vec()])
+        .collect();
+    let mut acked: Vec<Option<usize>> = vec![None; sectors];
+    let mut must: Vec<usize> = vec![0; sectors];
+    let mut finished = true;
+    for step in steps {
+        let bio = match *step {
+            CrashStep::Write { at, len, seed, fua } => {
+                let data = pattern(seed, at, len as usize);
+                for i in (at / 512) as usize..((at + len) / 512) as usize {
+                    let o = i * 512 - at as usize;
+                    may[i].push(data[o..o + 512].to_vec());
+                    // Not acknowledged yet: the sector may hold either.
+                    acked[i] = None;
+                }
+                let mut b = write_bio(at, &data);
+                b.fua = fua;
+                b
+            }
+            CrashStep::Flush => Bio::flush(),
+        };
+        tick(&mut s);
+        s.submit(c, bio, 0);
+        let done = loop {
+            s.run();
+            if let Some((_, bio, r)) = s.take_completed() {
+                break Some((bio, r));
+            }
+            if budget.load(Ordering::SeqCst) == 0 {
+                break None;
+            }
+        };
+        let Some((bio, r)) = done else {
+            finished = false;
+            break;
+        };
+        assert_eq!(r, Ok(()), "{step:?}");
+        match *step {
+            CrashStep::Write { at, len, fua, .. } => {
+                for i in (at / 512) as usize..((at + len) / 512) as usize {
+                    let v = &bio_bytes(&bio)[i * 512 - at as usize..][..512];
+                    let j = may[i].iter().rposition(|x| x == v).expect("written");
+                    if fua {
+                        must[i] = j;
+                    }
+                    acked[i] = Some(j);
+                }
+            }
+            CrashStep::Flush => {
+                for i in 0..sectors {
+                    if let Some(j) = acked[i].take() {
+                        must[i] = j;
+                    }
+                }
+            }
+        }
+    }
+    let images = disks
+        .iter()
+        .enumerate()
+        .map(|(n, d)| match keep {
+            Survivors::None => d.durable(),
+            Survivors::All => d.contents(),
+            Survivors::Some(seed) => {
+                let salt = seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                d.cut(&|i| {
+                    (salt ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9))
+                        .wrapping_mul(0x94d0_49bb_1331_11eb)
+                        >> 63
+                        == 1
+                })
+            }
+        })
+        .collect();
+    (images, Expect { may, must }, finished)
 }

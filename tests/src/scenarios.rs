@@ -1454,3 +1454,101 @@ pub fn eli_volumes_move_between_strata_and_qemu(p: Platform) {
         "a refused attach wrote to the disk"
     );
 }
+
+/// gbde through real clients: a volume Strata formats (the passphrase a
+/// `--secret`) serves what qemu-io writes, holds no plaintext on the raw
+/// disk, counts each byte enciphered once, reopens at the next boot with
+/// its data; a lock sector is set and another nuked live, after which
+/// only the new passphrase opens it; a wrong passphrase stops the boot
+/// naming the provider and the cause, and writes nothing.
+pub fn gbde_volumes_keep_data_and_refuse_wrong_passphrases(p: Platform) {
+    let dir = TempDir::new("gbde");
+    let pass = dir.path("pass");
+    std::fs::write(&pass, b"correct horse battery").unwrap();
+    let disk = dir.path("gbde.img");
+    let secret = format!("vol={}", pass.display());
+    let conf = "gbde init -i 10 -k vol vtbd0\ngbde attach -k vol vtbd0\nexport nbd vol vtbd0.bde\n";
+    let mut start = Start::new(p)
+        .disk(format!("{},size=32M", disk.display()))
+        .config(conf);
+    start.extra.extend(["--secret".to_string(), secret.clone()]);
+    let a = start.spawn().expect("start with gbde");
+    let u = a.uri("vol");
+    qemu_io(
+        &u,
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0xa5 5M 64k",
+            "write -P 0x77 4096 512",
+        ],
+    );
+    qemu_io(
+        &u,
+        &[
+            "read -P 0x5a 0 4096",
+            "read -P 0x77 4096 512",
+            "read -P 0x5a 4608 1043968",
+            "read -P 0xa5 5M 64k",
+        ],
+    );
+    let metrics = a.http_get("/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("strata_provider_encrypted_bytes_total{provider=\"vtbd0.bde\"}"))
+        .unwrap_or_else(|| panic!("no encrypted bytes figure: {metrics}"));
+    assert!(
+        line.ends_with(&format!(" {}", (1 << 20) + (64 << 10) + 512)),
+        "each byte written enciphered once: {line}"
+    );
+    let topo = a.http_get("/geom");
+    assert!(topo.contains("\"kdf\":\"pbkdf2-sha512\""), "{topo}");
+    // A second passphrase in lock sector 2, then lock sector 0 nuked.
+    a.geom(&["gbde setkey -i 10 -n 2 -p second vtbd0"]);
+    let last = a.strata("geom", &["gbde nuke -n 1 vtbd0"]);
+    assert!(
+        !last.ok && last.stderr.contains("not in use"),
+        "{}{}",
+        last.stdout,
+        last.stderr
+    );
+    a.geom(&["gbde nuke -n 0 vtbd0"]);
+    assert!(a.stop().success());
+    let raw = std::fs::read(&disk).unwrap();
+    assert!(
+        !has_sector_of(&raw, 0x5a) && !has_sector_of(&raw, 0xa5) && !has_sector_of(&raw, 0x77),
+        "plaintext on the raw disk"
+    );
+
+    // The old passphrase no longer opens it: the boot stops, naming the
+    // provider and why, and the disk is not written.
+    let conf = "gbde attach -k vol vtbd0\nexport nbd vol vtbd0.bde\n";
+    let before = std::fs::read(&disk).unwrap();
+    let mut start = Start::new(p).disk(disk.display().to_string()).config(conf);
+    start.extra.extend(["--secret".to_string(), secret]);
+    let e = start.run_to_exit(Duration::from_secs(120));
+    assert_ne!(e.code, Some(0));
+    let said = format!("{}{}{}", e.stdout, e.stderr, e.console);
+    assert!(said.contains("vtbd0: wrong passphrase"), "{said}");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "a refused attach wrote to the disk"
+    );
+
+    // The new one does, with the data.
+    let conf = "gbde attach -p second vtbd0\nexport nbd vol vtbd0.bde\n";
+    let a = Start::new(p)
+        .disk(disk.display().to_string())
+        .config(conf)
+        .spawn()
+        .expect("attach with the new passphrase");
+    qemu_io(
+        &a.uri("vol"),
+        &[
+            "read -P 0x5a 0 4096",
+            "read -P 0x77 4096 512",
+            "read -P 0xa5 5M 64k",
+            "read -P 0 6M 4096",
+        ],
+    );
+    assert!(a.stop().success());
+}

@@ -71,3 +71,8 @@ fn raid5_member_failure_rebuild_restart() {
 fn eli_volumes_move_between_strata_and_qemu() {
     scenarios::eli_volumes_move_between_strata_and_qemu(Hosted);
 }
+
+#[test]
+fn gbde_volumes_keep_data_and_refuse_wrong_passphrases() {
+    scenarios::gbde_volumes_keep_data_and_refuse_wrong_passphrases(Hosted);
+}

@@ -31,7 +31,7 @@ macro_rules! classes {
     };
 }
 
-classes!(md, nop, concat, stripe, mirror, raid5, part, eli);
+classes!(md, nop, concat, stripe, mirror, raid5, part, eli, gbde);
 
 /// The registered class called `name`.
 pub fn find(name: &str) -> Option<&'static dyn Class> {

@@ -107,18 +107,20 @@ fn pass_option(args: &mut Args<'_>, flag: &str) -> Result<Passphrase, ConfigErro
     })
 }
 
-/// Options common to the verbs: what each verb accepts is checked by it.
+/// Options common to the verbs (eli's and gbde's): what each verb accepts
+/// is checked by it.
 #[derive(Default)]
-struct Opts {
-    pass: Option<Passphrase>,
-    force: bool,
-    iter_ms: Option<u32>,
-    key_bytes: Option<u32>,
-    slot: Option<usize>,
-    zero: bool,
+pub(crate) struct Opts {
+    pub(crate) pass: Option<Passphrase>,
+    pub(crate) force: bool,
+    pub(crate) iter_ms: Option<u32>,
+    pub(crate) key_bytes: Option<u32>,
+    pub(crate) slot: Option<usize>,
+    pub(crate) zero: bool,
 }
 
-fn options(args: &mut Args<'_>, allowed: &[&str]) -> Result<Opts, ConfigError> {
+/// Reads the options of `allowed`; `-n` takes a key slot below `slots`.
+pub(crate) fn options(args: &mut Args<'_>, allowed: &[&str], slots: usize) -> Result<Opts, ConfigError> {
     let mut o = Opts::default();
     while let Some(w) = args.option() {
         if !allowed.contains(&w.text) {
@@ -149,14 +151,47 @@ fn options(args: &mut Args<'_>, allowed: &[&str]) -> Result<Opts, ConfigError> {
             }
             _ => {
                 let n = args.number("-n")?;
-                if n >= SLOTS as u64 {
-                    return Err(args.err(args.last_column(), format!("-n: a key slot from 0 to {}", SLOTS - 1)));
+                if n >= slots as u64 {
+                    return Err(args.err(args.last_column(), format!("-n: a key slot from 0 to {}", slots - 1)));
                 }
                 o.slot = Some(n as usize);
             }
         }
     }
     Ok(o)
+}
+
+/// Bounce pages for `len` bytes (whole pages, so no sector straddles
+/// two), or `None` when memory is short: where a cipher writes what a
+/// writer's pages hold enciphered (eli, gbde).
+pub(crate) fn bounce(len: u64) -> Option<SgList> {
+    let pages = len.div_ceil(PAGE_SIZE as u64) as usize;
+    let mut sg = SgList::try_with_capacity(pages).ok()?;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(PAGE_SIZE as u64);
+        sg.push(PageRef { page: Page::try_new_zeroed().ok()?, offset: 0, len: n as u32 });
+        left -= n;
+    }
+    Some(sg)
+}
+
+/// `CLASS detach [-f] PROV` for a class whose provider is `PROV` with
+/// `suffix` (`PROV.suffix` is taken too): a destroy of the geom named
+/// after the provider below.
+pub(crate) fn parse_detach(
+    class: &'static str,
+    suffix: &'static str,
+    args: &mut Args<'_>,
+) -> Result<Arc<dyn Command>, ConfigError> {
+    let below = |n: &str| String::from(n.strip_suffix(suffix).unwrap_or(n));
+    let mut d = Destroy::parse(class, args, |n| format!("{}{suffix}", below(n)))?;
+    if let Some(x) = d.as_any().downcast_ref::<Destroy>() {
+        let mut x = x.clone();
+        x.name = below(&x.name);
+        d = Arc::new(x);
+    }
+    Ok(d)
 }
 
 /// The provider an `eli` verb names: `PROV` or `PROV.eli`.
@@ -166,7 +201,7 @@ fn below_name(name: &str) -> String {
 
 /// PBKDF2 iterations that take about `ms` milliseconds here (timed with
 /// the stack's live clock; without one, the floor).
-fn iterations_for(stack: &Stack, hash: Hash, ms: u32) -> u32 {
+pub(crate) fn iterations_for(stack: &Stack, hash: Hash, ms: u32) -> u32 {
     let Some(clock) = stack.live_clock() else {
         return luks::MIN_ITERATIONS;
     };
@@ -185,7 +220,7 @@ fn iterations_for(stack: &Stack, hash: Hash, ms: u32) -> u32 {
 }
 
 /// `n` bytes from the stack's generator, or the refusal naming why.
-fn random(stack: &mut Stack, n: usize) -> Result<Vec<u8>, CtlError> {
+pub(crate) fn random(stack: &mut Stack, n: usize) -> Result<Vec<u8>, CtlError> {
     let mut v = vec![0u8; n];
     stack.random_bytes(&mut v).map_err(|_| {
         CtlError::Invalid(String::from(
@@ -563,22 +598,9 @@ impl EliGeom {
         Ok(())
     }
 
-    /// Bounce pages for `len` bytes, or `None` when memory is short.
-    fn bounce(len: u64) -> Option<SgList> {
-        let pages = len.div_ceil(PAGE_SIZE as u64) as usize;
-        let mut sg = SgList::try_with_capacity(pages).ok()?;
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(PAGE_SIZE as u64);
-            sg.push(PageRef { page: Page::try_new_zeroed().ok()?, offset: 0, len: n as u32 });
-            left -= n;
-        }
-        Some(sg)
-    }
-
     /// Enciphers the writer's pages into bounce pages.
     fn encipher(&self, xts: &Xts, bio: &Bio, counters: &DataCounters) -> Result<SgList, BioError> {
-        let out = Self::bounce(bio.length).ok_or(BioError::NoMemory)?;
+        let out = bounce(bio.length).ok_or(BioError::NoMemory)?;
         let first = bio.offset / SECTOR;
         let mut copied = Ok(());
         out.map(counters, |pos, bytes| {
@@ -880,7 +902,7 @@ impl Class for EliClass {
         };
         Ok(match verb.text {
             "init" => {
-                let o = options(args, &["-f", "-i", "-s", "-z", "-p", "-k"])?;
+                let o = options(args, &["-f", "-i", "-s", "-z", "-p", "-k"], SLOTS)?;
                 let pass = need_pass(args, &o)?;
                 let provider = args.name("a provider")?;
                 args.finish()?;
@@ -894,30 +916,22 @@ impl Class for EliClass {
                 })
             }
             "attach" => {
-                let o = options(args, &["-p", "-k"])?;
+                let o = options(args, &["-p", "-k"], SLOTS)?;
                 let pass = need_pass(args, &o)?;
                 let provider = args.name("a provider")?;
                 args.finish()?;
                 Arc::new(Attach { provider, pass })
             }
-            "detach" => {
-                let mut d = Destroy::parse(CLASS_NAME, args, |n| format!("{}.eli", below_name(n)))?;
-                if let Some(x) = d.as_any().downcast_ref::<Destroy>() {
-                    let mut x = x.clone();
-                    x.name = below_name(&x.name);
-                    d = Arc::new(x);
-                }
-                d
-            }
+            "detach" => parse_detach(CLASS_NAME, ".eli", args)?,
             "addkey" => {
-                let o = options(args, &["-i", "-n", "-p", "-k"])?;
+                let o = options(args, &["-i", "-n", "-p", "-k"], SLOTS)?;
                 let pass = need_pass(args, &o)?;
                 let provider = below_name(&args.name("a provider")?);
                 args.finish()?;
                 Arc::new(AddKey { provider, pass, iter_ms: o.iter_ms.unwrap_or(DEFAULT_ITER_MS), slot: o.slot })
             }
             "delkey" => {
-                let o = options(args, &["-n", "-f"])?;
+                let o = options(args, &["-n", "-f"], SLOTS)?;
                 let slot = o.slot.ok_or_else(|| args.err(verb.column, "eli delkey: give -n SLOT"))?;
                 let provider = below_name(&args.name("a provider")?);
                 args.finish()?;

@@ -251,23 +251,12 @@ fn reads_over_ranges_that_split_sectors_decipher() {
     assert!(testing::bio_bytes(&bio) == data);
 }
 
-fn ops(sectors: u64, max_len: u64, n: usize) -> impl Strategy<Value = Vec<testing::Op>> {
-    use testing::Op;
-    let op = prop_oneof![
-        4 => (0..sectors, 1..=max_len).prop_map(|(at, len)| Op::Read { at, len }),
-        4 => (0..sectors, 1..=max_len, any::<u8>()).prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
-        1 => Just(Op::Flush),
-        1 => Just(Op::RacingFlush),
-    ];
-    proptest::collection::vec(op, 1..n)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     /// An eli provider behaves like a flat array through reads, writes
     /// and flushes completing out of order.
     #[test]
-    fn behaves_like_a_flat_array(ops in ops(4096, 64, 60)) {
+    fn behaves_like_a_flat_array(ops in testing::ops_rw(4096, 64, 60)) {
         let (mut s, disks) = formatted();
         apply(&mut s, "eli attach -p pw vtbd0").unwrap();
         let c = s.open("vtbd0.eli", Access::READ_WRITE).unwrap();

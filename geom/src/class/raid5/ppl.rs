@@ -77,15 +77,11 @@ pub struct Entry {
 }
 
 fn le64(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
+    crate::meta::le64(&b[at..])
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(w)
+    crate::meta::le32(&b[at..])
 }
 
 /// Where a header page keeps its checksum (its last eight bytes).

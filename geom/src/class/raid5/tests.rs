@@ -297,40 +297,10 @@ proptest! {
 }
 
 /// One client step of the crash-point sequences.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    Write { at: u64, len: u64, seed: u8, fua: bool },
-    Flush,
-}
+use testing::{CrashStep as Step, Expect};
 
-/// What each sector may hold after a cut, from what was acknowledged.
-struct Expect {
-    /// Per sector: every value a write could have left (the first is the
-    /// value before the sequence).
-    may: Vec<Vec<Vec<u8>>>,
-    /// Per sector: the oldest entry of `may` it may hold: that of a write
-    /// acknowledged and made stable by a later acknowledged flush (or by
-    /// FUA); a later write may have replaced it.
-    must: Vec<usize>,
-}
-
-impl Expect {
-    fn check(&self, got: &[u8], what: &str) {
-        for (i, may) in self.may.iter().enumerate() {
-            let s = &got[i * 512..(i + 1) * 512];
-            assert!(may.iter().any(|v| v == s), "{what}: sector {i} holds what nobody wrote");
-            assert!(
-                may[self.must[i]..].iter().any(|v| v == s),
-                "{what}: sector {i} lost an acknowledged write"
-            );
-        }
-    }
-}
-
-/// Runs `steps` one at a time on a fresh copy of `base`, letting the disks
-/// complete only `cut` requests in all, and returns the disks' images as a
-/// power cut leaves them (`keep`: the writes they had not flushed survive)
-/// and what the sectors may hold.
+/// Runs `steps` one at a time on a fresh copy of `base` with `dead` failed
+/// (see [`testing::run_to_cut`]).
 fn run_to_cut(
     base: &[Vec<u8>],
     dead: Option<usize>,
@@ -338,89 +308,33 @@ fn run_to_cut(
     cut: usize,
     keep: bool,
 ) -> (Vec<Vec<u8>>, Expect, bool) {
-    use core::sync::atomic::{AtomicUsize, Ordering};
-    let (mut s, disks) = testing::stack_from_images(base, 512);
     // With a clock that stands still, a job (a rebuild) moves its share
-    // and waits; each step below moves the clock on.
-    let mut now = 1_000_000u64;
-    s.set_now_ns(now);
-    if !s.settle(1000) {
-        let g = s.find_geom("raid5", "r0");
-        panic!("not settled: {:?}", g.map(|g| s.dumpconf(g)));
-    }
-    let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
-    let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
-    let before = testing::read(&mut s, c, 0, size).unwrap();
-    if let Some(d) = dead {
-        disks[d].set_dead(true);
-    }
-    let budget = Arc::new(AtomicUsize::new(cut));
-    for d in &disks {
-        d.set_budget(Some(budget.clone()));
-    }
-    let sectors = size / 512;
-    let mut may: Vec<Vec<Vec<u8>>> = (0..sectors).map(|i| vec![before[i * 512..(i + 1) * 512].to_vec()]).collect();
-    let mut acked: Vec<Option<usize>> = vec![None; sectors];
-    let mut must: Vec<usize> = vec![0; sectors];
-    let mut finished = true;
-    for step in steps {
-        let bio = match *step {
-            Step::Write { at, len, seed, fua } => {
-                let data = testing::pattern(seed, at, len as usize);
-                for i in (at / 512) as usize..((at + len) / 512) as usize {
-                    let o = i * 512 - at as usize;
-                    may[i].push(data[o..o + 512].to_vec());
-                    // Not acknowledged yet: the sector may hold either.
-                    acked[i] = None;
-                }
-                let mut b = testing::write_bio(at, &data);
-                b.fua = fua;
-                b
+    // and waits; each step moves the clock on.
+    let now = core::cell::Cell::new(1_000_000u64);
+    testing::run_to_cut(
+        base,
+        &mut |s, disks| {
+            s.set_now_ns(now.get());
+            if !s.settle(1000) {
+                let g = s.find_geom("raid5", "r0");
+                panic!("not settled: {:?}", g.map(|g| s.dumpconf(g)));
             }
-            Step::Flush => crate::bio::Bio::flush(),
-        };
-        now += 1;
-        s.set_now_ns(now);
-        s.submit(c, bio, 0);
-        let done = loop {
-            s.run();
-            if let Some((_, bio, r)) = s.take_completed() {
-                break Some((bio, r));
+            let c = s.open("raid5/r0", Access::READ_WRITE).unwrap();
+            let size = s.provider(s.consumer_provider(c)).spec.media_size as usize;
+            let before = testing::read(s, c, 0, size).unwrap();
+            if let Some(d) = dead {
+                disks[d].set_dead(true);
             }
-            if budget.load(Ordering::SeqCst) == 0 {
-                break None;
-            }
-        };
-        let Some((bio, r)) = done else {
-            finished = false;
-            break;
-        };
-        assert_eq!(r, Ok(()), "{step:?}");
-        match *step {
-            Step::Write { at, len, fua, .. } => {
-                for i in (at / 512) as usize..((at + len) / 512) as usize {
-                    let v = &testing::bio_bytes(&bio)[i * 512 - at as usize..][..512];
-                    let j = may[i].iter().rposition(|x| x == v).expect("written");
-                    if fua {
-                        must[i] = j;
-                    }
-                    acked[i] = Some(j);
-                }
-            }
-            Step::Flush => {
-                for i in 0..sectors {
-                    if let Some(j) = acked[i].take() {
-                        must[i] = j;
-                    }
-                }
-            }
-        }
-    }
-    let images = disks
-        .iter()
-        .map(|d| if keep { d.contents() } else { d.durable() })
-        .collect();
-    (images, Expect { may, must }, finished)
+            (c, before)
+        },
+        &mut |s| {
+            now.set(now.get() + 1);
+            s.set_now_ns(now.get());
+        },
+        steps,
+        cut,
+        if keep { testing::Survivors::All } else { testing::Survivors::None },
+    )
 }
 
 /// Labels a 3-disk array with 4 KiB units, writes a pattern, flushes, and
