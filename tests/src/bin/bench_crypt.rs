@@ -1,7 +1,7 @@
 //! Encryption benchmark: prints figures, asserts nothing.
 //!
 //! MB/s through a plain disk, eli (LUKS1, AES-256-XTS) with AES-NI and
-//! with the portable fallback, and gbde (when the class is there), on
+//! with the portable fallback, and gbde the same two ways, on
 //! hosted Strata and on the appliance in QEMU (TCG), with fio
 //! (`ioengine=nbd`): 1 MiB sequential write and read at queue depth 8.
 //! The fallback is selected with `STRATA_AES=soft` hosted (the `aes`
@@ -34,7 +34,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// A layout: row name, config, provider on top, whether AES is soft.
-const LAYOUTS: [(&str, &str, &str, bool); 4] = [
+const LAYOUTS: [(&str, &str, &str, bool); 5] = [
     ("plain", "export nbd vol vtbd0\n", "vtbd0", false),
     (
         "eli aes-ni",
@@ -53,6 +53,12 @@ const LAYOUTS: [(&str, &str, &str, bool); 4] = [
         "gbde init -i 10 -p bench vtbd0\ngbde attach -p bench vtbd0\nexport nbd vol vtbd0.bde\n",
         "vtbd0.bde",
         false,
+    ),
+    (
+        "gbde soft",
+        "gbde init -i 10 -p bench vtbd0\ngbde attach -p bench vtbd0\nexport nbd vol vtbd0.bde\n",
+        "vtbd0.bde",
+        true,
     ),
 ];
 
@@ -243,7 +249,7 @@ fn main() {
     for (_, pname) in &platforms {
         let find = |n: &str| rows.iter().find(|r| r.name == format!("{pname} {n}"));
         let Some(plain) = find("plain") else { continue };
-        for n in ["eli aes-ni", "eli soft", "gbde aes-ni"] {
+        for n in ["eli aes-ni", "eli soft", "gbde aes-ni", "gbde soft"] {
             if let Some(r) = find(n) {
                 let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
                     (Some(x), Some(y)) if y > 0.0 => format!("{:.2}x", x / y),
