@@ -47,6 +47,9 @@ pub const MASTER_BYTES: usize = 64;
 pub const SALT_BYTES: usize = 32;
 /// The fewest PBKDF2 iterations a lock sector may ask for.
 pub const MIN_ITERATIONS: u32 = 1000;
+/// The most: a lock sector asking for more is not taken (a damaged or
+/// hostile disk could otherwise keep `attach` busy for hours).
+pub const MAX_ITERATIONS: u32 = 1 << 24;
 
 const LOCK_MAGIC: [u8; 8] = *b"GBDELOCK";
 const RECORD: usize = 80;
@@ -227,7 +230,7 @@ impl Lock {
             return None;
         }
         let iterations = le32(b, 8);
-        if iterations < MIN_ITERATIONS {
+        if !(MIN_ITERATIONS..=MAX_ITERATIONS).contains(&iterations) {
             return None;
         }
         let mut l = Lock { iterations, salt: [0; SALT_BYTES], wrapped: [0; MASTER_BYTES], tag: [0; 32] };
@@ -447,6 +450,9 @@ mod tests {
         assert_eq!(l.open(b"pW", 2), None);
         assert_eq!(l.open(b"pw", 1), None, "a lock moved to another slot does not open");
         assert_eq!(Lock::parse(&l.to_bytes()), Some(l.clone()));
+        let mut greedy = l.to_bytes();
+        greedy[8..12].copy_from_slice(&(MAX_ITERATIONS + 1).to_le_bytes());
+        assert_eq!(Lock::parse(&greedy), None, "a lock sector asking for too many iterations");
         let area = lock_area(&[None, None, Some(l), None]);
         assert_eq!(unlock(&area, b"pw"), Ok((master, 2)));
         assert_eq!(unlock(&area, b"nope"), Err(FormatError::WrongPassphrase));

@@ -1054,7 +1054,7 @@ impl Command for Init {
         }
         let master: [u8; MASTER_BYTES] = random(stack, MASTER_BYTES)?.try_into().expect("master bytes");
         let id: [u8; 16] = random(stack, 16)?.try_into().expect("id bytes");
-        let iterations = iterations_for(stack, Hash::Sha512, self.iter_ms).max(format::MIN_ITERATIONS);
+        let iterations = iterations_for(stack, Hash::Sha512, self.iter_ms).clamp(format::MIN_ITERATIONS, format::MAX_ITERATIONS);
         let lock = Lock::seal(&master, &pass, salt(stack)?, iterations, 0);
         let fresh = Box::new(Fresh { lock, id });
         GbdeGeom::create(stack, &self.provider, AfterRead::Init { pass, force: self.force, fresh })
@@ -1118,7 +1118,7 @@ impl Command for SetKey {
                 CtlError::Invalid(format!("{}: all {SLOTS} lock sectors are in use (give -n SLOT to replace one)", self.provider))
             })?,
         };
-        let iterations = iterations_for(stack, Hash::Sha512, self.iter_ms).max(format::MIN_ITERATIONS);
+        let iterations = iterations_for(stack, Hash::Sha512, self.iter_ms).clamp(format::MIN_ITERATIONS, format::MAX_ITERATIONS);
         let lock = Lock::seal(&master, &pass, salt(stack)?, iterations, slot);
         stack
             .geom_as::<GbdeGeom, _>(g, |e, io| {
