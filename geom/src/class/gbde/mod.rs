@@ -206,6 +206,12 @@ pub struct GbdeGeom {
     flushed: u64,
     /// Per op waiting for a flush: the count it started as.
     flush_of: BTreeMap<u32, u64>,
+    /// Writes whose records are in the cache, waiting for the next
+    /// key-block flush.
+    key_batch: Vec<u32>,
+    /// Key-block flushes in flight: the count each started as, and its
+    /// writes.
+    key_groups: Slab<(u64, Vec<u32>)>,
     /// Sectors whose record had two keys and were read to settle which.
     resolved: u64,
 }
@@ -276,6 +282,8 @@ impl GbdeGeom {
                 flushes_started: 0,
                 flushed: 0,
                 flush_of: BTreeMap::new(),
+                key_batch: Vec::new(),
+                key_groups: Slab::new(),
                 resolved: 0,
             }),
         );
@@ -488,7 +496,7 @@ impl GbdeGeom {
         let parent = self.parents.insert(Parent { bio, pending: 1, result: Ok(()), read: Vec::new() });
         if kind == OpKind::Flush {
             let op = self.new_op(kind, parent, 0, 0, 0, 0);
-            let n = self.start_flush(op);
+            let n = self.start_flush();
             self.flush_of.insert(op, n);
             self.cache.flush(None, Self::waiter(op, W_CLIENT));
             return;
@@ -523,7 +531,7 @@ impl GbdeGeom {
     }
 
     /// Counts a cache flush about to start; its number.
-    fn start_flush(&mut self, _op: u32) -> u64 {
+    fn start_flush(&mut self) -> u64 {
         self.flushes_started += 1;
         self.flushes_started
     }
@@ -568,7 +576,7 @@ impl GbdeGeom {
         if kind == OpKind::Write {
             if let Some(z) = self.zones.get(&zone) {
                 if z.written != 0 && self.flushed < z.need {
-                    let n = self.start_flush(op);
+                    let n = self.start_flush();
                     self.flush_of.insert(op, n);
                     if let Some(o) = self.ops.get_mut(op) {
                         o.phase = Phase::Settling;
@@ -750,15 +758,27 @@ impl GbdeGeom {
         }
         self.cache.mark_dirty(h);
         self.cache.unpin(h);
-        let n = self.start_flush(op);
         if let Some(o) = self.ops.get_mut(op) {
             o.block = None;
             o.bounce = Some(bounce);
             o.slots = slots;
             o.phase = Phase::Keys;
         }
-        self.flush_of.insert(op, n);
-        self.cache.flush(Some(key_block_no(zone_no)..key_block_no(zone_no) + 1), Self::waiter(op, W_KEYS));
+        // Flushed with the others that are ready in this event (one flush
+        // for every zone a request spans).
+        self.key_batch.push(op);
+    }
+
+    /// One flush of the key blocks (and the provider below) for every
+    /// write whose records are in the cache, not yet durable.
+    fn flush_key_batch(&mut self) {
+        if self.key_batch.is_empty() {
+            return;
+        }
+        let ops = core::mem::take(&mut self.key_batch);
+        let n = self.start_flush();
+        let g = self.key_groups.insert((n, ops));
+        self.cache.flush(None, Self::waiter(g, W_KEYS));
     }
 
     /// The key block is durable: the data goes.
@@ -921,15 +941,29 @@ impl GbdeGeom {
             Ready::Written { .. } => return,
         };
         let op = (waiter >> 2) as u32;
+        let err = if result == Err(bufcache::Error::NoMemory) { BioError::NoMemory } else { BioError::Io };
+        if waiter & 3 == W_KEYS {
+            let Some((n, ops)) = self.key_groups.remove(op) else {
+                return;
+            };
+            if result.is_ok() {
+                self.flushed = self.flushed.max(n);
+            }
+            for op in ops {
+                match result {
+                    Ok(()) => self.keys_durable(io, op),
+                    Err(_) => self.finish(io, op, Err(err)),
+                }
+            }
+            return;
+        }
         let n = self.flush_of.remove(&op).unwrap_or(0);
         if result.is_ok() {
             self.flushed = self.flushed.max(n);
         }
-        let err = if result == Err(bufcache::Error::NoMemory) { BioError::NoMemory } else { BioError::Io };
         match waiter & 3 {
             W_CLIENT => self.finish(io, op, result.map_err(|_| err)),
             W_SETTLE if result.is_ok() => self.get_block(io, op),
-            W_KEYS if result.is_ok() => self.keys_durable(io, op),
             _ => self.finish(io, op, Err(err)),
         }
     }
@@ -947,6 +981,10 @@ impl GbdeGeom {
             while let Some(r) = self.cache.take_ready() {
                 any = true;
                 self.cache_ready(io, r);
+            }
+            if !self.key_batch.is_empty() {
+                any = true;
+                self.flush_key_batch();
             }
             if !any {
                 break;
