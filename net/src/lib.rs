@@ -12,6 +12,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod http;
+pub mod iscsi;
 pub mod nbd;
 pub mod session;
 

@@ -1,0 +1,8 @@
+//! A sans-I/O iSCSI target (RFC 7143) with its SCSI layer (SPC-4, SBC-3):
+//! bytes in, bytes out, bios out to the caller, completions back in, as
+//! [`crate::nbd`] does for NBD.
+//!
+//! - [`scsi`]: the SCSI command layer, one task per command, from the CDB
+//!   to the status, sense and data it answers with.
+
+pub mod scsi;
