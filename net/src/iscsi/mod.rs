@@ -2,7 +2,13 @@
 //! bytes in, bytes out, bios out to the caller, completions back in, as
 //! [`crate::nbd`] does for NBD.
 //!
+//! - [`Connection`]: one connection's engine, a [`crate::session::Session`]
+//!   (for now it closes every connection: the login and full-feature
+//!   phases are being built);
 //! - [`scsi`]: the SCSI command layer, one task per command, from the CDB
 //!   to the status, sense and data it answers with.
 
+mod engine;
 pub mod scsi;
+
+pub use engine::{Config, Connection};
