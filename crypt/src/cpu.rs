@@ -1,5 +1,6 @@
 //! What the CPU offers the ciphers, asked once through CPUID: AES-NI for
-//! [`crate::aesni`], RDSEED and RDRAND for [`hw_entropy`].
+//! [`crate::aesni`], SSE4.2's crc32 instruction for [`crate::crc32c`],
+//! RDSEED and RDRAND for [`hw_entropy`].
 //!
 //! The answers are cached in an atomic; every thread that races to fill it
 //! writes the same bits, so relaxed ordering is enough.
@@ -17,6 +18,10 @@ const AES: u32 = 1 << 0;
 const RDRAND: u32 = 1 << 1;
 /// RDSEED.
 const RDSEED: u32 = 1 << 2;
+/// SSE4.2 (for its crc32 instruction, which works on general-purpose
+/// registers only and so needs SSE neither switched on nor a target
+/// feature).
+const SSE42: u32 = 1 << 3;
 
 static FEATURES: AtomicU32 = AtomicU32::new(0);
 
@@ -78,6 +83,10 @@ fn probe() -> u32 {
     if ecx1 & (1 << 30) != 0 {
         f |= RDRAND;
     }
+    // Leaf 1: ECX bit 20 SSE4.2.
+    if ecx1 & (1 << 20) != 0 {
+        f |= SSE42;
+    }
     // Leaf 7 sub-leaf 0: EBX bit 18 RDSEED.
     if max >= 7 && cpuid(7, 0).1 & (1 << 18) != 0 {
         f |= RDSEED;
@@ -99,6 +108,12 @@ fn features() -> u32 {
 /// [`crate::Xts::new`] uses [`crate::aesni`].
 pub fn aesni_available() -> bool {
     features() & AES != 0
+}
+
+/// True if this CPU has SSE4.2, so [`crate::crc32c`] uses the crc32
+/// instruction.
+pub fn sse42_available() -> bool {
+    features() & SSE42 != 0
 }
 
 /// One RDSEED; `None` when the CPU had no seed ready (CF clear).
