@@ -2,13 +2,15 @@
 //! bytes in, bytes out, bios out to the caller, completions back in, as
 //! [`crate::nbd`] does for NBD.
 //!
-//! - [`Connection`]: one connection's engine, a [`crate::session::Session`]
-//!   (for now it closes every connection: the login and full-feature
-//!   phases are being built);
+//! - [`Connection`]: one connection's engine, a [`crate::session::Session`];
+//! - [`pdu`]: the PDU formats;
+//! - [`text`]: login and text keys, and the negotiated parameters;
 //! - [`scsi`]: the SCSI command layer, one task per command, from the CDB
 //!   to the status, sense and data it answers with.
 
 mod engine;
+pub mod pdu;
 pub mod scsi;
+pub mod text;
 
-pub use engine::{Config, Connection};
+pub use engine::{Config, Connection, LOGIN_TIMEOUT_MS};
