@@ -5,6 +5,7 @@
 #   tests/strata.sh bench                      run the benchmark (prints figures)
 #   tests/strata.sh bench-raid5                raid5 against stripe, hosted and appliance
 #   tests/strata.sh bench-crypt                plain, eli and gbde; QEMU's LUKS driver beside eli
+#   tests/strata.sh bench-iscsi                iSCSI: hosted and appliance beside tgt, and NBD
 # Installs what is missing (QEMU, NBD clients and peers, the Rust target), or
 # stops with a message naming what is missing.
 set -euo pipefail
@@ -25,6 +26,8 @@ missing_pkgs() {
         want sfdisk fdisk
         want sgdisk gdisk
         want cryptsetup cryptsetup-bin
+        want iscsi-test-cu libiscsi-bin
+        want tgtd tgt
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
     fi
 }
@@ -106,8 +109,13 @@ bench-crypt)
     cargo build --release -q -p image --bin strata
     exec cargo run --release -q -p strata-tests --bin bench_crypt -- "$@"
     ;;
+bench-iscsi)
+    install_deps bench
+    cargo build --release -q -p image --bin strata
+    exec cargo run --release -q -p strata-tests --bin bench_iscsi -- "$@"
+    ;;
 *)
-    echo "usage: tests/strata.sh run|test|bench|bench-raid5|bench-crypt [options]" >&2
+    echo "usage: tests/strata.sh run|test|bench|bench-raid5|bench-crypt|bench-iscsi [options]" >&2
     exit 2
     ;;
 esac

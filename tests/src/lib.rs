@@ -614,6 +614,11 @@ pub mod scenarios;
 
 /// Helpers shared by the benchmark programs.
 pub mod bench;
+/// iSCSI through real clients (libiscsi's utilities, QEMU's iscsi
+/// driver, `iscsi-test-cu`), and the iSCSI scenarios for Strata and tgt.
+pub mod iscsi_clients;
 /// Memory scenarios (floods of large writes, idle management clients,
 /// memory disks larger than the memory) for both platforms.
 pub mod memory;
+/// tgt (`tgtd`) as a reference iSCSI target.
+pub mod tgt;
