@@ -107,8 +107,9 @@ pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Opt
             Ok(None)
         }
         START_STOP_UNIT => {
-            // A fixed disk: no medium to load or eject.
-            if byte(cdb, 4) & 0x02 != 0 {
+            // A fixed disk: no medium to load or eject (LOEJ counts only
+            // without a POWER CONDITION).
+            if byte(cdb, 4) & 0xf2 == 0x02 {
                 return Err(sense::INVALID_FIELD_IN_CDB.into());
             }
             Ok(Some(DataIn::None))
@@ -198,10 +199,7 @@ pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Opt
             if len == 0 {
                 return Ok(Some(DataIn::None));
             }
-            t.out_want = (len as u32).min(cmd.data_out_len);
-            if t.out_want == 0 {
-                return Err(sense::PARAM_LIST_LENGTH.into());
-            }
+            t.out_want = super::param_want(cmd, len)?;
             t.kind = Kind::Unmap;
             Ok(None)
         }
@@ -253,7 +251,7 @@ fn write_same(
     }
     // Zero blocks: from the LBA to the end of the unit (WSNZ is clear).
     let n = if n == 0 { g.blocks - lba } else { n };
-    if n > max_ws_blocks(g) || (unmap && n > u64::from(MAX_UNMAP_BLOCKS)) {
+    if n > max_ws_blocks(g) {
         return Err(sense::INVALID_FIELD_IN_CDB.into());
     }
     g.check_range(lba, n)?;

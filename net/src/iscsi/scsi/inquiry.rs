@@ -23,8 +23,9 @@ pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Largest WRITE SAME, in bytes.
 pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
 
-/// Largest UNMAP or WRITE SAME with UNMAP range in one descriptor, blocks.
-pub const MAX_UNMAP_BLOCKS: u32 = 0x0040_0000;
+/// Largest UNMAP range in one descriptor, in blocks: no limit (the field
+/// is 32 bits wide).
+pub const MAX_UNMAP_BLOCKS: u32 = u32::MAX;
 
 /// Largest COMPARE AND WRITE, in blocks.
 pub fn max_caw_blocks(g: &Geometry<'_>) -> u8 {

@@ -391,6 +391,22 @@ enum Kind {
     PrOut { sa: u8, scope_type: u8 },
 }
 
+impl Kind {
+    /// The task cannot go on without Data-Out.
+    fn needs_data_out(&self) -> bool {
+        match self {
+            Kind::Write { .. }
+            | Kind::Caw { .. }
+            | Kind::Unmap
+            | Kind::ModeSelect { .. }
+            | Kind::PrOut { .. } => true,
+            Kind::Verify { cmp, .. } => *cmp != Cmp::None,
+            Kind::WriteSame { how, .. } => matches!(how, Ws::Later { .. }),
+            _ => false,
+        }
+    }
+}
+
 /// Most bytes one WRITE SAME chunk writes.
 const WS_CHUNK: u64 = 1 << 20;
 
@@ -468,6 +484,12 @@ impl Task {
         unit.state.see(nexus);
         match dispatch(&mut t, cmd, unit, nexus, geo) {
             Ok(Some(data)) => t.finish_data(data),
+            Ok(None) if t.out_want == 0 && t.kind.needs_data_out() => {
+                // Nothing would ever complete the task.
+                t.kind = Kind::Done;
+                t.buf_len = 0;
+                t.finish_fail(sense::INVALID_FIELD_IN_IU.into());
+            }
             Ok(None) => {
                 t.allocated = t.pages_wanted() == 0;
                 t.data_in = t.out_want == 0;
@@ -835,6 +857,9 @@ fn param_want(cmd: &Command<'_>, len: u64) -> Res<u32> {
     let len = u32::try_from(len).map_err(|_| sense::INVALID_FIELD_IN_CDB)?;
     if len > 1 << 20 {
         return Err(sense::INVALID_FIELD_IN_CDB.into());
+    }
+    if cmd.data_out_len == 0 {
+        return Err(sense::PARAM_LIST_LENGTH.into());
     }
     Ok(len.min(cmd.data_out_len))
 }
