@@ -436,8 +436,13 @@ pub fn out(unit: &mut Unit<'_>, n: &Nexus<'_>, sa: u8, scope_type: u8, p: &[u8])
                     key: sa_key,
                 });
             }
-            s.pr.aptpl = aptpl;
-            s.pr.generation = s.pr.generation.wrapping_add(1);
+            // An unregistered nexus registering key 0 changes nothing.
+            if mine.is_some() || sa_key != 0 {
+                if sa_key != 0 {
+                    s.pr.aptpl = aptpl;
+                }
+                s.pr.generation = s.pr.generation.wrapping_add(1);
+            }
         }
         // RESERVE.
         1 => {

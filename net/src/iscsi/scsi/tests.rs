@@ -1210,6 +1210,12 @@ fn pr_register_and_read_keys() {
     assert_eq!(&k[4..8], &16u32.to_be_bytes());
     assert_eq!(&k[8..16], &0xaau64.to_be_bytes());
     assert_eq!(&k[16..24], &0xbbu64.to_be_bytes());
+    // Registering key 0 unregistered is a no-op, generation included.
+    prout(&mut u, 2, 0, 0, 0, 0, 0).good();
+    assert_eq!(
+        u32::from_be_bytes(prin(&mut u, 0, 0)[0..4].try_into().unwrap()),
+        2
+    );
     // Change and drop.
     prout(&mut u, 1, 0, 0, 0xbb, 0xcc, 0).good();
     prout(&mut u, 0, 0, 0, 0xaa, 0, 0).good();
