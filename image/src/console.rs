@@ -28,12 +28,15 @@ pub enum ConsoleEvent {
         /// Size in bytes.
         size_bytes: u64,
     },
-    /// The servers accept connections on these guest ports.
+    /// The servers accept connections on these guest ports
+    /// (`strata: listening NAME PORT...`, NBD and HTTP always among them).
     Listening {
         /// Guest NBD port.
         nbd_port: u16,
         /// Guest HTTP port.
         http_port: u16,
+        /// Every protocol and guest port, in the line's order.
+        ports: Vec<(String, u16)>,
     },
     /// The configuration was refused; the text after `config error: `.
     ConfigError(String),
@@ -87,13 +90,24 @@ pub fn parse_line(line: &str) -> ConsoleEvent {
             },
             Err(_) => ConsoleEvent::Other,
         },
-        ["listening", "nbd", n, "http", h] => match (n.parse(), h.parse()) {
-            (Ok(nbd_port), Ok(http_port)) => ConsoleEvent::Listening {
-                nbd_port,
-                http_port,
-            },
-            _ => ConsoleEvent::Other,
-        },
+        ["listening", pairs @ ..] if !pairs.is_empty() && pairs.len().is_multiple_of(2) => {
+            let ports: Option<Vec<(String, u16)>> = pairs
+                .chunks_exact(2)
+                .map(|p| Some((p[0].to_string(), p[1].parse().ok()?)))
+                .collect();
+            let Some(ports) = ports else {
+                return ConsoleEvent::Other;
+            };
+            let port = |name: &str| ports.iter().find(|(n, _)| n == name).map(|p| p.1);
+            match (port("nbd"), port("http")) {
+                (Some(nbd_port), Some(http_port)) => ConsoleEvent::Listening {
+                    nbd_port,
+                    http_port,
+                    ports,
+                },
+                _ => ConsoleEvent::Other,
+            }
+        }
         _ => ConsoleEvent::Other,
     }
 }
@@ -160,9 +174,41 @@ mod tests {
             parse_line("strata: listening nbd 10809 http 8080"),
             ConsoleEvent::Listening {
                 nbd_port: 10809,
-                http_port: 8080
+                http_port: 8080,
+                ports: vec![("nbd".into(), 10809), ("http".into(), 8080)],
             }
         );
+        assert_eq!(
+            parse_line("strata: listening nbd 10809 http 8080 iscsi 3260"),
+            ConsoleEvent::Listening {
+                nbd_port: 10809,
+                http_port: 8080,
+                ports: vec![
+                    ("nbd".into(), 10809),
+                    ("http".into(), 8080),
+                    ("iscsi".into(), 3260)
+                ],
+            }
+        );
+        // Any order; NBD and HTTP must be there, every port a number.
+        assert!(matches!(
+            parse_line("strata: listening iscsi 3260 http 8080 nbd 1"),
+            ConsoleEvent::Listening {
+                nbd_port: 1,
+                http_port: 8080,
+                ..
+            }
+        ));
+        for bad in [
+            "strata: listening",
+            "strata: listening nbd 10809",
+            "strata: listening nbd 10809 iscsi 3260",
+            "strata: listening nbd 10809 http",
+            "strata: listening nbd 10809 http 8080 iscsi x",
+            "strata: listening nbd 10809 http 80800",
+        ] {
+            assert_eq!(parse_line(bad), ConsoleEvent::Other, "{bad}");
+        }
         assert_eq!(
             parse_line("strata: config error: line 3, column 5: unknown word 'mdd'"),
             ConsoleEvent::ConfigError("line 3, column 5: unknown word 'mdd'".into())
@@ -183,7 +229,8 @@ mod tests {
             parse_line("[  12.345678] WARN strata: listening nbd 10809 http 8080"),
             ConsoleEvent::Listening {
                 nbd_port: 10809,
-                http_port: 8080
+                http_port: 8080,
+                ports: vec![("nbd".into(), 10809), ("http".into(), 8080)],
             }
         );
         assert_eq!(

@@ -109,6 +109,55 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Largest payload in bytes (0: no limit beyond the connection's).
     pub max_block: u32,
+    /// Who may use it; open (the default) for protocols without access
+    /// control, such as NBD.
+    pub access: ExportAccess,
+}
+
+/// Who may use an export (iSCSI: RFC 7143 §12.1.3 CHAP, and the
+/// initiator names allowed). The default lets anyone in unauthenticated.
+///
+/// Its `Debug` form names the users but never prints a secret.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ExportAccess {
+    /// CHAP the initiator must pass: (user name, secret). `None`: no
+    /// authentication (AuthMethod=None).
+    pub chap: Option<(String, String)>,
+    /// Mutual CHAP, only with `chap`: the (user name, secret) the target
+    /// answers the initiator's challenge with.
+    pub mutual: Option<(String, String)>,
+    /// Initiator names (iqn./eui./naa.) allowed to log in, lowercase;
+    /// empty: any.
+    pub initiators: Vec<String>,
+}
+
+impl ExportAccess {
+    /// True when anyone may log in, unauthenticated.
+    pub fn is_open(&self) -> bool {
+        self.chap.is_none() && self.initiators.is_empty()
+    }
+
+    /// True when `initiator` (an initiator name) may log in, before any
+    /// authentication; names compare as lowercase (RFC 3722's stringprep
+    /// folds case).
+    pub fn allows_initiator(&self, initiator: &str) -> bool {
+        self.initiators.is_empty()
+            || self
+                .initiators
+                .iter()
+                .any(|i| i.eq_ignore_ascii_case(initiator))
+    }
+}
+
+impl core::fmt::Debug for ExportAccess {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let user = |c: &Option<(String, String)>| c.as_ref().map(|(u, _)| u.clone());
+        f.debug_struct("ExportAccess")
+            .field("chap_user", &user(&self.chap))
+            .field("mutual_user", &user(&self.mutual))
+            .field("initiators", &self.initiators)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request for the management API (from the HTTP engine).

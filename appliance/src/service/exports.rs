@@ -2,14 +2,14 @@
 //! protocol. Each protocol's sessions see only its own exports, as the
 //! slice of [`ExportInfo`] they index.
 
-use super::protocols::{ExportOptions, PROTOCOLS};
+use super::protocols::{ExportOptions, Secret, CHAP_SECRET_MAX, CHAP_SECRET_MIN, PROTOCOLS};
 use super::MAX_PAYLOAD;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use geom::bio::ConsumerId;
 use geom::stack::{Access, Stack};
-use net::session::ExportInfo;
+use net::session::{ExportAccess, ExportInfo};
 
 /// One export.
 #[derive(Clone, Debug)]
@@ -22,6 +22,36 @@ pub struct Export {
     pub consumer: ConsumerId,
     /// What its protocol's sessions are told about it.
     pub info: ExportInfo,
+    /// What its `export` line said (checked against later exports).
+    pub options: ExportOptions,
+}
+
+/// A CHAP user and secret as the engine takes them, reading a `-k NAME`
+/// secret from the stack's secrets.
+fn chap_pair(
+    stack: &Stack,
+    pair: &Option<(String, Secret)>,
+) -> Result<Option<(String, String)>, String> {
+    let Some((user, secret)) = pair else {
+        return Ok(None);
+    };
+    let name = match secret {
+        Secret::Given(s) => return Ok(Some((user.clone(), s.clone()))),
+        Secret::Named(name) => name,
+    };
+    let bytes = stack
+        .secret(name)
+        .ok_or_else(|| format!("no secret named '{name}' (give it with --secret {name}=FILE)"))?;
+    let text = core::str::from_utf8(bytes)
+        .map_err(|_| format!("secret '{name}' is not UTF-8 text (a CHAP secret must be)"))?;
+    if !(CHAP_SECRET_MIN..=CHAP_SECRET_MAX).contains(&text.len()) {
+        return Err(format!(
+            "secret '{name}' is {} bytes; a CHAP secret is {CHAP_SECRET_MIN} to {CHAP_SECRET_MAX} \
+             (its file's bytes exactly: write it without a newline)",
+            text.len()
+        ));
+    }
+    Ok(Some((user.clone(), String::from(text))))
 }
 
 /// Every export, and each protocol's view of them.
@@ -57,7 +87,8 @@ impl Exports {
         self.views[p].1.get(index).map(|&i| &self.list[i])
     }
 
-    /// Opens `provider` and serves it as `name` over protocol `p`.
+    /// Opens `provider` and serves it over protocol `p` as `name`, or as
+    /// the name in `o` when the protocol gave one.
     pub fn add(
         &mut self,
         stack: &mut Stack,
@@ -66,8 +97,27 @@ impl Exports {
         provider: &str,
         o: ExportOptions,
     ) -> Result<(), String> {
+        let name = o.name.as_deref().unwrap_or(name);
         if self.views[p].0.iter().any(|i| i.name == name) {
             return Err(format!("export '{name}' exists already"));
+        }
+        if let Some(conflict) = PROTOCOLS[p].export_conflict {
+            let mine = self.list.iter().filter(|e| e.protocol == p);
+            if let Some(why) = mine.into_iter().find_map(|e| conflict(&o, &e.options)) {
+                return Err(format!("cannot export '{name}': {why}"));
+            }
+        }
+        let access = ExportAccess {
+            chap: chap_pair(stack, &o.access.chap)?,
+            mutual: chap_pair(stack, &o.access.mutual)?,
+            initiators: o.access.initiators.clone(),
+        };
+        if let (Some((_, a)), Some((_, b))) = (&access.chap, &access.mutual) {
+            if a == b {
+                return Err(format!(
+                    "cannot export '{name}': the mutual secret must differ from the chap one"
+                ));
+            }
         }
         let mode = if o.read_only {
             Access::READ
@@ -99,6 +149,7 @@ impl Exports {
             min_block: spec.sector_size,
             preferred_block: preferred.max(spec.sector_size),
             max_block: MAX_PAYLOAD,
+            access,
         };
         self.views[p].0.push(info.clone());
         self.views[p].1.push(self.list.len());
@@ -107,6 +158,7 @@ impl Exports {
             provider: String::from(provider),
             consumer,
             info,
+            options: o,
         });
         Ok(())
     }

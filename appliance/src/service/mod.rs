@@ -238,9 +238,7 @@ pub struct Service {
 /// The host tool checks a config with this before it boots anything.
 pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
     let config = geom::config::parse(text)?;
-    for (line, e) in config.exports() {
-        protocols::check_export(line, e)?;
-    }
+    protocols::check_exports(config.exports())?;
     Ok(config)
 }
 
@@ -319,9 +317,7 @@ impl Service {
             })?;
             disk_list.push((name, size));
         }
-        for (line, e) in config.exports() {
-            protocols::check_export(line, e)?;
-        }
+        protocols::check_exports(config.exports())?;
         claim_config(&mut stack, config);
         let mut svc = Service {
             stack,

@@ -61,8 +61,15 @@ impl Transport for Mem {
     }
 }
 
+/// Indices in [`PROTOCOLS`] (checked by `protocol_indices`).
 const NBD: usize = 0;
 const HTTP: usize = 1;
+
+#[test]
+fn protocol_indices() {
+    assert_eq!(PROTOCOLS[NBD].name, "nbd");
+    assert_eq!(PROTOCOLS[HTTP].name, "http");
+}
 
 /// Sends `input` on connection `link` and returns what the server sent
 /// until it goes quiet.
@@ -138,12 +145,315 @@ fn export_options_are_the_protocols() {
     let e = parse_config("export nbd vol vtbd0 rx").unwrap_err();
     assert_eq!((e.line, e.column), (1, 22));
     assert!(e.message.contains("rx"));
-    let e = parse_config("export iscsi a b").unwrap_err();
+    let e = parse_config("export smb a b").unwrap_err();
     assert_eq!(e.column, 8);
-    assert!(e.message.contains("expected nbd"), "{}", e.message);
+    assert!(e.message.contains("expected nbd, iscsi)"), "{}", e.message);
+    let e = parse_config("export nbd a md0\nexport nbd a md1").unwrap_err();
+    assert_eq!((e.line, e.column), (2, 12));
+    assert_eq!(e.message, "export 'a' is already defined on line 1");
+    // An NBD name is still a plain name.
+    let e = parse_config("export nbd a:b c").unwrap_err();
+    assert_eq!(
+        (
+            e.column,
+            e.message.contains("'a:b' is not a valid export name")
+        ),
+        (12, true)
+    );
     assert_eq!(parse_config("export nbd a b ro rw").unwrap_err().column, 19);
     // The management protocol serves no exports.
     assert_eq!(parse_config("export http a b").unwrap_err().column, 8);
+}
+
+/// The error of a one-line config, as (column, message).
+fn iscsi_err(line: &str) -> (usize, String) {
+    let e = parse_config(line).unwrap_err();
+    assert_eq!(e.line, 1, "{line}: {e}");
+    (e.column, e.message)
+}
+
+const IQN: &str = "iqn.2026-12.org.strata:disk";
+
+#[test]
+fn iscsi_options_parse() {
+    let cfg = parse_config(&format!(
+        "export iscsi {IQN} md0\n\
+         export iscsi {IQN} md1 lun 7 ro\n\
+         export iscsi eui.02004567A425678D md2 chap alice twelve-bytes! mutual tgt other-secret1 \
+         initiator iqn.2026-12.org.strata:b iqn.2026-12.org.strata:a initiator naa.52004567BA64678D\n\
+         export iscsi naa.52004567BA64678D01234567ABCDEF01 md3 lun 16383\n"
+    ))
+    .unwrap();
+    let opts: Vec<_> = cfg
+        .exports()
+        .map(|(l, e)| protocols::check_export(l, e).unwrap().1)
+        .collect();
+    assert_eq!(
+        opts[0].name.as_deref(),
+        Some("iqn.2026-12.org.strata:disk/0")
+    );
+    assert!(!opts[0].read_only);
+    assert_eq!(opts[0].access, protocols::AccessOptions::default());
+    assert_eq!(
+        opts[1].name.as_deref(),
+        Some("iqn.2026-12.org.strata:disk/7")
+    );
+    assert!(opts[1].read_only);
+    let a = &opts[2].access;
+    use protocols::Secret::Given;
+    assert_eq!(
+        a.chap,
+        Some(("alice".into(), Given("twelve-bytes!".into())))
+    );
+    assert_eq!(
+        a.mutual,
+        Some(("tgt".into(), Given("other-secret1".into())))
+    );
+    // Sorted, so lines compare as sets.
+    assert_eq!(
+        a.initiators,
+        [
+            "iqn.2026-12.org.strata:a",
+            "iqn.2026-12.org.strata:b",
+            "naa.52004567BA64678D"
+        ]
+    );
+    assert_eq!(
+        opts[3].name.as_deref(),
+        Some("naa.52004567BA64678D01234567ABCDEF01/16383")
+    );
+    // Secrets never show in Debug output.
+    assert!(!format!("{opts:?}").contains("twelve-bytes"));
+}
+
+#[test]
+fn iscsi_bad_names() {
+    for (name, why) in [
+        ("disk", "expected iqn."),
+        ("iqn.2026-13.org.x", "date"),
+        ("iqn.26-12.org.x", "date"),
+        ("iqn.2026-12org.x", "date"),
+        ("iqn.2026-12.", "reversed domain"),
+        ("iqn.2026-12.:x", "reversed domain"),
+        ("iqn.2026-12.org..x", "reversed domain"),
+        ("iqn.2026-12.org.Strata:disk", "lowercase"),
+        ("iqn.2026-12.org.strata:d_isk", "'_' is not allowed"),
+        ("eui.0200", "16 hex digits"),
+        ("eui.02004567A425678G", "16 hex digits"),
+        ("naa.0200456", "16 or 32 hex digits"),
+    ] {
+        let (col, msg) = iscsi_err(&format!("export iscsi {name} md0"));
+        assert_eq!(col, 14, "{name}");
+        assert!(
+            msg.contains("is not an iSCSI target name") && msg.contains(why),
+            "{name}: {msg}"
+        );
+    }
+    let long = format!("iqn.2026-12.org.strata:{}", "x".repeat(201));
+    assert!(iscsi_err(&format!("export iscsi {long} md0"))
+        .1
+        .contains("longer than 223"));
+}
+
+#[test]
+fn iscsi_bad_options() {
+    let e = |opts: &str| iscsi_err(&format!("export iscsi {IQN} md0 {opts}"));
+    // The options start at column 46.
+    assert_eq!(
+        e("lun 16384"),
+        (50, "'16384' is not a LUN (0 to 16383)".into())
+    );
+    assert_eq!(e("lun -1").0, 50);
+    assert_eq!(e("lun 07").0, 50);
+    assert_eq!(e("lun"), (49, "'lun' needs a number".into()));
+    assert_eq!(e("lun 1 lun 2"), (52, "'lun' given twice".into()));
+    assert_eq!(e("ro rw"), (49, "'rw' given twice".into()));
+    assert!(e("sideways")
+        .1
+        .starts_with("unexpected 'sideways' (expected lun"));
+    assert_eq!(
+        e("chap alice short"),
+        (57, "a CHAP secret is 12 to 16 bytes, not 5".into())
+    );
+    assert!(e("chap alice seventeen-bytes!!").1.contains("not 17"));
+    assert_eq!(
+        e("chap alice"),
+        (56, "'chap' needs a secret after the user name".into())
+    );
+    assert_eq!(e("chap ro twelve-bytes!").0, 51);
+    assert_eq!(
+        e("chap alice -k"),
+        (59, "'chap' needs a secret name after -k".into())
+    );
+    assert_eq!(e("chap alice -k a:b").0, 60);
+    assert_eq!(
+        e("mutual tgt twelve-bytes!"),
+        (
+            46,
+            "'mutual' needs 'chap' too (the initiator authenticates first)".into()
+        )
+    );
+    assert!(e("chap a twelve-bytes! mutual b twelve-bytes!")
+        .1
+        .contains("must differ"));
+    assert_eq!(e("chap a twelve-bytes! chap b twelve-bytes!").0, 67);
+    assert_eq!(
+        e("initiator"),
+        (55, "'initiator' needs one initiator name or more".into())
+    );
+    assert_eq!(e("initiator ro").0, 56);
+    let (col, msg) = e("initiator iqn.2026-12.org.x:a bad");
+    assert_eq!(col, 76);
+    assert!(msg.starts_with("'bad' is not an initiator name"), "{msg}");
+}
+
+#[test]
+fn iscsi_lines_of_one_target_agree() {
+    let two = |a: &str, b: &str| {
+        parse_config(&format!(
+            "export iscsi {IQN} md0 {a}\nexport iscsi {IQN} md1 {b}\n"
+        ))
+    };
+    let e = two("", "").unwrap_err();
+    assert_eq!((e.line, e.column), (2, 14));
+    assert_eq!(
+        e.message,
+        format!("target {IQN} has a LUN 0 already (line 1)")
+    );
+    assert!(two("lun 3", "lun 3").is_err());
+    two("lun 0", "lun 1 ro").unwrap();
+    two(
+        "chap u twelve-bytes! initiator iqn.2026-12.a.b:x iqn.2026-12.a.b:y",
+        "lun 1 initiator iqn.2026-12.a.b:y iqn.2026-12.a.b:x chap u twelve-bytes!",
+    )
+    .unwrap();
+    let e = two("chap u twelve-bytes!", "lun 1").unwrap_err();
+    assert!(
+        e.message.contains("same chap (LUN 0 differs) (line 1)"),
+        "{}",
+        e.message
+    );
+    let e = two(
+        "chap u twelve-bytes! mutual t other-secret1",
+        "lun 1 chap u twelve-bytes!",
+    )
+    .unwrap_err();
+    assert!(e.message.contains("same mutual"), "{}", e.message);
+    let e = two("initiator iqn.2026-12.a.b:x", "lun 1").unwrap_err();
+    assert!(e.message.contains("same initiator"), "{}", e.message);
+    // Another target, or the same name over NBD, is no conflict.
+    parse_config(&format!(
+        "export iscsi {IQN} md0\nexport iscsi {IQN}2 md1 chap u twelve-bytes!\nexport nbd md0 md0\n"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn iscsi_exports_carry_name_and_access() {
+    let cfg = parse_config(&format!(
+        "md create -s 1m md0\nmd create -s 1m md1\n\
+         export iscsi {IQN} md0 chap alice -k pw mutual tgt twelve-bytes! initiator iqn.2026-12.a.b:x\n\
+         export iscsi {IQN} md1 lun 1 ro chap alice -k pw mutual tgt twelve-bytes! initiator iqn.2026-12.a.b:x\n\
+         export nbd md0 md0\n"
+    ))
+    .unwrap();
+    let mut svc = Service::boot(&cfg, Vec::new(), 0).unwrap();
+    svc.set_secret("pw", b"from-a-file!");
+    while matches!(svc.phase(), Phase::Booting) {
+        svc.poll();
+    }
+    assert!(matches!(svc.phase(), Phase::Serving), "{:?}", svc.phase());
+    let (i, _) = protocols::find("iscsi").unwrap();
+    let view = svc.exports.view(i);
+    assert_eq!(view.len(), 2);
+    assert_eq!(view[0].name, "iqn.2026-12.org.strata:disk/0");
+    assert_eq!(view[1].name, "iqn.2026-12.org.strata:disk/1");
+    assert!(view[1].read_only && !view[0].read_only);
+    let want = net::session::ExportAccess {
+        chap: Some(("alice".into(), "from-a-file!".into())),
+        mutual: Some(("tgt".into(), "twelve-bytes!".into())),
+        initiators: vec!["iqn.2026-12.a.b:x".into()],
+    };
+    assert_eq!(view[0].access, want);
+    assert!(!view[0].access.is_open());
+    assert!(view[0].access.allows_initiator("IQN.2026-12.A.B:X"));
+    assert!(!view[0].access.allows_initiator("iqn.2026-12.a.b:y"));
+    assert!(!format!("{:?}", view[0]).contains("from-a-file"));
+    // NBD's stays open.
+    let (n, _) = protocols::find("nbd").unwrap();
+    assert!(svc.exports.view(n)[0].access.is_open());
+    assert_eq!(
+        (protocols::ISCSI.uri)("127.0.0.1:3260", &view[1].name),
+        "iscsi://127.0.0.1:3260/iqn.2026-12.org.strata:disk/1"
+    );
+}
+
+#[test]
+fn iscsi_named_secrets_are_checked_when_served() {
+    let boot = |secret: Option<&[u8]>| {
+        let cfg = parse_config(&format!(
+            "md create -s 1m md0\nexport iscsi {IQN} md0 chap alice -k pw\n"
+        ))
+        .unwrap();
+        let mut svc = Service::boot(&cfg, Vec::new(), 0).unwrap();
+        if let Some(s) = secret {
+            svc.set_secret("pw", s);
+        }
+        while matches!(svc.phase(), Phase::Booting) {
+            svc.poll();
+        }
+        match svc.phase() {
+            Phase::Failed(e) => e.clone(),
+            p => panic!("{p:?}"),
+        }
+    };
+    let e = boot(None);
+    assert_eq!(e.line, 2);
+    assert!(
+        e.message
+            .contains("no secret named 'pw' (give it with --secret pw=FILE)"),
+        "{}",
+        e.message
+    );
+    assert!(boot(Some(b"twelve-bytes!\n\n\n\n"))
+        .message
+        .contains("is 17 bytes"));
+    assert!(boot(Some(b"\xff\xfe twelve bytes"))
+        .message
+        .contains("not UTF-8"));
+}
+
+#[test]
+fn live_iscsi_exports_are_checked_against_the_served_ones() {
+    let mut svc = service(&format!(
+        "md create -s 1m md0\nmd create -s 1m md1\nexport iscsi {IQN} md1\n"
+    ));
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        &format!("export iscsi {IQN} md0 lun 1 chap u twelve-bytes!"),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("every line for it must give the same chap"),
+        "{body}"
+    );
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        &format!("export iscsi {IQN} md0"),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("exists already"), "{body}");
+    let (code, body) = http_call(
+        &mut svc,
+        "POST",
+        "/geom",
+        &format!("export iscsi {IQN} md0 lun 1"),
+    );
+    assert_eq!(code, 200, "{body}");
 }
 
 #[test]
@@ -177,7 +487,7 @@ fn write_then_read_through_the_service() {
     );
     assert!(st.contains("\"access\":\"r1w1e0\""), "{st}");
     assert!(
-        st.contains("\"connections\":{\"nbd\":1,\"http\":0}"),
+        st.contains("\"connections\":{\"nbd\":1,\"http\":0,\"iscsi\":0}"),
         "{st}"
     );
 }

@@ -39,6 +39,7 @@ pub fn exports() -> Vec<ExportInfo> {
             min_block: 512,
             preferred_block: 4096,
             max_block: 1 << 20,
+            access: Default::default(),
         })
         .collect()
 }

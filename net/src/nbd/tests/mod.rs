@@ -33,6 +33,7 @@ pub(super) fn export(name: &str, read_only: bool) -> ExportInfo {
         min_block: 512,
         preferred_block: 4096,
         max_block: 1 << 16,
+        access: Default::default(),
     }
 }
 
