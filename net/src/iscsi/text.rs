@@ -282,6 +282,11 @@ impl Params {
                 None => Answer::Refuse,
             },
             "TaskReporting" => Answer::Reply(String::from("RFC3720")),
+            // iSER (RFC 7145) is not offered.
+            "RDMAExtensions" => Answer::Reply(String::from("No")),
+            "InitiatorRecvDataSegmentLength" | "TargetRecvDataSegmentLength" => {
+                Answer::Reply(String::from("Irrelevant"))
+            }
             _ => return None,
         };
         Some(a)

@@ -191,18 +191,27 @@ impl Connection {
             self.login.isid.copy_from_slice(&bhs.0[8..14]);
             self.tasks.start_cmd_sn(bhs.cmd_sn());
             if bhs.0[3] > 0 {
-                return self.login_fail(bhs, status::BAD_VERSION);
+                return self.login_fail(bhs, "unsupported version", status::BAD_VERSION);
+            }
+            // An initiator with nothing to authenticate may start in the
+            // operational stage.
+            if csg == 1 {
+                self.login.stage = 1;
             }
             if bhs.u16_at(14) != 0 {
                 // Adding a connection to a session (MaxConnections is 1).
-                return self.login_fail(bhs, status::NO_SESSION);
+                return self.login_fail(
+                    bhs,
+                    "adding a connection to a session",
+                    status::NO_SESSION,
+                );
             }
         }
         if csg != self.login.stage || (transit && cont) || (transit && nsg <= csg) || nsg == 2 {
-            return self.login_fail(bhs, status::INITIATOR_ERROR);
+            return self.login_fail(bhs, "bad stage transition", status::INITIATOR_ERROR);
         }
         if self.login.text.len() + data.len() > TEXT_MAX {
-            return self.login_fail(bhs, status::INITIATOR_ERROR);
+            return self.login_fail(bhs, "too much login text", status::INITIATOR_ERROR);
         }
         self.login.text.extend_from_slice(data);
         if cont {
@@ -211,7 +220,7 @@ impl Connection {
         }
         let text = core::mem::take(&mut self.login.text);
         let Ok(keys) = text::parse(&text) else {
-            return self.login_fail(bhs, status::INITIATOR_ERROR);
+            return self.login_fail(bhs, "malformed keys", status::INITIATOR_ERROR);
         };
         let mut out = Vec::new();
         let mut auth_offer: Option<&str> = None;
@@ -224,7 +233,13 @@ impl Connection {
                 "SessionType" => match v.as_str() {
                     "Normal" => self.login.discovery = false,
                     "Discovery" => self.login.discovery = true,
-                    _ => return self.login_fail(bhs, status::BAD_SESSION_TYPE),
+                    _ => {
+                        return self.login_fail(
+                            bhs,
+                            "unknown session type",
+                            status::BAD_SESSION_TYPE,
+                        )
+                    }
                 },
                 "AuthMethod" => auth_offer = Some(v.as_str()),
                 "CHAP_A" | "CHAP_N" | "CHAP_R" | "CHAP_I" | "CHAP_C" if csg == 0 => {
@@ -239,7 +254,12 @@ impl Connection {
                         Some(Answer::Reply(r)) => text::push(&mut out, k, &r),
                         Some(Answer::Quiet) => {}
                         Some(Answer::Refuse) => {
-                            return self.login_fail(bhs, status::INITIATOR_ERROR)
+                            log::warn!("iscsi: login key {k}={v} not acceptable");
+                            return self.login_fail(
+                                bhs,
+                                "unacceptable value",
+                                status::INITIATOR_ERROR,
+                            );
                         }
                         None => text::push(&mut out, k, "NotUnderstood"),
                     }
@@ -247,13 +267,13 @@ impl Connection {
             }
         }
         if self.login.initiator.is_empty() {
-            return self.login_fail(bhs, status::MISSING);
+            return self.login_fail(bhs, "no InitiatorName", status::MISSING);
         }
         if self.login.discovery {
             self.login.target = None;
         } else {
             let Some(name) = self.login.target.clone() else {
-                return self.login_fail(bhs, status::MISSING);
+                return self.login_fail(bhs, "no TargetName", status::MISSING);
             };
             let ts = targets(exports);
             let Some(t) = ts.iter().find(|t| t.iqn == name) else {
@@ -261,7 +281,7 @@ impl Connection {
                     "iscsi: login of {} to unknown target {name}",
                     self.login.initiator
                 );
-                return self.login_fail(bhs, status::NOT_FOUND);
+                return self.login_fail(bhs, "unknown target", status::NOT_FOUND);
             };
             let access = t
                 .luns
@@ -271,7 +291,7 @@ impl Connection {
             let access = access.unwrap_or_default();
             if !access.allows_initiator(&self.login.initiator) {
                 log::info!("iscsi: {} may not log in to {name}", self.login.initiator);
-                return self.login_fail(bhs, status::FORBIDDEN);
+                return self.login_fail(bhs, "initiator not allowed", status::FORBIDDEN);
             }
             if !self.login.sent_tpgt {
                 self.login.sent_tpgt = true;
@@ -279,7 +299,7 @@ impl Connection {
             }
             if csg == 0 {
                 if let Err(code) = self.security(&access, auth_offer, &chap_keys, &mut out) {
-                    return self.login_fail(bhs, code);
+                    return self.login_fail(bhs, "authentication failed", code);
                 }
             }
         }
@@ -295,8 +315,24 @@ impl Connection {
                 None => self.login.auth_done = true,
             }
         }
+        if csg == 1 && !self.login.auth_done {
+            // The security stage was skipped: only a target without CHAP
+            // takes that.
+            let chap = self.login.target.as_deref().is_some_and(|name| {
+                let ts = targets(exports);
+                ts.iter()
+                    .find(|t| t.iqn == name)
+                    .and_then(|t| t.luns.first())
+                    .and_then(|&(_, i)| exports.get(i))
+                    .is_some_and(|e| e.access.chap.is_some())
+            });
+            if chap {
+                return self.login_fail(bhs, "the target requires CHAP", status::AUTH_FAILED);
+            }
+            self.login.auth_done = true;
+        }
         if csg == 0 && transit && !self.login.auth_done {
-            return self.login_fail(bhs, status::AUTH_FAILED);
+            return self.login_fail(bhs, "authentication not done", status::AUTH_FAILED);
         }
         if csg == 1 && !self.login.declared_segment {
             self.login.declared_segment = true;
@@ -436,8 +472,11 @@ impl Connection {
     }
 
     /// Refuses the login with `code`; the connection ends once it is sent.
-    fn login_fail(&mut self, bhs: &Bhs, code: u16) {
-        log::info!("iscsi: login refused with status {code:#06x}");
+    fn login_fail(&mut self, bhs: &Bhs, why: &str, code: u16) {
+        log::warn!(
+            "iscsi: login of '{}' refused ({why}): status {code:#06x}",
+            self.login.initiator
+        );
         self.login.failed = true;
         let csg = (bhs.flags() >> 2) & 3;
         self.login_respond(bhs, code, false, csg, 0, Vec::new());

@@ -89,6 +89,8 @@ struct Entry {
     aborted: bool,
     /// The response was built (the entry waits only for its bios).
     answered: bool,
+    /// Bytes a write asked for beyond what the initiator sends.
+    overflow: u32,
 }
 
 /// The session's commands, its sequence numbers and the LUNs it sees.
@@ -102,6 +104,8 @@ pub(super) struct Tasks {
     /// Slot waiting for budget.
     waiting: Option<u32>,
     exp_cmd_sn: u32,
+    /// MaxCmdSN as last advertised.
+    max_cmd_sn: u32,
     stat_sn: u32,
     next_ttt: u32,
     /// The target's IQN, its LUNs (LUN, export index) and their infos.
@@ -129,6 +133,7 @@ impl Tasks {
             cur: None,
             waiting: None,
             exp_cmd_sn: 0,
+            max_cmd_sn: 0,
             stat_sn: 1,
             next_ttt: 1,
             target: String::new(),
@@ -148,6 +153,7 @@ impl Tasks {
     /// The first login request's CmdSN starts the window.
     pub fn start_cmd_sn(&mut self, sn: u32) {
         self.exp_cmd_sn = sn;
+        self.max_cmd_sn = sn;
     }
 
     /// StatSN, ExpCmdSN and MaxCmdSN for a PDU; `status`: the PDU takes a
@@ -155,10 +161,15 @@ impl Tasks {
     pub fn sn(&mut self, status: bool) -> Sn {
         let open = self.open() as u32;
         let room = (self.max as u32).saturating_sub(open).max(1);
+        // The window never shrinks once advertised (RFC 7143 §4.2.2.1).
+        let max = self.exp_cmd_sn.wrapping_add(room - 1);
+        if pdu::sn_lt(self.max_cmd_sn, max) {
+            self.max_cmd_sn = max;
+        }
         let s = Sn {
             stat_sn: self.stat_sn,
             exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.exp_cmd_sn.wrapping_add(room - 1),
+            max_cmd_sn: self.max_cmd_sn,
         };
         if status {
             self.stat_sn = self.stat_sn.wrapping_add(1);
@@ -169,7 +180,8 @@ impl Tasks {
     /// A non-immediate command's CmdSN: true if inside the window (it is
     /// taken and the window moves), false if it is to be ignored.
     pub fn take_cmd_sn(&mut self, sn: u32) -> bool {
-        let max = self.exp_cmd_sn.wrapping_add(self.max as u32 - 1);
+        // The window as last advertised: beyond it, ignored.
+        let max = self.max_cmd_sn;
         if pdu::sn_lt(sn, self.exp_cmd_sn) || pdu::sn_lt(max, sn) {
             log::debug!(
                 "iscsi: CmdSN {sn} outside [{}, {max}], ignored",
@@ -487,6 +499,19 @@ impl Connection {
         }
         let lun = bhs.lun();
         let export = lun.and_then(|l| self.tasks.luns.iter().find(|x| x.0 == l).map(|x| x.1));
+        // A write asking for more than the initiator will send is carried
+        // out for the whole blocks it sends (FCP-4's choice (a), which
+        // libiscsi's residual tests take), with an overflow residual.
+        let bs = export
+            .and_then(|i| self.tasks.infos.get(i))
+            .map_or(512, |i| i.min_block.max(512));
+        let mut overflow = 0u32;
+        if write {
+            if let Some((short, over)) = truncate_write(&cdb, edtl, bs) {
+                cdb = short;
+                overflow = over;
+            }
+        }
         let cmd = Command {
             cdb: &cdb,
             data_out_len: if write { edtl } else { 0 },
@@ -519,6 +544,7 @@ impl Connection {
             held: 0,
             aborted: false,
             answered: false,
+            overflow,
         };
         let slot = self.tasks.insert(e);
         self.tasks.cur = Some(slot);
@@ -835,7 +861,7 @@ impl Connection {
                 sense: Vec::new(),
                 data_in: DataIn::None,
             };
-            self.respond(itt, lun, 0, 0, 0, r);
+            self.respond(itt, lun, 0, 0, 0, 0, r);
         }
     }
 
@@ -850,13 +876,15 @@ impl Connection {
         let r = t.response();
         let (itt, lun, edtl_in, edtl_out, want) =
             (e.itt, e.lun_field, e.edtl_in, e.edtl_out, e.want);
+        let overflow = e.overflow;
         if !e.aborted {
-            self.respond(itt, lun, edtl_in, edtl_out, want, r);
+            self.respond(itt, lun, edtl_in, edtl_out, want, overflow, r);
         }
         self.tasks.remove(slot);
     }
 
     /// Data-In PDUs and the status of a command.
+    #[allow(clippy::too_many_arguments, reason = "one command's transfer facts")]
     fn respond(
         &mut self,
         itt: u32,
@@ -864,6 +892,7 @@ impl Connection {
         edtl_in: u32,
         edtl_out: u32,
         want: u32,
+        overflow: u32,
         r: Response,
     ) {
         let good = r.status == scsi::GOOD || r.status == scsi::CONDITION_MET;
@@ -879,7 +908,9 @@ impl Connection {
         } else {
             (u64::from(edtl_out), u64::from(want))
         };
-        let (rflags, residual) = if moved > expected {
+        let (rflags, residual) = if overflow > 0 {
+            (0x04u8, overflow)
+        } else if moved > expected {
             (0x04u8, (moved - expected).min(u64::from(u32::MAX)) as u32)
         } else if moved < expected {
             (0x02u8, (expected - moved) as u32)
@@ -1048,6 +1079,33 @@ impl Connection {
         }
         self.tasks.bound = false;
     }
+}
+
+/// A write CDB whose transfer length in blocks of `bs` is more than the
+/// `edtl` bytes the initiator sends: the CDB cut to the whole blocks sent,
+/// and the overflow in bytes. `None` when the write fits, or is not a
+/// write this applies to.
+fn truncate_write(cdb: &[u8], edtl: u32, bs: u32) -> Option<(Vec<u8>, u32)> {
+    // (opcode, offset and width of the transfer length)
+    let (at, width) = match *cdb.first()? {
+        0x2a | 0x2e => (7, 2),
+        0xaa | 0xae => (6, 4),
+        0x8a | 0x8e => (10, 4),
+        _ => return None,
+    };
+    let field = cdb.get(at..at + width)?;
+    let blocks = field.iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
+    let spdtl = blocks.checked_mul(u64::from(bs))?;
+    if spdtl <= u64::from(edtl) {
+        return None;
+    }
+    let over = u32::try_from(spdtl - u64::from(edtl)).ok()?;
+    let fit = u64::from(edtl / bs);
+    let mut short = cdb.to_vec();
+    for i in 0..width {
+        short[at + i] = (fit >> (8 * (width - 1 - i))) as u8;
+    }
+    Some((short, over))
 }
 
 /// The LUN of a LUN field (`u64::MAX` for one that does not decode).

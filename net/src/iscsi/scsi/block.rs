@@ -213,6 +213,11 @@ pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Opt
             }
             g.check_range(lba, n)?;
             if n == 0 {
+                // No block, so no Data-Out: data sent anyway is a CDB the
+                // initiator got wrong (a count that did not fit the byte).
+                if cmd.data_out_len != 0 {
+                    return Err(sense::INVALID_FIELD_IN_CDB.into());
+                }
                 return Ok(Some(DataIn::None));
             }
             let (off, len) = g.bytes(lba, n)?;

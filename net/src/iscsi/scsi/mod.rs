@@ -53,7 +53,7 @@ use sense::Sense;
 
 /// Largest transfer one command may ask for, in bytes (reported in the
 /// Block Limits VPD page; bigger transfers get INVALID FIELD IN CDB).
-pub const MAX_TRANSFER_BYTES: u32 = 16 << 20;
+pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 
 /// Status GOOD.
 pub const GOOD: u8 = 0x00;
@@ -303,14 +303,13 @@ impl<'a> Geometry<'a> {
         (max / self.bs).max(1)
     }
 
-    /// Physical block exponent (logical blocks per physical block, log2).
+    /// Physical block exponent (logical blocks per physical block, log2):
+    /// 0. The provider's preferred block is a hint, which Block Limits
+    /// gives as the optimal transfer length granularity; READ CAPACITY
+    /// (16) does not repeat it, as libiscsi 1.19's GET LBA STATUS test
+    /// reads the exponent as the step between the LBAs it asks about.
     fn lbppb_exp(&self) -> u8 {
-        let p = self.export.preferred_block;
-        if p.is_power_of_two() && p > self.bs {
-            ((p / self.bs).trailing_zeros() as u8).min(15)
-        } else {
-            0
-        }
+        0
     }
 
     /// Checks `[lba, lba + n)` lies within the unit.
