@@ -84,6 +84,9 @@ pub struct Limits {
     /// is given up on: the bio and every other outstanding one fail with
     /// EIO and the disk is orphaned (0: never; see [`geom::disk`]).
     pub bio_deadline_ms: u64,
+    /// The address iSCSI initiators reach the target at, as SendTargets
+    /// gives it (`None`: discovery names targets without an address).
+    pub iscsi_portal: Option<([u8; 4], u16)>,
 }
 
 impl Default for Limits {
@@ -94,6 +97,7 @@ impl Default for Limits {
             http_timeout_ms: net::http::REQUEST_TIMEOUT_MS,
             nbd_stall_timeout_ms: net::nbd::STALL_TIMEOUT_MS,
             bio_deadline_ms: geom::disk::DEFAULT_BIO_DEADLINE_MS,
+            iscsi_portal: None,
         }
     }
 }
@@ -119,8 +123,9 @@ impl Limits {
     /// Sets the limit named `key` from its text `value`, as the kernel
     /// command line gives it (`strata.KEY=VALUE`): `payload_budget` and
     /// `md_memory` take a size (`512`, `64m`, `1g`), `http_timeout_ms`,
-    /// `nbd_stall_timeout_ms` and `bio_deadline_ms` milliseconds. `Ok(false)` for a key that is
-    /// not a limit.
+    /// `nbd_stall_timeout_ms` and `bio_deadline_ms` milliseconds,
+    /// `iscsi_portal` an `IPv4:PORT`. `Ok(false)` for a key that is not a
+    /// limit.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
         let ms = || {
             value
@@ -134,10 +139,27 @@ impl Limits {
             "http_timeout_ms" => self.http_timeout_ms = ms()?,
             "nbd_stall_timeout_ms" => self.nbd_stall_timeout_ms = ms()?,
             "bio_deadline_ms" => self.bio_deadline_ms = ms()?,
+            "iscsi_portal" => self.iscsi_portal = Some(parse_portal(value)?),
             _ => return Ok(false),
         }
         Ok(true)
     }
+}
+
+/// `IPv4:PORT`, as `strata.iscsi_portal=` gives it.
+fn parse_portal(v: &str) -> Result<([u8; 4], u16), String> {
+    let bad = || alloc::format!("iscsi_portal={v}: expected IPv4:PORT");
+    let (ip, port) = v.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let mut a = [0u8; 4];
+    let mut parts = ip.split('.');
+    for b in &mut a {
+        *b = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok((a, port))
 }
 
 /// Per protocol: what happened to its connections, for `/metrics`.
@@ -445,7 +467,9 @@ impl Service {
         self.conn_counters[p].accepted += 1;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        let mut session = (proto.new_session)(&self.limits);
+        let mut seed = [0u8; 32];
+        let seed = self.stack.random_bytes(&mut seed).ok().map(|()| seed);
+        let mut session = (proto.new_session)(&self.limits, seed);
         session.tick(self.now_ms);
         self.sessions.insert(
             id,

@@ -74,8 +74,10 @@ pub struct Protocol {
     pub max_connections: usize,
     /// TCP buffer per direction it wants (a platform may give less).
     pub buffer_bytes: usize,
-    /// A new engine for one connection, with the service's limits.
-    pub new_session: fn(&Limits) -> Box<dyn Session>,
+    /// A new engine for one connection, with the service's limits and 32
+    /// bytes from the key generator for what it must draw at random (CHAP
+    /// challenges); `None` when the generator has no entropy.
+    pub new_session: fn(&Limits, Option<[u8; 32]>) -> Box<dyn Session>,
     /// Checks the options of an `export` line for this protocol; `None`
     /// for a protocol that serves no exports.
     pub export_options: Option<ExportCheck>,
@@ -93,7 +95,7 @@ pub const NBD: Protocol = Protocol {
     guest_port: 10809,
     max_connections: 32,
     buffer_bytes: 512 * 1024,
-    new_session: |limits| {
+    new_session: |limits, _| {
         Box::new(nbd::Connection::new(nbd::ServerConfig {
             max_in_flight: 64,
             max_payload: MAX_PAYLOAD,
@@ -113,9 +115,12 @@ pub const ISCSI: Protocol = Protocol {
     guest_port: 3260,
     max_connections: 32,
     buffer_bytes: 512 * 1024,
-    new_session: |_| {
+    new_session: |limits, seed| {
         Box::new(iscsi::Connection::new(iscsi::Config {
             budgeted: true,
+            stall_timeout_ms: limits.nbd_stall_timeout_ms,
+            portal: limits.iscsi_portal,
+            seed,
             ..Default::default()
         }))
     },
@@ -130,7 +135,7 @@ pub const HTTP: Protocol = Protocol {
     guest_port: 8080,
     max_connections: 16,
     buffer_bytes: 16 * 1024,
-    new_session: |limits| Box::new(http::Connection::with_timeout(limits.http_timeout_ms)),
+    new_session: |limits, _| Box::new(http::Connection::with_timeout(limits.http_timeout_ms)),
     export_options: None,
     export_conflict: None,
     uri: |hp, _| format!("http://{hp}/"),

@@ -331,8 +331,14 @@ impl Connection {
             }
             self.login.auth_done = true;
         }
+        // While CHAP goes on, the target holds the initiator in the
+        // security stage (T=0 in the response).
+        let mut transit = transit;
         if csg == 0 && transit && !self.login.auth_done {
-            return self.login_fail(bhs, "authentication not done", status::AUTH_FAILED);
+            if self.login.chap == Chap::Off {
+                return self.login_fail(bhs, "authentication not done", status::AUTH_FAILED);
+            }
+            transit = false;
         }
         if csg == 1 && !self.login.declared_segment {
             self.login.declared_segment = true;

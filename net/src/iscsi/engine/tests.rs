@@ -542,3 +542,171 @@ proptest::proptest! {
         }
     }
 }
+
+/// A target with CHAP (and mutual CHAP) and a seeded generator.
+fn chap_rig(mutual: bool) -> Rig {
+    let mut r = Rig::new();
+    r.c = Connection::new(Config {
+        seed: Some([7; 32]),
+        ..Config::default()
+    });
+    r.exports[0].access.chap = Some((String::from("alice"), String::from("secretsecret12")));
+    if mutual {
+        r.exports[0].access.mutual = Some((String::from("target"), String::from("targetsecret99")));
+    }
+    r
+}
+
+fn md5(id: u8, secret: &str, challenge: &[u8]) -> Vec<u8> {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    h.update([id]);
+    h.update(secret.as_bytes());
+    h.update(challenge);
+    h.finalize().to_vec()
+}
+
+fn hexs(b: &[u8]) -> String {
+    let mut s = String::from("0x");
+    for x in b {
+        s.push_str(&alloc::format!("{x:02x}"));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    let h = s.strip_prefix("0x").unwrap();
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// CHAP up to the initiator's answer; the target's last response.
+fn chap_login(r: &mut Rig, user: &str, secret: &str, mutual: Option<&[u8]>) -> Pdu {
+    let p = r.login_pdu(
+        0,
+        1,
+        true,
+        &[
+            ("InitiatorName", "iqn.2026-12.org.strata:test"),
+            ("TargetName", IQN),
+            ("SessionType", "Normal"),
+            ("AuthMethod", "CHAP,None"),
+        ],
+    );
+    assert_eq!(p[0].bhs.u16_at(36), 0);
+    assert_eq!(p[0].bhs.flags() & 0x80, 0, "held in the security stage");
+    let keys = crate::iscsi::text::parse(&p[0].data).unwrap();
+    assert!(keys.contains(&(String::from("AuthMethod"), String::from("CHAP"))));
+    let p = r.login_pdu(0, 1, false, &[("CHAP_A", "7,5")]);
+    let keys = crate::iscsi::text::parse(&p[0].data).unwrap();
+    let get = |k: &str| {
+        keys.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(get("CHAP_A"), "5");
+    let id: u8 = get("CHAP_I").parse().unwrap();
+    let c = unhex(&get("CHAP_C"));
+    assert!(c.len() >= 16);
+    let resp = hexs(&md5(id, secret, &c));
+    let mut keys = alloc::vec![("CHAP_N", String::from(user)), ("CHAP_R", resp)];
+    if let Some(mc) = mutual {
+        keys.push(("CHAP_I", String::from("9")));
+        keys.push(("CHAP_C", hexs(mc)));
+    }
+    let k: Vec<(&str, &str)> = keys.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let mut p = r.login_pdu(0, 1, true, &k);
+    p.remove(0)
+}
+
+#[test]
+fn chap_with_the_right_secret_logs_in() {
+    let mut r = chap_rig(false);
+    let p = chap_login(&mut r, "alice", "secretsecret12", None);
+    assert_eq!(p.bhs.u16_at(36), 0);
+    assert_eq!(p.bhs.flags() & 0x80, 0x80, "on to the operational stage");
+}
+
+#[test]
+fn chap_with_a_wrong_secret_or_user_is_refused() {
+    let mut r = chap_rig(false);
+    let p = chap_login(&mut r, "alice", "wrongwrongwrong", None);
+    assert_eq!(p.bhs.u16_at(36), 0x0201);
+    let mut r = chap_rig(false);
+    let p = chap_login(&mut r, "mallory", "secretsecret12", None);
+    assert_eq!(p.bhs.u16_at(36), 0x0201);
+}
+
+#[test]
+fn chap_cannot_be_skipped() {
+    let mut r = chap_rig(false);
+    let p = r.login_pdu(
+        1,
+        3,
+        true,
+        &[
+            ("InitiatorName", "iqn.2026-12.org.strata:test"),
+            ("TargetName", IQN),
+        ],
+    );
+    assert_eq!(
+        p[0].bhs.u16_at(36),
+        0x0201,
+        "the operational stage first is refused"
+    );
+    let mut r = chap_rig(false);
+    let p = r.login_pdu(
+        0,
+        1,
+        true,
+        &[
+            ("InitiatorName", "iqn.2026-12.org.strata:test"),
+            ("TargetName", IQN),
+            ("AuthMethod", "None"),
+        ],
+    );
+    assert_eq!(p[0].bhs.u16_at(36), 0x0201, "AuthMethod=None is refused");
+}
+
+#[test]
+fn mutual_chap_answers_the_initiators_challenge() {
+    let mut r = chap_rig(true);
+    let mc = [0x42u8; 16];
+    let p = chap_login(&mut r, "alice", "secretsecret12", Some(&mc));
+    assert_eq!(p.bhs.u16_at(36), 0);
+    let keys = crate::iscsi::text::parse(&p.data).unwrap();
+    let get = |k: &str| {
+        keys.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(get("CHAP_N"), "target");
+    assert_eq!(unhex(&get("CHAP_R")), md5(9, "targetsecret99", &mc));
+    // Without mutual credentials the target cannot answer: refused.
+    let mut r = chap_rig(false);
+    let p = chap_login(&mut r, "alice", "secretsecret12", Some(&mc));
+    assert_eq!(p.bhs.u16_at(36), 0x0201);
+}
+
+#[test]
+fn chap_without_entropy_is_refused() {
+    let mut r = chap_rig(false);
+    r.c = Connection::new(Config::default());
+    let p = r.login_pdu(
+        0,
+        1,
+        true,
+        &[
+            ("InitiatorName", "iqn.2026-12.org.strata:test"),
+            ("TargetName", IQN),
+            ("AuthMethod", "CHAP"),
+        ],
+    );
+    assert_eq!(p[0].bhs.u16_at(36), 0);
+    let p = r.login_pdu(0, 1, false, &[("CHAP_A", "5")]);
+    assert_eq!(p[0].bhs.u16_at(36), 0x0300);
+}
