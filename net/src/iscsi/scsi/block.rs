@@ -7,7 +7,8 @@
 use super::inquiry::{max_caw_blocks, max_ws_blocks, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS};
 use super::opcodes::*;
 use super::{
-    be, byte, sense, truncated, Cmp, Command, DataIn, Fail, Geometry, Kind, Res, Task, Ws, WS_CHUNK,
+    be, byte, sense, truncated, Cmp, Command, DataIn, Fail, Geometry, Kind, Res, Task, UnitState,
+    Ws, WS_CHUNK,
 };
 use alloc::vec::Vec;
 use geom::bio::{Bio, BioCmd};
@@ -32,12 +33,9 @@ fn decode(cdb: &[u8]) -> (u64, u64, u8) {
     }
 }
 
-fn writable(g: &Geometry<'_>) -> Res<()> {
-    if g.export.read_only {
-        Err(sense::WRITE_PROTECTED.into())
-    } else {
-        Ok(())
-    }
+/// The medium may be written: neither the export is read-only nor SWP set.
+fn writable(g: &Geometry<'_>, s: &UnitState) -> Res<()> {
+    s.write_protect(g.export)
 }
 
 fn no_protect(flags: u8) -> Res<()> {
@@ -65,8 +63,14 @@ fn needs_out(cmd: &Command<'_>, need: u64) -> Res<u32> {
 }
 
 /// Checks a block command's CDB and sets the task up; `Ok(Some(data))`
-/// when it is answered at once.
-pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Option<DataIn>> {
+/// when it is answered at once. `s` tells whether the unit is
+/// write-protected.
+pub(super) fn plan(
+    t: &mut Task,
+    cmd: &Command<'_>,
+    g: &Geometry<'_>,
+    s: &UnitState,
+) -> Res<Option<DataIn>> {
     let cdb = cmd.cdb;
     let op = byte(cdb, 0);
     let (lba, n, flags) = decode(cdb);
@@ -129,7 +133,7 @@ pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Opt
         WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 | WRITE_VERIFY_10 | WRITE_VERIFY_12
         | WRITE_VERIFY_16 => {
             no_protect(flags)?;
-            writable(g)?;
+            writable(g, s)?;
             g.check_range(lba, n)?;
             max_transfer(g, n)?;
             if n == 0 {
@@ -188,9 +192,9 @@ pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Opt
             t.kind = Kind::Flush;
             Ok(None)
         }
-        WRITE_SAME_10 | WRITE_SAME_16 => write_same(t, cmd, g, op, lba, n, flags),
+        WRITE_SAME_10 | WRITE_SAME_16 => write_same(t, cmd, g, s, lba, n, flags),
         UNMAP => {
-            writable(g)?;
+            writable(g, s)?;
             if byte(cdb, 1) & 0x01 != 0 {
                 // ANCHOR: anchored blocks are not offered.
                 return Err(sense::INVALID_FIELD_IN_CDB.into());
@@ -205,7 +209,7 @@ pub(super) fn plan(t: &mut Task, cmd: &Command<'_>, g: &Geometry<'_>) -> Res<Opt
         }
         COMPARE_AND_WRITE => {
             no_protect(flags)?;
-            writable(g)?;
+            writable(g, s)?;
             let lba = be(cdb, 2, 8);
             let n = be(cdb, 13, 1);
             if n > u64::from(max_caw_blocks(g)) {
@@ -238,11 +242,12 @@ fn write_same(
     t: &mut Task,
     cmd: &Command<'_>,
     g: &Geometry<'_>,
-    op: u8,
+    s: &UnitState,
     lba: u64,
     n: u64,
     flags: u8,
 ) -> Res<Option<DataIn>> {
+    let op = byte(cmd.cdb, 0);
     no_protect(flags)?;
     let unmap = flags & 0x08 != 0;
     let ndob = op == WRITE_SAME_16 && flags & 0x01 != 0;
@@ -250,7 +255,7 @@ fn write_same(
         // ANCHOR is not offered; UNMAP only where LBPWS says so.
         return Err(sense::INVALID_FIELD_IN_CDB.into());
     }
-    writable(g)?;
+    writable(g, s)?;
     if lba > g.blocks {
         return Err(sense::LBA_OUT_OF_RANGE.into());
     }

@@ -31,6 +31,14 @@
 //! - COMPARE AND WRITE reads, compares and writes with no lock against
 //!   other commands to the same blocks: the engine serializes them if it
 //!   needs atomicity across sessions.
+//! - SWP (software write protect) in the Control mode page is unit state:
+//!   once a MODE SELECT sets it, every command that would change the
+//!   medium (WRITE, WRITE AND VERIFY, WRITE SAME, UNMAP, COMPARE AND
+//!   WRITE) fails with DATA PROTECT, 27h/02h, for every nexus, until a
+//!   MODE SELECT clears it; it is checked when the command arrives and
+//!   again when its Data-Out is in. An export read-only by configuration
+//!   answers 27h/00h instead. Like D_SENSE it is not saved and survives
+//!   resets.
 //! - A bio failing with [`BioError::NoMemory`] answers BUSY; a task never
 //!   panics, whatever the CDB, the parameter data or the bio results.
 
@@ -146,6 +154,8 @@ const MAX_UA: usize = 8;
 pub struct UnitState {
     /// D_SENSE in the Control mode page: descriptor-format sense data.
     d_sense: bool,
+    /// SWP in the Control mode page: the medium is write-protected.
+    swp: bool,
     /// Persistent reservations.
     pr: pr::PrState,
     /// The nexus id holding a RESERVE(6) reservation.
@@ -194,6 +204,19 @@ impl UnitState {
             pr: pr::PrState::from_bytes(b)?,
             ..UnitState::default()
         })
+    }
+
+    /// Refuses writing to the medium of `export`: WRITE PROTECTED
+    /// (27h/00h) when the export is read-only, LOGICAL UNIT SOFTWARE
+    /// WRITE PROTECTED (27h/02h) while SWP is set.
+    fn write_protect(&self, export: &ExportInfo) -> Res<()> {
+        if export.read_only {
+            Err(sense::WRITE_PROTECTED.into())
+        } else if self.swp {
+            Err(sense::SOFTWARE_WRITE_PROTECTED.into())
+        } else {
+            Ok(())
+        }
     }
 
     /// Records the nexus as seen.
@@ -391,6 +414,14 @@ enum Kind {
 }
 
 impl Kind {
+    /// The task writes to the medium (and write protection refuses it).
+    fn changes_medium(&self) -> bool {
+        matches!(
+            self,
+            Kind::Write { .. } | Kind::Caw { .. } | Kind::WriteSame { .. } | Kind::Unmap
+        )
+    }
+
     /// The task cannot go on without Data-Out.
     fn needs_data_out(&self) -> bool {
         match self {
@@ -642,8 +673,12 @@ impl Task {
             return;
         }
         self.started = true;
-        let _ = unit;
-        if let Err(f) = block::start(self) {
+        // Write protection may have come while the Data-Out was on its way.
+        let protect = match unit.export {
+            Some(e) if self.kind.changes_medium() => unit.state.write_protect(e),
+            _ => Ok(()),
+        };
+        if let Err(f) = protect.and_then(|()| block::start(self)) {
             self.fail = Some(f);
             self.queue.clear();
         }
@@ -846,7 +881,7 @@ fn dispatch(
         }
         opcodes::RESERVE_6 => pr::reserve6(cdb, unit.state, nexus).map(Some),
         opcodes::RELEASE_6 => pr::release6(cdb, unit.state, nexus).map(Some),
-        _ => block::plan(t, cmd, &geo),
+        _ => block::plan(t, cmd, &geo, unit.state),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Mode parameters (SPC-4 7.5, SBC-3 6.4): the pages the unit has
 //! (01h read-write error recovery, 08h caching, 0Ah control, 1Ch
 //! informational exceptions), MODE SENSE(6/10) and MODE SELECT(6/10).
-//! Only D_SENSE (control page) is changeable.
+//! Only D_SENSE and SWP (control page) are changeable; SWP set makes the
+//! unit write-protected for every nexus, and MODE SENSE reports WP.
 
 use super::{be, byte, sense, truncated, DataIn, Geometry, Nexus, Res, Unit, UnitState};
 use alloc::vec::Vec;
@@ -39,7 +40,9 @@ fn page(code: u8, pc: Pc, s: &UnitState, g: &Geometry<'_>) -> Option<Vec<u8>> {
     match pc {
         Pc::Changeable => {
             if code == 0x0a {
+                // D_SENSE; SWP.
                 p[2] = 0x04;
+                p[4] = 0x08;
             }
         }
         Pc::Current | Pc::Default => match code {
@@ -48,10 +51,11 @@ fn page(code: u8, pc: Pc, s: &UnitState, g: &Geometry<'_>) -> Option<Vec<u8>> {
             0x08 if g.export.can_flush => p[2] = 0x04,
             0x0a => {
                 // D_SENSE, GLTSD; queue algorithm modifier 1 (unrestricted
-                // reordering); busy timeout unlimited.
-                let d = pc == Pc::Current && s.d_sense;
-                p[2] = if d { 0x04 } else { 0 } | 0x02;
+                // reordering); SWP; busy timeout unlimited.
+                let cur = pc == Pc::Current;
+                p[2] = if cur && s.d_sense { 0x04 } else { 0 } | 0x02;
                 p[3] = 0x10;
+                p[4] = if cur && s.swp { 0x08 } else { 0 };
                 p[8] = 0xff;
                 p[9] = 0xff;
             }
@@ -93,8 +97,8 @@ pub fn sense(cdb: &[u8], s: &UnitState, g: &Geometry<'_>) -> Res<DataIn> {
         }
         pages = page(code, pc, s, g).ok_or(sense::INVALID_FIELD_IN_CDB)?;
     }
-    // Device-specific parameter: WP, DPOFUA.
-    let dsp = if g.export.read_only { 0x80 } else { 0 } | 0x10;
+    // Device-specific parameter: WP (read-only export or SWP), DPOFUA.
+    let dsp = if g.export.read_only || s.swp { 0x80 } else { 0 } | 0x10;
     let bd = if dbd {
         Vec::new()
     } else if llbaa {
@@ -128,7 +132,9 @@ pub fn sense(cdb: &[u8], s: &UnitState, g: &Geometry<'_>) -> Res<DataIn> {
 }
 
 /// MODE SELECT(6) and (10) with their parameter list: every page must be
-/// one the unit has, of its length, changing only changeable bits.
+/// one the unit has, of its length, changing only changeable bits. A
+/// change of D_SENSE or SWP raises MODE PARAMETERS CHANGED for the other
+/// nexuses.
 pub fn select(unit: &mut Unit<'_>, n: &Nexus<'_>, ten: bool, p: &[u8]) -> Res<()> {
     let Some(export) = unit.export else {
         return Err(sense::LU_NOT_SUPPORTED.into());
@@ -160,6 +166,7 @@ pub fn select(unit: &mut Unit<'_>, n: &Nexus<'_>, ten: bool, p: &[u8]) -> Res<()
         }
     }
     let mut d_sense = unit.state.d_sense;
+    let mut swp = unit.state.swp;
     let mut at = pages_at;
     while at < p.len() {
         let code = byte(p, at) & 0x3f;
@@ -185,11 +192,13 @@ pub fn select(unit: &mut Unit<'_>, n: &Nexus<'_>, ten: bool, p: &[u8]) -> Res<()
         }
         if code == 0x0a {
             d_sense = new[2] & 0x04 != 0;
+            swp = new[4] & 0x08 != 0;
         }
         at = end;
     }
-    if d_sense != unit.state.d_sense {
+    if (d_sense, swp) != (unit.state.d_sense, unit.state.swp) {
         unit.state.d_sense = d_sense;
+        unit.state.swp = swp;
         unit.state.ua_others(n.id, sense::UA_MODE_CHANGED);
     }
     Ok(())

@@ -108,6 +108,9 @@ pub const INVALID_FIELD_IN_IU: Sense = Sense::new(ILLEGAL_REQUEST, 0x0e, 0x03);
 pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(ILLEGAL_REQUEST, 0x39, 0x00);
 /// WRITE PROTECTED (27h/00h).
 pub const WRITE_PROTECTED: Sense = Sense::new(DATA_PROTECT, 0x27, 0x00);
+/// LOGICAL UNIT SOFTWARE WRITE PROTECTED (27h/02h): SWP is set in the
+/// Control mode page.
+pub const SOFTWARE_WRITE_PROTECTED: Sense = Sense::new(DATA_PROTECT, 0x27, 0x02);
 /// SPACE ALLOCATION FAILED WRITE PROTECT (27h/07h): a thin provider is
 /// out of room.
 pub const SPACE_ALLOC_FAILED: Sense = Sense::new(DATA_PROTECT, 0x27, 0x07);

@@ -920,13 +920,12 @@ fn mode_sense() {
     assert_eq!(usize::from(u16::from_be_bytes([d[0], d[1]])) + 2, d.len());
     assert_eq!((d[4], d[7]), (1, 16));
     assert_eq!(&d[8..16], &BLOCKS.to_be_bytes());
-    // Changeable: only D_SENSE.
+    // Changeable: only D_SENSE and SWP.
     let o = u.run(0, &[0x1a, 0x08, 0x7f, 0, 255, 0], &[], 255);
     for (code, page) in pages_of(&o.good().data, 4, 0) {
         let mask: Vec<u8> = page[2..].to_vec();
         if code == 0x0a {
-            assert_eq!(mask[0], 0x04);
-            assert!(mask[1..].iter().all(|&b| b == 0));
+            assert_eq!(mask, [0x04, 0, 0x08, 0, 0, 0, 0, 0, 0, 0]);
         } else {
             assert!(mask.iter().all(|&b| b == 0), "page {code:#x}");
         }
@@ -1024,6 +1023,217 @@ fn mode_select_refuses_other_changes() {
             .key(),
         ipl
     );
+}
+
+// ---- software write protect ----
+
+const SWP_WP: (u8, u8, u8) = (DATA_PROTECT, 0x27, 0x02);
+
+/// The Control page as libiscsi's `set_swp`/`clear_swp` send it: MODE
+/// SENSE(6) of the current page with DBD, PS cleared, SWP set or clear,
+/// behind a zeroed MODE SELECT(6) header; sent from nexus `n` with PF.
+fn set_swp(u: &mut Lu, n: u64, on: bool) -> Out {
+    let o = u.run(n, &[0x1a, 0x08, 0x4a, 0, 255, 0], &[], 255);
+    let chg = pages_of(&o.good().data, 4, 0).remove(0).1;
+    assert_eq!(chg[4] & 0x08, 0x08, "SWP changeable");
+    let o = u.run(n, &[0x1a, 0x08, 0x0a, 0, 255, 0], &[], 255);
+    let mut page = pages_of(&o.good().data, 4, 0).remove(0).1;
+    page[0] &= 0x7f;
+    if on {
+        page[4] |= 0x08;
+    } else {
+        page[4] &= !0x08;
+    }
+    let list = [&[0u8, 0, 0, 0][..], &page].concat();
+    u.run(n, &[0x15, 0x10, 0, 0, list.len() as u8, 0], &list, 0)
+}
+
+/// Every command that writes the medium, with its Data-Out.
+fn medium_writes() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let block = vec![0x5a; BS];
+    let mut w6 = vec![0x0a, 0, 0, 4, 1, 0];
+    w6.truncate(6);
+    let mut w12 = vec![0xaa, 0, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0];
+    w12.truncate(12);
+    let mut wv12 = w12.clone();
+    wv12[0] = 0xae;
+    let mut caw_out = vec![0; BS];
+    caw_out.extend_from_slice(&block);
+    vec![
+        (w6, block.clone()),
+        (rw10(0x2a, 4, 1, 0), block.clone()),
+        (w12, block.clone()),
+        (rw16(0x8a, 4, 1, 0), block.clone()),
+        (rw10(0x2e, 4, 1, 0), block.clone()),
+        (wv12, block.clone()),
+        (rw16(0x8e, 4, 1, 0), block.clone()),
+        (rw10(0x41, 4, 1, 0), block.clone()),
+        (rw16(0x93, 4, 1, 0), block.clone()),
+        (rw16(0x93, 4, 1, 0x01), Vec::new()),
+        (rw10(0x41, 4, 1, 0x08), vec![0; BS]),
+        (unmap_cdb(24), unmap_list(&[(4, 1)])),
+        (caw(4, 1), caw_out),
+    ]
+}
+
+#[test]
+fn software_write_protect() {
+    let mut u = lu();
+    // Nexus 1 is seen before the change.
+    u.run(1, &[0, 0, 0, 0, 0, 0], &[], 0).good();
+    for (cdb, out) in medium_writes() {
+        // Every one of them writes while SWP is clear.
+        u.run(0, &cdb, &out, 0).good();
+    }
+    let before = u.disk.data.clone();
+    u.disk.log.clear();
+    set_swp(&mut u, 0, true).good();
+    assert_eq!(control_page(&mut u)[4] & 0x08, 0x08, "SWP reads back");
+    // WP in the device-specific parameter of MODE SENSE(6) and (10).
+    let o = u.run(0, &[0x1a, 0, 0x3f, 0, 255, 0], &[], 255);
+    assert_eq!(o.good().data[2], 0x90, "WP and DPOFUA");
+    let o = u.run(0, &[0x5a, 0, 0x3f, 0, 0, 0, 0, 1, 0, 0], &[], 256);
+    assert_eq!(o.good().data[3], 0x90);
+    // Defaults keep SWP clear.
+    let o = u.run(0, &[0x1a, 0x08, 0x8a, 0, 255, 0], &[], 255);
+    assert_eq!(pages_of(&o.good().data, 4, 0)[0].1[4], 0);
+    for (cdb, out) in medium_writes() {
+        let o = u.run(0, &cdb, &out, 0);
+        assert_eq!(o.key(), SWP_WP, "opcode {:#x}", cdb[0]);
+    }
+    // Reads, verifies and flushes still run.
+    let o = u.run(0, &rw10(0x28, 4, 1, 0), &[], 512);
+    assert_eq!(o.good().data, vec![0x5a; BS]);
+    u.run(0, &rw10(0x2f, 4, 1, 0), &[], 0).good();
+    u.run(0, &rw10(0x35, 0, 0, 0), &[], 0).good();
+    assert!(
+        u.disk
+            .log
+            .iter()
+            .all(|l| matches!(l.0, BioCmd::Read | BioCmd::Flush)),
+        "{:?}",
+        u.disk.log
+    );
+    assert!(u.disk.data == before, "medium unchanged");
+    // The other nexus hears of the change, then is refused too.
+    assert_eq!(
+        u.run(1, &[0, 0, 0, 0, 0, 0], &[], 0).key(),
+        (UNIT_ATTENTION, 0x2a, 0x01)
+    );
+    assert_eq!(u.run(1, &rw10(0x2a, 4, 1, 0), &[7; BS], 0).key(), SWP_WP);
+    // Descriptor sense carries the same code.
+    let mut page = control_page(&mut u);
+    page[2] |= 0x04;
+    let list = [&[0u8, 0, 0, 0][..], &page].concat();
+    u.run(1, &[0x15, 0x10, 0, 0, list.len() as u8, 0], &list, 0)
+        .good();
+    let o = u.run(1, &rw10(0x2a, 4, 1, 0), &[7; BS], 0);
+    assert_eq!((o.sense[0], o.key()), (0x72, SWP_WP));
+    page[2] &= !0x04;
+    let list = [&[0u8, 0, 0, 0][..], &page].concat();
+    u.run(1, &[0x15, 0x10, 0, 0, list.len() as u8, 0], &list, 0)
+        .good();
+    // Nexus 0 heard of both D_SENSE changes; setting SWP again changes
+    // nothing, so no unit attention comes of it.
+    for _ in 0..2 {
+        assert_eq!(
+            u.run(0, &[0, 0, 0, 0, 0, 0], &[], 0).key(),
+            (UNIT_ATTENTION, 0x2a, 0x01)
+        );
+    }
+    set_swp(&mut u, 1, true).good();
+    u.run(0, &[0, 0, 0, 0, 0, 0], &[], 0).good();
+    // Cleared by nexus 1 with MODE SELECT(10): nexus 0 hears of it.
+    let mut page = control_page(&mut u);
+    page[4] &= !0x08;
+    let list = [&[0u8; 8][..], &page].concat();
+    u.run(
+        1,
+        &[0x55, 0x10, 0, 0, 0, 0, 0, 0, list.len() as u8, 0],
+        &list,
+        0,
+    )
+    .good();
+    assert_eq!(
+        u.run(0, &rw10(0x2a, 4, 1, 0), &[7; BS], 0).key(),
+        (UNIT_ATTENTION, 0x2a, 0x01)
+    );
+    assert_eq!(control_page(&mut u)[4] & 0x08, 0);
+    let o = u.run(0, &[0x1a, 0, 0x3f, 0, 255, 0], &[], 255);
+    assert_eq!(o.good().data[2], 0x10, "WP clear");
+    for (cdb, out) in medium_writes() {
+        u.run(0, &cdb, &out, 0).good();
+    }
+    assert_eq!(&u.disk.data[4 * BS..5 * BS], &[0x5a; BS][..]);
+}
+
+#[test]
+fn software_write_protect_during_data_out() {
+    // A medium write that SWP overtakes (set once the command is in,
+    // before its Data-Out or first bio) writes nothing.
+    for (cdb, out) in medium_writes() {
+        let mut u = lu();
+        let c = cdb16(&cdb);
+        let cmd = Command {
+            cdb: &c,
+            data_out_len: out.len() as u32,
+            data_in_len: 0,
+        };
+        let nexus = nx(0);
+        let mut unit = Unit {
+            export: u.export.as_ref(),
+            lun: 0,
+            target: TARGET,
+            luns: &[0],
+            state: &mut u.state,
+        };
+        let mut t = Task::new(&cmd, &mut unit, &nexus);
+        assert!(!t.is_done(), "opcode {:#x}", cdb[0]);
+        t.alloc().unwrap();
+        unit.state.swp = true;
+        let want = t.data_out_want() as usize;
+        if want > 0 {
+            let sg = t.data_out_sg().unwrap();
+            sg.copy_from_slice(0, &out[..want], &DataCounters::new())
+                .unwrap();
+            t.data_out_done(&mut unit, &nexus);
+        }
+        assert!(t.next_bio(&mut unit).is_none(), "opcode {:#x}", cdb[0]);
+        assert!(t.is_done());
+        let r = t.response();
+        assert_eq!(r.status, CHECK_CONDITION);
+        let key = (r.sense[2] & 0x0f, r.sense[12], r.sense[13]);
+        assert_eq!(key, SWP_WP, "opcode {:#x}", cdb[0]);
+        assert!(u.disk.log.is_empty());
+        // Once SWP is set, the command is refused before any Data-Out is
+        // asked for.
+        let mut unit = Unit {
+            export: u.export.as_ref(),
+            lun: 0,
+            target: TARGET,
+            luns: &[0],
+            state: &mut u.state,
+        };
+        let t = Task::new(&cmd, &mut unit, &nexus);
+        assert!(t.is_done());
+        assert_eq!((t.pages_wanted(), t.data_out_want()), (0, 0));
+    }
+}
+
+#[test]
+fn software_write_protect_on_read_only_export() {
+    // A read-only export keeps answering 27h/00h, SWP or not.
+    let mut e = export();
+    e.read_only = true;
+    let mut u = Lu::new(e);
+    set_swp(&mut u, 0, true).good();
+    let o = u.run(0, &rw10(0x2a, 0, 1, 0), &[1; BS], 0);
+    assert_eq!(o.key(), (DATA_PROTECT, 0x27, 0));
+    set_swp(&mut u, 0, false).good();
+    let o = u.run(0, &rw10(0x2a, 0, 1, 0), &[1; BS], 0);
+    assert_eq!(o.key(), (DATA_PROTECT, 0x27, 0));
+    let o = u.run(0, &[0x1a, 0, 0x3f, 0, 255, 0], &[], 255);
+    assert_eq!(o.good().data[2], 0x90);
 }
 
 // ---- unit attention, request sense, report luns ----
@@ -1491,6 +1701,7 @@ proptest! {
         ro in any::<bool>(),
         trim in any::<bool>(),
         d_sense in any::<bool>(),
+        swp in any::<bool>(),
     ) {
         let mut e = export();
         e.read_only = ro;
@@ -1498,6 +1709,7 @@ proptest! {
         e.size_bytes = 64 * 512;
         let mut u = Lu::new(e);
         u.state.d_sense = d_sense;
+        u.state.swp = swp;
         let mut cdb = vec![op];
         cdb.extend_from_slice(&rest);
         if small {
