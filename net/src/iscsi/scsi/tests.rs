@@ -422,7 +422,7 @@ fn read_capacity() {
     let d = &o.good().data;
     assert_eq!(d.len(), 32);
     assert_eq!(&d[..8], &(BLOCKS - 1).to_be_bytes());
-    assert_eq!(d[13], 3, "4096/512 blocks per physical block");
+    assert_eq!(d[13], 0, "physical block exponent 0");
     assert_eq!(d[14], 0x80);
     let o = u.run(
         0,
