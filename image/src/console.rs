@@ -21,12 +21,15 @@ use std::collections::VecDeque;
 pub enum ConsoleEvent {
     /// The kernel is running (its first line).
     Boot,
-    /// An export the appliance serves.
+    /// An export the appliance serves (`strata: export NAME size BYTES
+    /// [protocol NAME]`).
     Export {
         /// Export name.
         name: String,
         /// Size in bytes.
         size_bytes: u64,
+        /// The protocol serving it (`nbd` when the line does not say).
+        protocol: String,
     },
     /// The servers accept connections on these guest ports
     /// (`strata: listening NAME PORT...`, NBD and HTTP always among them).
@@ -83,13 +86,21 @@ pub fn parse_line(line: &str) -> ConsoleEvent {
     }
     let w: Vec<&str> = rest.split_ascii_whitespace().collect();
     match w.as_slice() {
-        ["export", name, "size", bytes] => match bytes.parse() {
-            Ok(size_bytes) => ConsoleEvent::Export {
-                name: name.to_string(),
-                size_bytes,
-            },
-            Err(_) => ConsoleEvent::Other,
-        },
+        ["export", name, "size", bytes, rest @ ..] => {
+            let protocol = match rest {
+                [] => "nbd",
+                ["protocol", p] => p,
+                _ => return ConsoleEvent::Other,
+            };
+            match bytes.parse() {
+                Ok(size_bytes) => ConsoleEvent::Export {
+                    name: name.to_string(),
+                    size_bytes,
+                    protocol: protocol.to_string(),
+                },
+                Err(_) => ConsoleEvent::Other,
+            }
+        }
         ["listening", pairs @ ..] if !pairs.is_empty() && pairs.len().is_multiple_of(2) => {
             let ports: Option<Vec<(String, u16)>> = pairs
                 .chunks_exact(2)
@@ -167,8 +178,21 @@ mod tests {
             parse_line("strata: export vol size 268435456"),
             ConsoleEvent::Export {
                 name: "vol".into(),
-                size_bytes: 268435456
+                size_bytes: 268435456,
+                protocol: "nbd".into(),
             }
+        );
+        assert_eq!(
+            parse_line("strata: export iqn.2026-12.org.strata:d/3 size 512 protocol iscsi"),
+            ConsoleEvent::Export {
+                name: "iqn.2026-12.org.strata:d/3".into(),
+                size_bytes: 512,
+                protocol: "iscsi".into(),
+            }
+        );
+        assert_eq!(
+            parse_line("strata: export vol size 512 protocol"),
+            ConsoleEvent::Other
         );
         assert_eq!(
             parse_line("strata: listening nbd 10809 http 8080"),

@@ -200,6 +200,10 @@ struct CommonArgs {
     /// Host port on 127.0.0.1 for the HTTP management endpoint.
     #[arg(long, value_name = "PORT", default_value_t = 8080)]
     http_port: u16,
+    /// Host port on 127.0.0.1 for iSCSI (default 3260). `run` forwards it
+    /// when it is given or the config exports over iSCSI.
+    #[arg(long, value_name = "PORT")]
+    iscsi_port: Option<u16>,
     /// Most payload bytes all connections may hold in memory together
     /// (default: a quarter of the memory; hosted at most 1G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
@@ -422,6 +426,13 @@ fn env_duration(name: &str, default: Duration, unit_ms: bool) -> Result<Duration
     }))
 }
 
+/// True when the config has an `export iscsi` line.
+fn exports_iscsi(config: Option<&str>) -> bool {
+    config
+        .and_then(|t| appliance::service::parse_config(t).ok())
+        .is_some_and(|c| c.exports().any(|(_, e)| e.protocol == "iscsi"))
+}
+
 fn cmd_run(a: RunArgs) -> Result<(), Failure> {
     let config = load_config(a.common.config.as_deref())?;
     let ready_timeout = env_duration("STRATA_READY_TIMEOUT", Duration::from_secs(60), false)?;
@@ -463,6 +474,9 @@ fn cmd_run(a: RunArgs) -> Result<(), Failure> {
             disks: disks.into_iter().map(Drive::from).collect(),
             nbd_port: a.common.nbd_port,
             http_port: a.common.http_port,
+            iscsi_port: a.common.iscsi_port.or_else(|| {
+                exports_iscsi(config.as_deref()).then_some(image::qemu::GUEST_ISCSI_PORT)
+            }),
             qmp_socket: None,
             token_file: Some(token.path.clone()),
             secrets: a.common.secrets.clone(),
@@ -503,7 +517,14 @@ fn cmd_hosted(a: CommonArgs) -> Result<(), Failure> {
     let opts = appliance::hosted::HostedOptions {
         config_text,
         disks,
-        ports: vec![("nbd".into(), a.nbd_port), ("http".into(), a.http_port)],
+        ports: vec![
+            ("nbd".into(), a.nbd_port),
+            ("http".into(), a.http_port),
+            (
+                "iscsi".into(),
+                a.iscsi_port.unwrap_or(image::qemu::GUEST_ISCSI_PORT),
+            ),
+        ],
         limits: a.limits(),
         token: Some(token.token.clone()),
         secrets: a.secret_bytes()?,

@@ -111,6 +111,72 @@ pub fn nbd_handshake(addr: SocketAddr, timeout: Duration) -> Result<u16, ProbeEr
     Ok(flags)
 }
 
+/// The initiator name the iSCSI probe logs in with.
+pub const ISCSI_PROBE_INITIATOR: &str = "iqn.2026-12.org.strata:probe";
+
+/// A Login Request PDU (RFC 7143 §11.12) opening a discovery session
+/// without authentication and asking for full feature phase at once:
+/// CSG=0 (security negotiation, the stage `AuthMethod` belongs to),
+/// NSG=3, T=1. Starting in the operational stage (CSG=1) instead would
+/// make `AuthMethod` a key out of its stage, which a target may refuse
+/// (with an initiator error), and one that wants the security stage
+/// refuses it even without the key.
+pub fn iscsi_login_request() -> Vec<u8> {
+    let text =
+        format!("InitiatorName={ISCSI_PROBE_INITIATOR}\0SessionType=Discovery\0AuthMethod=None\0");
+    let mut pdu = vec![0u8; 48];
+    pdu[0] = 0x40 | 0x03; // immediate, Login Request
+    pdu[1] = 0x80 | 3; // T, CSG=0, NSG=3
+    let len = text.len() as u32;
+    pdu[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
+    // ISID: random format (T=0b10), then fixed bytes; TSIH 0 (a new session).
+    pdu[8..14].copy_from_slice(&[0x80, 0x00, 0x53, 0x54, 0x52, 0x41]);
+    pdu[16..20].copy_from_slice(&1u32.to_be_bytes()); // ITT
+    pdu[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    pdu.extend_from_slice(text.as_bytes());
+    pdu.resize(pdu.len().next_multiple_of(4), 0);
+    pdu
+}
+
+/// Checks a Login Response basic header segment: `Ok` for status class 0
+/// (success), an error naming the class and detail otherwise.
+pub fn parse_login_response(bhs: &[u8; 48]) -> Result<(), String> {
+    if bhs[0] & 0x3f != 0x23 {
+        return Err(format!(
+            "answered opcode 0x{:02x}, not a Login Response",
+            bhs[0] & 0x3f
+        ));
+    }
+    match (bhs[36], bhs[37]) {
+        (0, _) => Ok(()),
+        (class, detail) => Err(format!(
+            "login refused: status class 0x{class:02x}, detail 0x{detail:02x}"
+        )),
+    }
+}
+
+/// Logs in to the iSCSI target at `addr` as a discovery session (see
+/// [`iscsi_login_request`]) and checks that the answer is a successful
+/// Login Response; each step waits at most `timeout`.
+pub fn iscsi_login(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let io = |e: io::Error| {
+        if is_timeout(&e) {
+            String::from("no Login Response in time")
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            String::from("connection closed before a Login Response")
+        } else {
+            e.to_string()
+        }
+    };
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.write_all(&iscsi_login_request()).map_err(io)?;
+    let mut bhs = [0u8; 48];
+    s.read_exact(&mut bhs).map_err(io)?;
+    parse_login_response(&bhs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +291,60 @@ mod tests {
         drop(l);
         let e = nbd_handshake(addr, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(e, ProbeError::Connect(_)), "{e:?}");
+    }
+
+    #[test]
+    fn iscsi_login_request_layout() {
+        let pdu = iscsi_login_request();
+        assert_eq!(pdu.len() % 4, 0);
+        assert_eq!(&pdu[..2], &[0x43, 0x83]);
+        let len = u32::from_be_bytes([0, pdu[5], pdu[6], pdu[7]]) as usize;
+        let text = std::str::from_utf8(&pdu[48..48 + len]).unwrap();
+        assert_eq!(
+            text,
+            "InitiatorName=iqn.2026-12.org.strata:probe\0SessionType=Discovery\0AuthMethod=None\0"
+        );
+        assert!(pdu[48 + len..].iter().all(|&b| b == 0));
+        assert_eq!(pdu[8] >> 6, 0b10, "random ISID format");
+        assert_eq!(&pdu[14..16], &[0, 0], "TSIH 0: a new session");
+    }
+
+    #[test]
+    fn iscsi_login_response_status() {
+        let mut bhs = [0u8; 48];
+        bhs[0] = 0x23;
+        assert_eq!(parse_login_response(&bhs), Ok(()));
+        bhs[36] = 0x02;
+        bhs[37] = 0x01;
+        assert_eq!(
+            parse_login_response(&bhs),
+            Err("login refused: status class 0x02, detail 0x01".into())
+        );
+        bhs[0] = 0x3f;
+        assert!(parse_login_response(&bhs)
+            .unwrap_err()
+            .contains("not a Login Response"));
+    }
+
+    #[test]
+    fn iscsi_login_against_a_listener() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            // One that answers, one that closes at once.
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = vec![0u8; iscsi_login_request().len()];
+            c.read_exact(&mut req).unwrap();
+            let mut bhs = [0u8; 48];
+            bhs[0] = 0x23;
+            bhs[1] = 0x83;
+            c.write_all(&bhs).unwrap();
+            drop(l.accept().unwrap());
+        });
+        assert_eq!(iscsi_login(addr, Duration::from_secs(5)), Ok(()));
+        let e = iscsi_login(addr, Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("closed") || e.contains("reset"), "{e}");
+        t.join().unwrap();
     }
 }

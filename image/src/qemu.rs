@@ -11,6 +11,8 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 pub const GUEST_NBD_PORT: u16 = 10809;
 /// Guest management (HTTP) port; the host port is forwarded to it.
 pub const GUEST_HTTP_PORT: u16 = 8080;
+/// Guest iSCSI port; the host port, when there is one, is forwarded to it.
+pub const GUEST_ISCSI_PORT: u16 = 3260;
 
 /// I/O port of QEMU's isa-debug-exit device.
 pub const DEBUG_EXIT_IOBASE: u16 = 0xf4;
@@ -91,6 +93,9 @@ pub struct QemuConfig {
     pub nbd_port: u16,
     /// Host port on 127.0.0.1 forwarded to the guest's HTTP port.
     pub http_port: u16,
+    /// Host port on 127.0.0.1 forwarded to the guest's iSCSI port
+    /// (`None`: not forwarded).
+    pub iscsi_port: Option<u16>,
     /// Unix socket for QMP, if any.
     pub qmp_socket: Option<PathBuf>,
     /// A file holding the management token, handed to the guest as the
@@ -212,13 +217,14 @@ impl QemuConfig {
             };
             push(&["-device", &dev]);
         }
-        push(&[
-            "-netdev",
-            &format!(
-                "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_NBD_PORT},hostfwd=tcp:127.0.0.1:{}-:{GUEST_HTTP_PORT}",
-                self.nbd_port, self.http_port
-            ),
-        ]);
+        let mut netdev = format!(
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_NBD_PORT},hostfwd=tcp:127.0.0.1:{}-:{GUEST_HTTP_PORT}",
+            self.nbd_port, self.http_port
+        );
+        if let Some(p) = self.iscsi_port {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-:{GUEST_ISCSI_PORT}"));
+        }
+        push(&["-netdev", &netdev]);
         let nic = match self.machine {
             Machine::Q35 => "virtio-net-pci,netdev=n0,romfile=,disable-legacy=on",
             Machine::Microvm => "virtio-net-device,netdev=n0",
@@ -315,6 +321,7 @@ mod tests {
             ],
             nbd_port: 10809,
             http_port: 8080,
+            iscsi_port: None,
             qmp_socket: None,
             token_file: None,
             secrets: Vec::new(),
@@ -383,6 +390,7 @@ mod tests {
         c.token_file = Some(PathBuf::from("/t/a,b.token"));
         c.nbd_port = 20000;
         c.http_port = 20001;
+        c.iscsi_port = Some(20002);
         c.memory_mib = 1024;
         let a = c.args();
         assert_eq!(values(&a, "-accel"), ["kvm"]);
@@ -397,7 +405,7 @@ mod tests {
         );
         assert_eq!(
             values(&a, "-netdev"),
-            ["user,id=n0,hostfwd=tcp:127.0.0.1:20000-:10809,hostfwd=tcp:127.0.0.1:20001-:8080"]
+            ["user,id=n0,hostfwd=tcp:127.0.0.1:20000-:10809,hostfwd=tcp:127.0.0.1:20001-:8080,hostfwd=tcp:127.0.0.1:20002-:3260"]
         );
     }
 

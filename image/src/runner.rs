@@ -12,7 +12,7 @@
 
 use crate::console::{clean_line, parse_line, ConsoleEvent, Tail};
 use crate::control::{http_shutdown, Qmp};
-use crate::probe::nbd_handshake;
+use crate::probe::{iscsi_login, nbd_handshake};
 use crate::qemu::{Accel, QemuConfig, QemuExit, QEMU_BINARY};
 use crate::tempdir::TempDir;
 use std::fs::{File, OpenOptions};
@@ -37,6 +37,9 @@ pub const EXIT_HOST: i32 = 3;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the iSCSI login probe keeps trying after the appliance
+/// listens, before it gives up and says so on stderr.
+const ISCSI_PROBE_WINDOW: Duration = Duration::from_secs(30);
 /// Bound on `POST /shutdown`.
 const HTTP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the appliance may take to flush and exit after accepting
@@ -170,6 +173,8 @@ enum Msg {
     StderrClosed,
     /// The readiness probe's verdict.
     Probe(Result<(), String>),
+    /// The iSCSI login probe's verdict.
+    IscsiProbe(Result<(), String>),
     /// The QMP connection, once QEMU listens on its socket.
     Qmp(Qmp),
 }
@@ -392,7 +397,8 @@ struct Session<'a> {
     sink: Sink,
     stop: &'a AtomicBool,
     tail: Tail,
-    exports: Vec<(String, u64)>,
+    /// Name, size and protocol of each export.
+    exports: Vec<(String, u64, String)>,
     listening: bool,
     ready: bool,
     config_error: Option<String>,
@@ -411,13 +417,18 @@ impl Session<'_> {
                 self.sink.write_line(&line);
                 self.tail.push(&line);
                 match parse_line(&line) {
-                    ConsoleEvent::Export { name, size_bytes } if !self.ready => {
-                        self.exports.push((name, size_bytes));
+                    ConsoleEvent::Export {
+                        name,
+                        size_bytes,
+                        protocol,
+                    } if !self.ready => {
+                        self.exports.push((name, size_bytes, protocol));
                     }
                     ConsoleEvent::Listening { .. } if !self.listening => {
                         self.listening = true;
                         self.deepen_backlog();
                         self.start_probe();
+                        self.start_iscsi_probe();
                     }
                     ConsoleEvent::ConfigError(m) => self.config_error = Some(m),
                     ConsoleEvent::Fatal(m) => self.fatal = Some(m),
@@ -434,6 +445,10 @@ impl Session<'_> {
             Msg::Probe(Err(e)) => {
                 self.probe_error = Some(e);
             }
+            Msg::IscsiProbe(Ok(())) => self.announce_iscsi(),
+            Msg::IscsiProbe(Err(e)) => {
+                eprintln!("strata: warning: {e}: no iSCSI ready lines");
+            }
             Msg::Qmp(q) => self.vm.take_qmp(q),
         }
     }
@@ -442,7 +457,8 @@ impl Session<'_> {
     /// [`crate::backlog`]) before any client is told to connect; warns when
     /// that is not possible.
     fn deepen_backlog(&self) {
-        let ports = [self.plan.qemu.nbd_port, self.plan.qemu.http_port];
+        let mut ports = vec![self.plan.qemu.nbd_port, self.plan.qemu.http_port];
+        ports.extend(self.plan.qemu.iscsi_port);
         let why = match crate::backlog::deepen(self.vm.child.id(), &ports) {
             Ok(done) if done.len() == ports.len() => return,
             Ok(done) => format!("found only {done:?} of {ports:?}"),
@@ -476,15 +492,58 @@ impl Session<'_> {
         });
     }
 
-    /// Prints the ready lines on stdout.
+    /// Logs in to the forwarded iSCSI port from the host, when there are
+    /// iSCSI exports and the port is forwarded, until a login succeeds or
+    /// [`ISCSI_PROBE_WINDOW`] passes; apart from the NBD probe, so an
+    /// iSCSI target that does not answer holds no NBD ready line back.
+    fn start_iscsi_probe(&self) {
+        let Some(port) = self.plan.qemu.iscsi_port else {
+            return;
+        };
+        if !self.exports.iter().any(|e| e.2 == "iscsi") {
+            return;
+        }
+        let tx = self.vm.tx.clone();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = Instant::now() + ISCSI_PROBE_WINDOW;
+        thread::spawn(move || loop {
+            match iscsi_login(addr, PROBE_TIMEOUT) {
+                Ok(()) => {
+                    let _ = tx.send(Msg::IscsiProbe(Ok(())));
+                    return;
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    let _ = tx.send(Msg::IscsiProbe(Err(format!(
+                        "iSCSI login probe on {addr} failed: {e}"
+                    ))));
+                    return;
+                }
+                Err(_) => thread::sleep(PROBE_INTERVAL),
+            }
+        });
+    }
+
+    /// Prints the NBD ready lines on stdout.
     fn announce(&self) {
         let port = self.plan.qemu.nbd_port;
         let mut out = io::stdout().lock();
         if self.exports.is_empty() {
             let _ = writeln!(out, "ready nbd://127.0.0.1:{port}");
         }
-        for (name, _) in &self.exports {
+        for (name, ..) in self.exports.iter().filter(|e| e.2 == "nbd") {
             let _ = writeln!(out, "ready nbd://127.0.0.1:{port}/{name}");
+        }
+        let _ = out.flush();
+    }
+
+    /// Prints the iSCSI ready lines on stdout (`iscsi://HOST:PORT/IQN/LUN`).
+    fn announce_iscsi(&self) {
+        let Some(port) = self.plan.qemu.iscsi_port else {
+            return;
+        };
+        let mut out = io::stdout().lock();
+        for (name, ..) in self.exports.iter().filter(|e| e.2 == "iscsi") {
+            let _ = writeln!(out, "ready iscsi://127.0.0.1:{port}/{name}");
         }
         let _ = out.flush();
     }

@@ -138,6 +138,7 @@ impl Setup {
                 .map(|s| Drive::NbdUnix(s.socket.clone()))
                 .collect(),
             nbd_port: nbd,
+            iscsi_port: None,
             http_port: http,
             qmp_socket: qmp,
             token_file: Some(token),

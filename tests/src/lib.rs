@@ -129,6 +129,8 @@ pub struct Appliance {
     pub nbd_port: u16,
     /// Management port on 127.0.0.1.
     pub http_port: u16,
+    /// iSCSI port on 127.0.0.1.
+    pub iscsi_port: u16,
     /// The `nbd://` URIs from its ready lines.
     pub ready: Vec<String>,
     /// Where the console/log goes.
@@ -184,7 +186,16 @@ impl<'a> Start<'a> {
         self
     }
 
-    fn command(&self, dir: &TempDir, nbd: u16, http: u16, log: &Path) -> Command {
+    /// The iSCSI port `extra` asks for, or a free one.
+    fn iscsi_port(&self) -> u16 {
+        self.extra
+            .iter()
+            .position(|a| a == "--iscsi-port")
+            .and_then(|i| self.extra.get(i + 1)?.parse().ok())
+            .unwrap_or_else(free_port)
+    }
+
+    fn command(&self, dir: &TempDir, nbd: u16, http: u16, iscsi: u16, log: &Path) -> Command {
         let mut c = Command::new(self.binary.clone().unwrap_or_else(strata_bin));
         if let Some(k) = &self.kernel {
             c.env("STRATA_KERNEL", k);
@@ -207,6 +218,9 @@ impl<'a> Start<'a> {
             "--http-port",
             &http.to_string(),
         ]);
+        if !self.extra.iter().any(|a| a == "--iscsi-port") {
+            c.args(["--iscsi-port", &iscsi.to_string()]);
+        }
         if self.platform == Platform::Qemu {
             c.args(["--accel", "tcg", "--log"]).arg(log);
         }
@@ -231,7 +245,7 @@ impl<'a> Start<'a> {
         let dir = TempDir::new("exit");
         let log = dir.path("console.log");
         let mut child = self
-            .command(&dir, free_port(), free_port(), &log)
+            .command(&dir, free_port(), free_port(), self.iscsi_port(), &log)
             .spawn()
             .expect("start strata");
         let out = read_all(child.stdout.take().unwrap());
@@ -274,7 +288,7 @@ impl<'a> Start<'a> {
 
     fn try_spawn(&self) -> Result<Appliance, String> {
         let dir = TempDir::new("run");
-        let (nbd, http) = (free_port(), free_port());
+        let (nbd, http, iscsi) = (free_port(), free_port(), self.iscsi_port());
         let log = dir.path("console.log");
         // The standard error goes to a file, complete once the process has
         // exited (a pipe's end can outlive it in a child another test
@@ -283,7 +297,7 @@ impl<'a> Start<'a> {
         let errfile =
             std::fs::File::create(&errlog).map_err(|e| format!("{}: {e}", errlog.display()))?;
         let mut child = self
-            .command(&dir, nbd, http, &log)
+            .command(&dir, nbd, http, iscsi, &log)
             .stderr(errfile)
             .spawn()
             .map_err(|e| format!("start strata: {e}"))?;
@@ -338,6 +352,7 @@ impl<'a> Start<'a> {
             child: Some(child),
             nbd_port: nbd,
             http_port: http,
+            iscsi_port: iscsi,
             ready,
             log,
             _dir: Some(dir),

@@ -437,7 +437,10 @@ pub fn run(opts: &HostedOptions) -> Result<(), String> {
 /// line per export on stdout.
 fn announce(svc: &Service, ports: &[u16]) {
     for e in svc.exports() {
-        eprintln!("strata: export {} size {}", e.info.name, e.info.size_bytes);
+        eprintln!(
+            "strata: export {} size {} protocol {}",
+            e.info.name, e.info.size_bytes, PROTOCOLS[e.protocol].name
+        );
     }
     let listening: Vec<String> = PROTOCOLS
         .iter()

@@ -376,9 +376,10 @@ pub fn serve(boot: BootInfo) -> ! {
 fn announce(svc: &Service) {
     for e in svc.exports() {
         super::console_write(&alloc::format!(
-            "strata: export {} size {}\n",
+            "strata: export {} size {} protocol {}\n",
             e.info.name,
-            e.info.size_bytes
+            e.info.size_bytes,
+            PROTOCOLS[e.protocol].name
         ));
     }
     let mut line = alloc::string::String::from("strata: listening");

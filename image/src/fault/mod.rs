@@ -422,6 +422,7 @@ struct Campaign<'a> {
     rng: XorShiftRng,
     nbd_port: u16,
     http_port: u16,
+    iscsi_port: u16,
     boots: u32,
     log: &'a mut dyn io::Write,
 }
@@ -468,6 +469,7 @@ impl Campaign<'_> {
                 .collect(),
             nbd_port: self.nbd_port,
             http_port: self.http_port,
+            iscsi_port: Some(self.iscsi_port),
             qmp_socket: None,
             token_file: Some(token_file),
             secrets: Vec::new(),
@@ -1232,8 +1234,8 @@ pub fn run(o: &Options, log: &mut dyn io::Write) -> Result<Report, String> {
                 .map_err(|e| format!("disk {i}: {e}"))?,
         );
     }
-    let ports = (free_port(), free_port());
-    let (Ok(nbd_port), Ok(http_port)) = ports else {
+    let ports = (free_port(), free_port(), free_port());
+    let (Ok(nbd_port), Ok(http_port), Ok(iscsi_port)) = ports else {
         return Err("no free TCP port on 127.0.0.1".into());
     };
     let mut c = Campaign {
@@ -1243,6 +1245,7 @@ pub fn run(o: &Options, log: &mut dyn io::Write) -> Result<Report, String> {
         rng: XorShiftRng::seed_from_u64(o.seed),
         nbd_port,
         http_port,
+        iscsi_port,
         boots: 0,
         log,
     };
