@@ -201,8 +201,14 @@ impl QemuConfig {
                 ),
             ]);
         }
-        if !self.kernel_args.is_empty() {
-            push(&["-append", &self.kernel_args.join(" ")]);
+        let mut kernel_args = self.kernel_args.clone();
+        if let Some(p) = self.iscsi_port {
+            // SendTargets names the address initiators reach, the
+            // forwarded one.
+            kernel_args.push(format!("strata.iscsi_portal=127.0.0.1:{p}"));
+        }
+        if !kernel_args.is_empty() {
+            push(&["-append", &kernel_args.join(" ")]);
         }
         if self.machine == Machine::Microvm {
             // Modern (virtio 1.x) virtio-mmio, like disable-legacy=on on PCI

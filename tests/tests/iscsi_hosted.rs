@@ -9,55 +9,46 @@ use strata_tests::iscsi_clients::{self as iscsi, Peer::Strata};
 use strata_tests::Platform::Hosted;
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn discovery() {
     iscsi::discovery(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn inquiry_pages() {
     iscsi::inquiry_pages(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn read_capacity() {
     iscsi::read_capacity(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn qemu_img_roundtrip() {
     iscsi::qemu_img_roundtrip(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn read_only() {
     iscsi::read_only(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn chap() {
     iscsi::chap(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn mutual_chap() {
     iscsi::mutual_chap(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn initiator_list() {
     iscsi::initiator_list(Strata(Hosted));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn nbd_and_iscsi_same_provider() {
     iscsi::nbd_and_iscsi(Hosted);
 }
@@ -65,7 +56,6 @@ fn nbd_and_iscsi_same_provider() {
 /// libiscsi's whole suite (`iscsi-test-cu -d -S -t ALL`) against tgt and
 /// then Strata, both counts printed; Strata must fail none.
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn conformance() {
     iscsi::conformance(Hosted);
 }

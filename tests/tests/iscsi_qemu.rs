@@ -10,55 +10,46 @@ use strata_tests::iscsi_clients::{self as iscsi, Peer::Strata};
 use strata_tests::Platform::Qemu;
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn discovery() {
     iscsi::discovery(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn inquiry_pages() {
     iscsi::inquiry_pages(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn read_capacity() {
     iscsi::read_capacity(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn qemu_img_roundtrip() {
     iscsi::qemu_img_roundtrip(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn read_only() {
     iscsi::read_only(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn chap() {
     iscsi::chap(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn mutual_chap() {
     iscsi::mutual_chap(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn initiator_list() {
     iscsi::initiator_list(Strata(Qemu));
 }
 
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn nbd_and_iscsi_same_provider() {
     iscsi::nbd_and_iscsi(Qemu);
 }
@@ -66,7 +57,6 @@ fn nbd_and_iscsi_same_provider() {
 /// libiscsi's whole suite (`iscsi-test-cu -d -S -t ALL`) against tgt and
 /// then Strata, both counts printed; Strata must fail none.
 #[test]
-#[ignore = "the iSCSI engine is not in yet"]
 fn conformance() {
     iscsi::conformance(Qemu);
 }

@@ -19,7 +19,8 @@
 pub mod disk;
 
 use crate::service::{
-    Limits, Link, Phase, PlatformStatus, Recv, Sent, Service, Transport, PROTOCOLS,
+    protocols::ISCSI, Limits, Link, Phase, PlatformStatus, Recv, Sent, Service, Transport,
+    PROTOCOLS,
 };
 use arrayvec::ArrayVec;
 use geom::disk::BlockDevice;
@@ -292,6 +293,9 @@ fn limits(opts: &HostedOptions) -> Result<Limits, String> {
         if !l.set(k, v)? {
             return Err(format!("unknown limit '{k}'"));
         }
+    }
+    if l.iscsi_portal.is_none() {
+        l.iscsi_portal = Some(([127, 0, 0, 1], opts.port("iscsi", ISCSI.guest_port)));
     }
     Ok(l)
 }

@@ -930,7 +930,7 @@ impl Connection {
             while off < send {
                 let n = seg.min(send - off).min(burst - off % burst);
                 let last = off + n == send;
-                let end_of_burst = (off + n) % burst == 0;
+                let end_of_burst = (off + n).is_multiple_of(burst);
                 let mut flags = 0u8;
                 if last || end_of_burst {
                     flags |= 0x80;
@@ -1009,7 +1009,7 @@ impl Connection {
                 let rtt = bhs.u32_at(20);
                 let ref_sn = bhs.u32_at(32);
                 match self.tasks.by_itt.get(&rtt).copied() {
-                    Some(slot) if self.tasks.entry(slot).is_some_and(|e| on_lun(e)) => {
+                    Some(slot) if self.tasks.entry(slot).is_some_and(&on_lun) => {
                         self.tasks.abort(slot);
                         0
                     }

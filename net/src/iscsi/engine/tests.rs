@@ -529,7 +529,7 @@ proptest::proptest! {
             h[0] = opcode;
             h[1] = flags;
             h[2..].copy_from_slice(&rest);
-            h[4] = h[4] % 3;
+            h[4] %= 3;
             pdu::set_data_len(&mut h, dlen);
             let mut v = h.to_vec();
             v.extend_from_slice(&alloc::vec![0x5a; usize::from(h[4]) * 4 + dlen + pdu::pad(dlen)]);
