@@ -251,11 +251,13 @@ fn write_same(
     no_protect(flags)?;
     let unmap = flags & 0x08 != 0;
     let ndob = op == WRITE_SAME_16 && flags & 0x01 != 0;
+    // A protected unit refuses the write first (libiscsi's ReadOnly
+    // suite): a read-only export offers no UNMAP either.
+    writable(g, s)?;
     if flags & 0x10 != 0 || (unmap && !g.export.can_trim) {
         // ANCHOR is not offered; UNMAP only where LBPWS says so.
         return Err(sense::INVALID_FIELD_IN_CDB.into());
     }
-    writable(g, s)?;
     if lba > g.blocks {
         return Err(sense::LBA_OUT_OF_RANGE.into());
     }
