@@ -225,6 +225,18 @@ pub enum Work {
     Control(ControlRequest),
 }
 
+/// Who is at the other end of a session, in its protocol's terms, for
+/// `/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's name (an iSCSI initiator name).
+    pub client: String,
+    /// What it opened (an iSCSI target, or `discovery`).
+    pub export: String,
+    /// The protocol's session id (iSCSI: ISID and TSIH).
+    pub session: String,
+}
+
 /// One connection's protocol engine.
 pub trait Session {
     /// Feeds received bytes; returns how many were consumed (fewer at a
@@ -335,6 +347,12 @@ pub trait Session {
     /// True once the connection was ended by one of its timeouts.
     fn timed_out(&self) -> bool {
         false
+    }
+
+    /// Who is at the other end, once the protocol knows (`None`: nothing
+    /// worth listing, or not yet).
+    fn peer(&self) -> Option<Peer> {
+        None
     }
 }
 

@@ -24,6 +24,44 @@ pub struct Export {
     pub info: ExportInfo,
     /// What its `export` line said (checked against later exports).
     pub options: ExportOptions,
+    /// Requests its sessions made (an iSCSI LUN's, an NBD export's).
+    pub stats: ExportStats,
+}
+
+/// Requests the sessions of one export handed to the stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Reads.
+    pub reads: u64,
+    /// Writes.
+    pub writes: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Discards, write-zeroes and allocation queries.
+    pub others: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub written_bytes: u64,
+}
+
+impl ExportStats {
+    /// Counts one bio.
+    pub fn count(&mut self, bio: &geom::bio::Bio) {
+        use geom::bio::BioCmd;
+        match bio.cmd {
+            BioCmd::Read => {
+                self.reads += 1;
+                self.read_bytes += bio.length;
+            }
+            BioCmd::Write => {
+                self.writes += 1;
+                self.written_bytes += bio.length;
+            }
+            BioCmd::Flush => self.flushes += 1,
+            _ => self.others += 1,
+        }
+    }
 }
 
 /// A CHAP user and secret as the engine takes them, reading a `-k NAME`
@@ -85,6 +123,12 @@ impl Exports {
     /// The export a session of protocol `p` calls `index`.
     pub fn get(&self, p: usize, index: usize) -> Option<&Export> {
         self.views[p].1.get(index).map(|&i| &self.list[i])
+    }
+
+    /// The same, to count its requests.
+    pub fn get_mut(&mut self, p: usize, index: usize) -> Option<&mut Export> {
+        let i = *self.views[p].1.get(index)?;
+        self.list.get_mut(i)
     }
 
     /// Opens `provider` and serves it over protocol `p` as `name`, or as
@@ -159,6 +203,7 @@ impl Exports {
             consumer,
             info,
             options: o,
+            stats: ExportStats::default(),
         });
         Ok(())
     }

@@ -260,6 +260,48 @@ impl Service {
             let _ = writeln!(s, "# TYPE strata_{name}_connections gauge");
             let _ = writeln!(s, "strata_{name}_connections {open}");
         }
+        self.export_metrics(&mut s);
         s
+    }
+
+    /// Each export's requests (an iSCSI LUN's, an NBD export's), labelled
+    /// with its protocol and name.
+    fn export_metrics(&self, s: &mut String) {
+        type Figure = (
+            &'static str,
+            &'static str,
+            fn(&super::exports::ExportStats) -> u64,
+        );
+        let figures: [Figure; 6] = [
+            ("reads", "Reads the export's sessions made.", |e| e.reads),
+            ("writes", "Writes the export's sessions made.", |e| e.writes),
+            ("flushes", "Flushes the export's sessions made.", |e| {
+                e.flushes
+            }),
+            (
+                "others",
+                "Discards, write-zeroes and allocation queries the export's sessions made.",
+                |e| e.others,
+            ),
+            ("read_bytes", "Bytes the export's sessions read.", |e| {
+                e.read_bytes
+            }),
+            ("written_bytes", "Bytes the export's sessions wrote.", |e| {
+                e.written_bytes
+            }),
+        ];
+        for (name, help, get) in figures {
+            let _ = writeln!(s, "# HELP strata_export_{name}_total {help}");
+            let _ = writeln!(s, "# TYPE strata_export_{name}_total counter");
+            for e in self.exports.all() {
+                let _ = writeln!(
+                    s,
+                    "strata_export_{name}_total{{protocol=\"{}\",export=\"{}\"}} {}",
+                    PROTOCOLS[e.protocol].name,
+                    label(&e.info.name),
+                    get(&e.stats)
+                );
+            }
+        }
     }
 }

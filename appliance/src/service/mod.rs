@@ -628,8 +628,9 @@ impl Service {
                 cookie,
             } => {
                 let p = self.sessions.get(&id).map_or(0, |s| s.protocol);
-                match self.exports.get(p, export) {
+                match self.exports.get_mut(p, export) {
                     Some(e) => {
+                        e.stats.count(&bio);
                         let c = e.consumer;
                         self.stack
                             .submit(c, bio, (u64::from(id) << 32) | (cookie & 0xffff_ffff));

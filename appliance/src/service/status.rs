@@ -126,6 +126,20 @@ impl Service {
             conns.insert(p.name.into(), self.connections(i).into());
         }
         doc.insert("connections".into(), conns.into());
+        let sessions: Vec<Value> = self
+            .sessions
+            .values()
+            .filter_map(|s| {
+                let p = s.session.peer()?;
+                Some(json!({
+                    "protocol": PROTOCOLS[s.protocol].name,
+                    "client": p.client,
+                    "export": p.export,
+                    "session": p.session,
+                }))
+            })
+            .collect();
+        doc.insert("sessions".into(), sessions.into());
         let mut s = Value::Object(doc).to_string();
         s.push('\n');
         s

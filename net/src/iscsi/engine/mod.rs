@@ -20,8 +20,9 @@ mod tx;
 
 use super::pdu::{self, op, Bhs, BHS_LEN};
 use super::text::{self, Params};
-use crate::session::{ExportInfo, RxPieces, Session, TxPieces, Work};
+use crate::session::{ExportInfo, Peer, RxPieces, Session, TxPieces, Work};
 use alloc::collections::VecDeque;
+use alloc::string::String;
 use alloc::vec::Vec;
 use crypt::crc32c::Crc32c;
 use crypt::rng::Csprng;
@@ -614,6 +615,27 @@ impl Session for Connection {
 
     fn timed_out(&self) -> bool {
         self.timed_out
+    }
+
+    fn peer(&self) -> Option<Peer> {
+        if !self.login.done() {
+            return None;
+        }
+        let isid: String = self
+            .login
+            .isid
+            .iter()
+            .map(|b| alloc::format!("{b:02x}"))
+            .collect();
+        Some(Peer {
+            client: self.login.initiator.clone(),
+            export: self
+                .login
+                .target
+                .clone()
+                .unwrap_or_else(|| String::from("discovery")),
+            session: alloc::format!("isid 0x{isid} tsih {}", self.login.tsih),
+        })
     }
 }
 
