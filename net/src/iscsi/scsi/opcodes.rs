@@ -514,7 +514,9 @@ pub fn report(cdb: &[u8], export: Option<&ExportInfo>) -> Res<DataIn> {
             // Option 1 is for opcodes without service actions, option 2
             // for those with (SPC-4 6.35.2).
             if (options == 1 && has_sa) || (options == 2 && found.is_some() && !has_sa) {
-                return Err(sense::INVALID_FIELD_IN_CDB.into());
+                // The reporting options byte is what is wrong (libiscsi
+                // reads a pointer-less refusal as RSOC not implemented).
+                return Err(sense::INVALID_FIELD_IN_CDB.at_cdb(2).into());
             }
             match found {
                 Some(x) => {
@@ -529,7 +531,7 @@ pub fn report(cdb: &[u8], export: Option<&ExportInfo>) -> Res<DataIn> {
                 None => v.extend_from_slice(&[0, 0x01, 0, 0]),
             }
         }
-        _ => return Err(sense::INVALID_FIELD_IN_CDB.into()),
+        _ => return Err(sense::INVALID_FIELD_IN_CDB.at_cdb(2).into()),
     }
     Ok(truncated(v, alloc))
 }

@@ -34,9 +34,20 @@ pub struct Sense {
     pub ascq: u8,
     /// The INFORMATION field (VALID set when present).
     pub info: Option<u64>,
+    /// The CDB byte an INVALID FIELD IN CDB points at (sense-key specific
+    /// field pointer, C/D set).
+    pub field: Option<u16>,
 }
 
 impl Sense {
+    /// The same condition pointing at byte `at` of the CDB.
+    pub const fn at_cdb(self, at: u16) -> Sense {
+        Sense {
+            field: Some(at),
+            ..self
+        }
+    }
+
     /// A condition without INFORMATION.
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
         Sense {
@@ -44,6 +55,7 @@ impl Sense {
             asc,
             ascq,
             info: None,
+            field: None,
         }
     }
 
@@ -65,6 +77,12 @@ impl Sense {
                 b.extend_from_slice(&[0x00, 0x0a, 0x80, 0]);
                 b.extend_from_slice(&info.to_be_bytes());
             }
+            if let Some(f) = self.field {
+                // Sense key specific descriptor (SPC-4 4.5.2.3): a field
+                // pointer into the CDB.
+                let [hi, lo] = f.to_be_bytes();
+                b.extend_from_slice(&[0x02, 0x06, 0, 0, 0xc0, hi, lo, 0]);
+            }
             b[7] = (b.len() - 8) as u8;
             b
         } else {
@@ -82,6 +100,11 @@ impl Sense {
             b[7] = 10;
             b[12] = self.asc;
             b[13] = self.ascq;
+            if let Some(f) = self.field {
+                // SKSV and C/D, then the field pointer (SPC-4 4.5.2.4.2).
+                b[15] = 0xc0;
+                b[16..18].copy_from_slice(&f.to_be_bytes());
+            }
             b
         }
     }

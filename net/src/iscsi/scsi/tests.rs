@@ -1345,9 +1345,12 @@ fn rsoc_matches_the_table_and_dispatch() {
         assert_eq!(usize::from(u16::from_be_bytes([od[2], od[3]])), cdb_len);
         assert_eq!(od[4], op);
         assert_eq!(od.len(), 4 + cdb_len);
-        // The wrong option for it fails.
+        // The wrong option for it fails, pointing at the options byte
+        // (SKSV, C/D, field pointer 2), which tells initiators RSOC is
+        // there and the question was wrong.
         let wrong = rsoc(&mut u, false, if flags & 1 != 0 { 1 } else { 2 }, op, sa);
         assert_eq!(wrong.key(), IFC);
+        assert_eq!(wrong.sense[15..18], [0xc0, 0, 2]);
     }
     // DPO and FUA in READ(10)'s usage data.
     let o = rsoc(&mut u, false, 1, 0x28, 0);
