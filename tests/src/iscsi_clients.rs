@@ -636,6 +636,9 @@ pub fn iscsi_test_cu(lun: &Lun, tests: &str, secs: u64) -> Conformance {
         "-t",
         tests,
         url.as_str(),
+        // A second path to the same LUN (its own session), for the
+        // MultipathIO suite.
+        url.as_str(),
     ];
     let o = run(secs, "iscsi-test-cu", &args);
     let output = format!("{}{}", o.stdout, o.stderr);

@@ -166,7 +166,7 @@ pub struct UnitState {
 
 impl UnitState {
     /// Task management LOGICAL UNIT RESET from `from`: clears the SPC-2
-    /// reservation and sets unit attention 29h/03h for the other nexuses.
+    /// reservation and sets unit attention 29h/03h for every nexus.
     pub fn lun_reset(&mut self, from: &Nexus<'_>) {
         self.reset(from, sense::UA_LUN_RESET);
     }
@@ -179,7 +179,16 @@ impl UnitState {
 
     fn reset(&mut self, from: &Nexus<'_>, ua: Sense) {
         self.spc2 = None;
-        self.ua_others(from.id, ua);
+        // Every nexus, the one that asked too (SAM-5 6.3.3: the reset
+        // condition is reported on all of them; libiscsi's MultipathIO
+        // reset test looks for it on each path).
+        if !self.seen.iter().any(|s| s.id == from.id) {
+            self.see(from);
+        }
+        let all: Vec<u64> = self.seen.iter().map(|s| s.id).collect();
+        for i in all {
+            self.ua_for(i, ua);
+        }
     }
 
     /// A session ended: a RESERVE(6) it held is released and its unit

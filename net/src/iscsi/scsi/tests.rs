@@ -1246,6 +1246,8 @@ fn unit_attention_after_reset() {
     u.run(1, &tur, &[], 0).good();
     u.run(2, &tur, &[], 0).good();
     u.state.lun_reset(&nx(0));
+    // The nexus that asked for the reset sees it too (SAM-5 6.3.3).
+    assert_eq!(u.run(0, &tur, &[], 0).key(), (UNIT_ATTENTION, 0x29, 0x03));
     u.run(0, &tur, &[], 0).good();
     // INQUIRY leaves the UA pending; REQUEST SENSE returns and clears it.
     u.run(1, &[0x12, 0, 0, 0, 36, 0], &[], 36).good();
