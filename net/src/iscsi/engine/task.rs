@@ -547,6 +547,12 @@ impl Connection {
             overflow,
         };
         let slot = self.tasks.insert(e);
+        if self.stopping {
+            // The server is stopping: new commands are not started (the
+            // initiator retries BUSY elsewhere or later).
+            self.fail_task(slot, scsi::BUSY);
+            return Sink::Drop;
+        }
         self.tasks.cur = Some(slot);
         if pages > 0 && self.cfg.budgeted {
             self.tasks.waiting = Some(slot);
@@ -862,6 +868,8 @@ impl Connection {
                 data_in: DataIn::None,
             };
             self.respond(itt, lun, 0, 0, 0, 0, r);
+            // Data-Out still coming for it finds no task and is dropped.
+            self.tasks.remove(slot);
         }
     }
 

@@ -710,3 +710,18 @@ fn chap_without_entropy_is_refused() {
     let p = r.login_pdu(0, 1, false, &[("CHAP_A", "5")]);
     assert_eq!(p[0].bhs.u16_at(36), 0x0300);
 }
+
+#[test]
+fn a_stopping_target_answers_new_commands_busy() {
+    let mut r = Rig::new();
+    r.login(IQN, &[]);
+    r.c.begin_shutdown();
+    let data = pattern(512, 1);
+    let itt = r.command(&write10(0, 1), 0, 512, &data, true);
+    let p = r.recv();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].bhs.itt(), itt);
+    assert_eq!(p[0].bhs.0[3], 0x08, "BUSY");
+    assert!(r.disk[..512].iter().all(|&b| b == 0), "nothing written");
+    assert_eq!(r.c.requests_open(), 0, "the refused command holds nothing");
+}
