@@ -79,9 +79,15 @@ struct FaultArgs {
     /// disk whole).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The export the workload writes (default: the config's first).
+    /// The export the workload writes (default: the config's first of
+    /// the protocol). iSCSI: IQN, or IQN/LUN.
     #[arg(long, value_name = "NAME")]
     export: Option<String>,
+    /// The protocol the workload speaks: nbd, or iscsi (to the forwarded
+    /// iSCSI port; without --config the appliance then serves vtbd0 as
+    /// LUN 0 of `export iscsi iqn.2026-12.org.strata:fault vtbd0`).
+    #[arg(long, value_name = "PROTO", default_value = "nbd", value_parser = parse_protocol)]
+    protocol: image::fault::Protocol,
     /// Number of disks: vtbd0, vtbd1, …
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=16))]
@@ -133,6 +139,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse_fault(s: &str) -> Result<image::fault::Fault, String> {
     image::fault::Fault::parse(s)
+}
+
+fn parse_protocol(s: &str) -> Result<image::fault::Protocol, String> {
+    image::fault::Protocol::parse(s)
 }
 
 /// Options of `geom`.
@@ -634,14 +644,30 @@ fn cmd_gstat(a: GstatArgs) -> Result<(), Failure> {
 }
 
 fn cmd_fault(a: FaultArgs) -> Result<(), Failure> {
-    use image::fault::{self, Fault};
-    let config = load_config(a.config.as_deref())?;
+    use image::fault::{self, Fault, Protocol};
+    let mut config = load_config(a.config.as_deref())?;
+    if a.protocol == Protocol::Iscsi && config.is_none() {
+        config = Some(fault::default_iscsi_config());
+    }
+    let proto = a.protocol.name();
+    let first = |text: &str| {
+        let c = appliance::service::parse_config(text).ok()?;
+        let (_, e) = c.exports().find(|(_, e)| e.protocol == proto)?;
+        if a.protocol == Protocol::Nbd {
+            return Some(e.name.clone());
+        }
+        // An iSCSI export is IQN/LUN, the LUN from its `lun N` (else 0).
+        let w = &e.options;
+        let lun = w
+            .iter()
+            .position(|o| o.text == "lun")
+            .and_then(|i| w.get(i + 1))
+            .map_or("0", |o| o.text.as_str());
+        Some(format!("{}/{lun}", e.name))
+    };
     let export = match (&a.export, &config) {
         (Some(e), _) => e.clone(),
-        (None, Some(text)) => appliance::service::parse_config(text)
-            .ok()
-            .and_then(|c| c.exports().next().map(|(_, e)| e.name.clone()))
-            .unwrap_or_else(|| "vtbd0".into()),
+        (None, Some(text)) => first(text).unwrap_or_else(|| "vtbd0".into()),
         (None, None) => "vtbd0".into(),
     };
     for prog in [QEMU_BINARY, "qemu-nbd", "nbdkit"] {
@@ -677,6 +703,7 @@ fn cmd_fault(a: FaultArgs) -> Result<(), Failure> {
         kernel,
         config,
         export,
+        protocol: a.protocol,
         disks: usize::from(a.disks),
         disk_size: a.disk_size,
         seed: a.seed,
@@ -702,11 +729,12 @@ fn cmd_fault(a: FaultArgs) -> Result<(), Failure> {
     let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "fault campaign: seed {}, {} rounds, {} disks of {} bytes, export {}, faults {}",
+        "fault campaign: seed {}, {} rounds, {} disks of {} bytes, {} export {}, faults {}",
         opts.seed,
         opts.rounds,
         opts.disks,
         opts.disk_size,
+        opts.protocol.name(),
         opts.export,
         opts.faults
             .iter()

@@ -3,8 +3,9 @@
 //! seeded schedule, and checks every sector against what was
 //! acknowledged. One disk, a stripe, a mirror, an eli and a gbde volume and a
 //! raid5 through power cuts pass (whole, degraded, and with a failing
-//! member rebuilt), the raid5's parity scrubbed clean at the end; disks
-//! that drop their flushes must make it fail.
+//! member rebuilt), the raid5's parity scrubbed clean at the end; one disk
+//! exported over iSCSI passes power cuts too; disks that drop their
+//! flushes must make it fail.
 
 use std::process::Command;
 use strata_tests::{strata_bin, TempDir};
@@ -241,6 +242,31 @@ fn a_gbde_volume_survives_power_cuts() {
         &[],
     );
     must_pass(&c, 3);
+}
+
+/// One disk exported over iSCSI through power cuts: the workload is an
+/// iSCSI initiator on the forwarded iSCSI port (WRITE(16) with and
+/// without FUA, SYNCHRONIZE CACHE(16), WRITE SAME(16), READ(16)), so
+/// nothing the target acknowledged with FUA or before a SYNCHRONIZE CACHE
+/// may be lost, and every sector reads a value some write left.
+#[test]
+fn an_iscsi_export_survives_power_cuts() {
+    let c = campaign(
+        "fault-iscsi",
+        "export iscsi iqn.2026-12.org.strata:fault vtbd0\n",
+        1,
+        23,
+        3,
+        "power-cut",
+        &["--protocol", "iscsi"],
+    );
+    must_pass(&c, 3);
+    assert!(
+        c.out
+            .contains("iscsi export iqn.2026-12.org.strata:fault/0"),
+        "the workload spoke iSCSI:\n{}",
+        c.out
+    );
 }
 
 /// The campaign's own check: disks that acknowledge flushes they drop

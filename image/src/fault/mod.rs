@@ -1,6 +1,6 @@
 //! `strata fault`: a fault campaign. It boots the appliance in QEMU over
 //! disks that can lose power, fail, hang and vanish, drives a verifying
-//! workload through NBD, injects faults on a seeded schedule, restarts,
+//! workload through NBD or iSCSI ([`Protocol`]), injects faults on a seeded schedule, restarts,
 //! checks every sector against what was acknowledged, and reports.
 //!
 //! ```text
@@ -26,6 +26,8 @@
 //! - [`logwrites`]: the write log and its replay after a cut;
 //! - [`ledger`]: what each sector may hold, from what was acknowledged;
 //! - [`client`]: the pipelined NBD client of the workload;
+//! - [`iscsi`]: the pipelined iSCSI initiator of the workload, with the
+//!   NBD client's operations and replies ([`Link`] is either);
 //! - [`vm`]: one boot of the appliance.
 //!
 //! The same seed replays the same schedule: which fault, on which disk,
@@ -33,6 +35,7 @@
 //! from run to run, so the writes in flight at a cut do too.
 
 pub mod client;
+pub mod iscsi;
 pub mod ledger;
 pub mod logwrites;
 pub mod media;
@@ -115,6 +118,116 @@ impl Fault {
     }
 }
 
+/// The protocol the workload speaks to the export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// NBD, to the forwarded NBD port; the export is an NBD export name.
+    #[default]
+    Nbd,
+    /// iSCSI, to the forwarded iSCSI port; the export is `IQN` (LUN 0)
+    /// or `IQN/LUN` of an `export iscsi` line.
+    Iscsi,
+}
+
+impl Protocol {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Nbd => "nbd",
+            Protocol::Iscsi => "iscsi",
+        }
+    }
+
+    /// Parses a name (`nbd`, `iscsi`).
+    pub fn parse(s: &str) -> Result<Protocol, String> {
+        [Protocol::Nbd, Protocol::Iscsi]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown protocol {s:?} (nbd or iscsi)"))
+    }
+}
+
+/// The target name of the configuration [`default_iscsi_config`] makes.
+pub const DEFAULT_IQN: &str = "iqn.2026-12.org.strata:fault";
+
+/// The configuration of an iSCSI campaign given none: vtbd0 whole as
+/// LUN 0 of [`DEFAULT_IQN`].
+pub fn default_iscsi_config() -> String {
+    format!("export iscsi {DEFAULT_IQN} vtbd0\n")
+}
+
+/// The workload's connection to the export, over either protocol: the
+/// same requests (NBD's commands and flags), the same [`client::Reply`].
+pub enum Link {
+    /// An NBD connection.
+    Nbd(Client),
+    /// An iSCSI session.
+    Iscsi(iscsi::Initiator),
+}
+
+impl Link {
+    /// Connects with `protocol` to `addr` and opens `export`; every step
+    /// is bounded by `timeout`.
+    pub fn connect(
+        protocol: Protocol,
+        addr: SocketAddr,
+        export: &str,
+        timeout: Duration,
+    ) -> io::Result<Link> {
+        Ok(match protocol {
+            Protocol::Nbd => Link::Nbd(Client::connect(addr, export, timeout)?),
+            Protocol::Iscsi => Link::Iscsi(iscsi::Initiator::connect(addr, export, timeout)?),
+        })
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Link::Nbd(c) => c.size,
+            Link::Iscsi(c) => c.size,
+        }
+    }
+
+    /// NBD transmission flags: what the export takes.
+    pub fn flags(&self) -> u16 {
+        match self {
+            Link::Nbd(c) => c.flags,
+            Link::Iscsi(c) => c.flags,
+        }
+    }
+
+    /// Sends one request; returns its cookie.
+    pub fn send(
+        &mut self,
+        cmd: Command,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<u64> {
+        match self {
+            Link::Nbd(c) => c.send(cmd, flags, offset, len, data),
+            Link::Iscsi(c) => c.send(cmd, flags, offset, len, data),
+        }
+    }
+
+    /// The next reply, waiting at most `wait` (`Ok(None)`: none yet).
+    pub fn recv(&mut self, wait: Duration) -> io::Result<Option<client::Reply>> {
+        match self {
+            Link::Nbd(c) => c.recv(wait),
+            Link::Iscsi(c) => c.recv(wait),
+        }
+    }
+
+    /// Ends the session politely (best effort) and closes.
+    pub fn disconnect(self) {
+        match self {
+            Link::Nbd(c) => c.disconnect(),
+            Link::Iscsi(c) => c.disconnect(),
+        }
+    }
+}
+
 /// What the campaign runs.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -124,6 +237,8 @@ pub struct Options {
     pub config: Option<String>,
     /// The export the workload uses.
     pub export: String,
+    /// The protocol the workload speaks.
+    pub protocol: Protocol,
     /// Number of disks (vtbd0, vtbd1, …).
     pub disks: usize,
     /// Size of each disk in bytes.
@@ -176,7 +291,7 @@ pub struct Round {
     pub writes_acked: u64,
     /// Flushes acknowledged as successful.
     pub flushes_acked: u64,
-    /// Requests that failed, by NBD error.
+    /// Requests that failed (NBD errors; iSCSI's mapped to them).
     pub errors: u64,
     /// Reads checked while the appliance ran.
     pub reads_checked: u64,
@@ -429,7 +544,7 @@ struct Campaign<'a> {
 
 /// The workload's connection and what is in flight on it.
 struct Conn {
-    client: Option<Client>,
+    client: Option<Link>,
     pending: HashMap<u64, Pending>,
 }
 
@@ -488,23 +603,39 @@ impl Campaign<'_> {
         Ok(())
     }
 
-    fn connect(&mut self, vm: &mut Vm) -> Result<Client, String> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.nbd_port));
+    /// Where the workload's protocol is served.
+    fn addr(&self) -> SocketAddr {
+        let port = match self.o.protocol {
+            Protocol::Nbd => self.nbd_port,
+            Protocol::Iscsi => self.iscsi_port,
+        };
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    fn connect(&mut self, vm: &mut Vm) -> Result<Link, String> {
+        let addr = self.addr();
         let until = Instant::now() + self.o.ready_timeout;
         let mut last = String::new();
         while Instant::now() < until {
             if let Some(st) = vm.exited() {
                 return Err(format!("the appliance exited during boot ({st})"));
             }
-            match Client::connect(addr, &self.o.export, Duration::from_secs(5)) {
+            match Link::connect(
+                self.o.protocol,
+                addr,
+                &self.o.export,
+                Duration::from_secs(5),
+            ) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e.to_string(),
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         Err(format!(
-            "export {} not served within {:?}: {last}",
-            self.o.export, self.o.ready_timeout
+            "{} export {} not served within {:?}: {last}",
+            self.o.protocol.name(),
+            self.o.export,
+            self.o.ready_timeout
         ))
     }
 
@@ -586,7 +717,7 @@ impl Campaign<'_> {
             Pending::Read { verify, offset, .. } => {
                 if verify {
                     round.failures.push(format!(
-                        "reading offset {offset} after the restart failed (NBD error {})",
+                        "reading offset {offset} after the restart failed (error {})",
                         r.error
                     ));
                 }
@@ -726,7 +857,7 @@ impl Campaign<'_> {
         let start = Instant::now();
         let mut actions = s.actions.clone();
         let size = self.ledger().size();
-        let flags = d.client.as_ref().map_or(0, |c| c.flags);
+        let flags = d.client.as_ref().map_or(0, Link::flags);
         loop {
             let now = Instant::now();
             if cut_at.is_some_and(|t| now >= t) {
@@ -760,8 +891,8 @@ impl Campaign<'_> {
                 // The export went away (a disk under a plain export
                 // failed); try again now and then.
                 std::thread::sleep(Duration::from_millis(250));
-                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.nbd_port));
-                d.client = Client::connect(addr, &self.o.export, Duration::from_secs(2)).ok();
+                let (p, addr) = (self.o.protocol, self.addr());
+                d.client = Link::connect(p, addr, &self.o.export, Duration::from_secs(2)).ok();
                 continue;
             }
             if d.pending.len() >= self.o.depth {
@@ -845,7 +976,7 @@ impl Campaign<'_> {
                 return Ok(());
             }
         };
-        if client.flags & TFLAG_READ_ONLY != 0 {
+        if client.flags() & TFLAG_READ_ONLY != 0 {
             return Err(format!("export {} is read-only", self.o.export));
         }
         if self.boots == 1 {
@@ -868,11 +999,11 @@ impl Campaign<'_> {
         }
         if self.ledger.is_none() {
             self.ledger = Some(Ledger::new(
-                client.size / ledger::SECTOR * ledger::SECTOR,
+                client.size() / ledger::SECTOR * ledger::SECTOR,
                 self.rng.next_u64(),
             ));
-        } else if self.ledger().size() != client.size {
-            return Err(format!("export size changed to {}", client.size));
+        } else if self.ledger().size() != client.size() {
+            return Err(format!("export size changed to {}", client.size()));
         }
         let mut d = Conn {
             client: Some(client),
