@@ -1,11 +1,12 @@
 #!/usr/bin/python3
-"""Records NBD client transcripts for the engine's seed corpus.
+"""Records client transcripts for the engines' seed corpora (NBD, iSCSI).
 
 A TCP proxy: listens on 127.0.0.1:LISTEN, forwards every connection to
-127.0.0.1:TARGET (a Strata serving the exports the fuzz driver knows:
-`disk`, read-write, and `ro`, read-only, 4 MiB each), and writes what each
-client sent to OUTDIR/PREFIX-N. Run real clients against LISTEN, then stop
-it with Ctrl-C (or SIGTERM).
+127.0.0.1:TARGET (a Strata serving the exports the fuzz driver knows: for
+NBD `disk`, read-write, and `ro`, read-only; for iSCSI
+iqn.2026-12.org.strata:fuzz LUN 0, read-write, and LUN 1, read-only; 4 MiB
+each), and writes what each client sent to OUTDIR/PREFIX-N. Run real
+clients against LISTEN, then stop it with Ctrl-C (or SIGTERM).
 
     python3 net/fuzz/capture.py LISTEN TARGET OUTDIR PREFIX
 """

@@ -9,6 +9,10 @@
 //!   to the status, sense and data it answers with.
 
 mod engine;
+#[cfg(test)]
+mod fuzz_tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod pdu;
 pub mod scsi;
 pub mod text;
