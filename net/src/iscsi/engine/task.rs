@@ -478,7 +478,8 @@ impl Connection {
         if !bhs.immediate() && !self.tasks.take_cmd_sn(bhs.cmd_sn()) {
             return Sink::Drop;
         }
-        if self.tasks.by_itt.contains_key(&bhs.itt()) {
+        // A tag in use, or the reserved one: rejected once its data is in.
+        if self.tasks.by_itt.contains_key(&bhs.itt()) || bhs.itt() == NO_TAG {
             return Sink::Drop;
         }
         let flags = bhs.flags();
@@ -604,7 +605,7 @@ impl Connection {
         let Some(slot) = self.tasks.cur.take() else {
             if self.login.discovery {
                 self.reject(&bhs, pdu::reject::PROTOCOL);
-            } else if self.tasks.by_itt.contains_key(&bhs.itt()) {
+            } else if self.tasks.by_itt.contains_key(&bhs.itt()) || bhs.itt() == NO_TAG {
                 self.reject(&bhs, pdu::reject::INVALID_FIELD);
             }
             return;

@@ -725,3 +725,19 @@ fn a_stopping_target_answers_new_commands_busy() {
     assert!(r.disk[..512].iter().all(|&b| b == 0), "nothing written");
     assert_eq!(r.c.requests_open(), 0, "the refused command holds nothing");
 }
+
+#[test]
+fn the_reserved_task_tag_is_rejected() {
+    let mut r = Rig::new();
+    r.login(IQN, &[]);
+    let mut h = pdu::header(op::SCSI_CMD, 0x80);
+    pdu::put32(&mut h, 16, NO_TAG);
+    pdu::put32(&mut h, 24, r.cmd_sn);
+    h[32] = 0; // TEST UNIT READY
+    r.send(h, &[]);
+    let p = r.recv();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].bhs.opcode(), op::REJECT);
+    assert_eq!(p[0].bhs.0[2], pdu::reject::INVALID_FIELD);
+    assert_eq!(r.c.requests_open(), 0);
+}
