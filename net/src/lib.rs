@@ -11,6 +11,8 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz_support;
 pub mod http;
 pub mod iscsi;
 pub mod nbd;

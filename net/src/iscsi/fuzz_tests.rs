@@ -14,31 +14,12 @@
 
 use super::fuzzing;
 use super::pdu::BHS_LEN;
+use crate::fuzz_support::bounded::{self, MutRng};
 use alloc::string::String;
 use alloc::vec::Vec;
-use std::time::{Duration, Instant};
 
-/// The corpus directory, from the crate root.
-fn corpus_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/iscsi")
-}
-
-/// Every corpus file, in name order.
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<_> = std::fs::read_dir(corpus_dir())
-        .expect("the seed corpus exists")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .collect()
+    bounded::corpus("iscsi")
 }
 
 /// The driver runs one input at a time (the units' state is shared);
@@ -47,21 +28,6 @@ static TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn turn() -> std::sync::MutexGuard<'static, ()> {
     TESTS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 /// Where each PDU of an initiator stream starts (no digests assumed:
@@ -124,7 +90,7 @@ const KEYS: [&[u8]; 12] = [
 ];
 
 /// One random change to `v`; `other` is another corpus entry to splice.
-fn mutate_once(v: &mut Vec<u8>, other: &[u8], rng: &mut Rng) {
+fn mutate_once(v: &mut Vec<u8>, other: &[u8], rng: &mut MutRng) {
     let len = v.len();
     let at = rng.below(len + 1);
     let starts = pdu_starts(v);
@@ -161,7 +127,9 @@ fn mutate_once(v: &mut Vec<u8>, other: &[u8], rng: &mut Rng) {
         }
         6 => v.truncate(at),
         7 => {
-            let bytes: Vec<u8> = (0..1 + rng.below(64)).map(|_| rng.next() as u8).collect();
+            let bytes: Vec<u8> = (0..1 + rng.below(64))
+                .map(|_| rng.next_u64() as u8)
+                .collect();
             v.splice(at..at, bytes);
         }
         8 => {
@@ -194,7 +162,7 @@ fn mutate_once(v: &mut Vec<u8>, other: &[u8], rng: &mut Rng) {
             if rng.below(2) == 0 {
                 v[p] = CDBS[rng.below(CDBS.len())];
             } else {
-                v[p + 1 + rng.below(15)] = rng.next() as u8;
+                v[p + 1 + rng.below(15)] = rng.next_u64() as u8;
             }
         }
         14 if pdu.is_some() => {
@@ -308,39 +276,11 @@ fn bounded_fuzz_from_the_corpus() {
         let r = std::panic::catch_unwind(|| fuzzing::run_as_recorded(data));
         assert!(r.is_ok(), "seed {name} fails as recorded");
     }
-    let secs = std::env::var("STRATA_FUZZ_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20u64);
-    let seed = std::env::var("STRATA_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
-    std::eprintln!("bounded iscsi fuzz: seed {seed} (STRATA_FUZZ_SEED), {secs} s");
-    let mut rng = Rng(seed);
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut runs = 0u64;
-    while Instant::now() < deadline {
-        let base = &corpus[rng.below(corpus.len())].1;
-        let other = &corpus[rng.below(corpus.len())].1;
-        let mut input = base.clone();
-        for _ in 0..1 + rng.below(8) {
-            mutate_once(&mut input, other, &mut rng);
-        }
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fuzzing::run(&input)));
-        if r.is_err() {
-            let dir = corpus_dir().join("../../artifacts/iscsi");
-            let _ = std::fs::create_dir_all(&dir);
-            let path = dir.join(std::format!("crash-{seed}-{runs}"));
-            let _ = std::fs::write(&path, &input);
-            panic!("the engine failed on an input, saved to {}", path.display());
-        }
-        runs += 1;
-    }
-    std::eprintln!("bounded iscsi fuzz: {runs} inputs, no failure");
+    bounded::run(
+        "bounded iscsi fuzz",
+        "iscsi",
+        &corpus,
+        mutate_once,
+        fuzzing::run,
+    );
 }

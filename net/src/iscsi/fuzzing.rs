@@ -38,6 +38,7 @@
 
 use super::pdu::{self, op, Bhs, BHS_LEN, NO_TAG};
 use super::{text, Config, Connection};
+use crate::fuzz_support::{seed, Rng};
 use crate::session::{ExportInfo, RxPieces, Session, TxPiece, TxPieces, Work};
 use alloc::collections::BTreeSet;
 use alloc::string::String;
@@ -72,33 +73,6 @@ pub fn exports() -> Vec<ExportInfo> {
             access: Default::default(),
         })
         .collect()
-}
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
-
-/// FNV-1a over the input: the seed of every choice the driver makes.
-fn seed(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1
 }
 
 /// What one run did, for tests of the driver itself.
@@ -470,7 +444,7 @@ impl Rig {
             } else {
                 let max = 1 + self.rng.below(1 << 20) as usize;
                 let partial = self.rng.one_in(4);
-                let cut = self.rng.next();
+                let cut = self.rng.next_u64();
                 let mut pieces = TxPieces::new();
                 conn.tx_pieces(&mut pieces, max);
                 let offered: usize = pieces.iter().map(TxPiece::len).sum();
@@ -554,7 +528,7 @@ fn config(rng: &mut Rng) -> Config {
         stall_timeout_ms: rng.below(3) * 30_000,
         budgeted: !rng.one_in(4),
         portal: rng.one_in(2).then_some(([127, 0, 0, 1], 3260)),
-        seed: rng.one_in(2).then(|| [rng.next() as u8; 32]),
+        seed: rng.one_in(2).then(|| [rng.next_u64() as u8; 32]),
         ..Config::default()
     };
     if rng.one_in(8) {

@@ -13,6 +13,7 @@
 //! way.
 
 use super::{Connection, ExportInfo, ServerConfig};
+use crate::fuzz_support::{seed, Rng};
 use crate::session::TxPieces;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -42,29 +43,6 @@ pub fn exports() -> Vec<ExportInfo> {
             access: Default::default(),
         })
         .collect()
-}
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// FNV-1a over the input: the seed of every choice the driver makes.
-fn seed(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1
 }
 
 /// Drains output: copied into a buffer of a random size, or as pieces
