@@ -29,6 +29,8 @@ missing_pkgs() {
         want iscsi-test-cu libiscsi-bin
         want tgtd tgt
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
+        # QEMU's iscsi:// driver (qemu-img and qemu-io over iSCSI).
+        [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || need_pkgs+=(qemu-block-extra)
     fi
 }
 
