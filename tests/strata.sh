@@ -31,6 +31,10 @@ missing_pkgs() {
         /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
         # QEMU's iscsi:// driver (qemu-img and qemu-io over iSCSI).
         [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || need_pkgs+=(qemu-block-extra)
+        # The persistent-reservation client (tests/c/iscsi-pr.c) builds
+        # against libiscsi.
+        want gcc gcc
+        [ -e /usr/include/iscsi/iscsi.h ] || need_pkgs+=(libiscsi-dev)
     fi
 }
 

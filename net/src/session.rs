@@ -112,6 +112,9 @@ pub struct ExportInfo {
     /// Who may use it; open (the default) for protocols without access
     /// control, such as NBD.
     pub access: ExportAccess,
+    /// The service keeps the export's persistent state through restarts
+    /// ([`Work::Save`]; iSCSI: persistent reservations with APTPL).
+    pub keeps_state: bool,
 }
 
 /// Who may use an export (iSCSI: RFC 7143 §12.1.3 CHAP, and the
@@ -223,6 +226,17 @@ pub enum Work {
     },
     /// A management request; answer with [`Session::respond`].
     Control(ControlRequest),
+    /// Keep `state` as the persistent state of the export with this
+    /// index (one that [`ExportInfo::keeps_state`]), stable before the
+    /// answer, replacing what was kept; answer with [`Session::saved`].
+    Save {
+        /// Index in the exports slice.
+        export: usize,
+        /// The state, as the protocol serializes it.
+        state: Vec<u8>,
+        /// The session's correlation id, below 2^32.
+        cookie: u64,
+    },
 }
 
 /// Who is at the other end of a session, in its protocol's terms, for
@@ -271,6 +285,11 @@ pub trait Session {
     /// A bio from [`Work::Io`] is back with its result.
     fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) {
         let _ = (cookie, bio, result);
+    }
+
+    /// A [`Work::Save`] is done: the state is stable, or not kept.
+    fn saved(&mut self, cookie: u64, result: BioResult) {
+        let _ = (cookie, result);
     }
 
     /// The answer to a [`Work::Control`].

@@ -1180,6 +1180,53 @@ pub fn conformance(platform: Platform) {
     assert!(sp > 0, "nothing really passed: {}", strata.report("strata"));
 }
 
+/// `iscsi-pr` (tests/c/iscsi-pr.c), built once with gcc against libiscsi
+/// (libiscsi-bin has no persistent-reservation tool).
+pub fn pr_tool() -> std::path::PathBuf {
+    static TOOL: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    TOOL.get_or_init(|| {
+        let src = crate::root().join("tests/c/iscsi-pr.c");
+        let dir = std::env::temp_dir().join(format!("strata-iscsi-pr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("iscsi-pr");
+        let r = Command::new("gcc")
+            .args(["-Wall", "-Werror", "-O1", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .arg("-liscsi")
+            .output()
+            .expect("run gcc (Debian: gcc)");
+        assert!(
+            r.status.success(),
+            "gcc {}: {} (libiscsi's headers come with Debian's libiscsi-dev)",
+            src.display(),
+            String::from_utf8_lossy(&r.stderr)
+        );
+        out
+    })
+    .clone()
+}
+
+/// Runs `iscsi-pr URL ARGS...`: its output lines, or `Err` with the
+/// refusal (`status S sense K/ASCQ`) when the target refused.
+pub fn pr(url: &str, args: &[&str]) -> Result<Vec<String>, String> {
+    let r = Command::new(pr_tool())
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("run iscsi-pr");
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    match r.status.code() {
+        Some(0) => Ok(out.lines().map(String::from).collect()),
+        Some(2) => Err(out),
+        _ => panic!(
+            "iscsi-pr {url} {args:?}: {}{}",
+            out,
+            String::from_utf8_lossy(&r.stderr)
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -211,6 +211,25 @@ impl Service {
                     Some(_) => job.tasted = true,
                 }
             }
+            if job.running.is_some() {
+                // An export's state store loads before the line is done.
+                let i = job.next;
+                match self.exports.stores_loaded() {
+                    Ok(true) => {}
+                    Ok(false) => return progress,
+                    Err(why) => {
+                        self.exports.pop_failed(&mut self.stack);
+                        self.end_job(Err(LiveError {
+                            error: self.line_error(i, &why),
+                            applied: i,
+                        }));
+                        return true;
+                    }
+                }
+            }
+            let Some(job) = self.control.jobs.front_mut() else {
+                return progress;
+            };
             if let Some(run) = &job.running {
                 let Some(r) = run.settling.check(&self.stack) else {
                     return progress;

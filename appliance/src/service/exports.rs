@@ -3,7 +3,8 @@
 //! slice of [`ExportInfo`] they index.
 
 use super::protocols::{ExportOptions, Secret, CHAP_SECRET_MAX, CHAP_SECRET_MIN, PROTOCOLS};
-use super::MAX_PAYLOAD;
+use super::state::{self, Store};
+use super::{MAX_PAYLOAD, SERVICE_CONN};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -12,7 +13,7 @@ use geom::stack::{Access, Stack};
 use net::session::{ExportAccess, ExportInfo};
 
 /// One export.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Export {
     /// Index of its protocol in [`PROTOCOLS`].
     pub protocol: usize,
@@ -26,7 +27,13 @@ pub struct Export {
     pub options: ExportOptions,
     /// Requests its sessions made (an iSCSI LUN's, an NBD export's).
     pub stats: ExportStats,
+    /// Where it keeps its persistent state, if it does.
+    pub store: Option<Store>,
 }
+
+/// The cookie bit of a state store's bios (with the service's connection
+/// number above and the export's place in the list below).
+pub const STORE_COOKIE: u64 = 1 << 31;
 
 /// Requests the sessions of one export handed to the stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,6 +99,31 @@ fn chap_pair(
     Ok(Some((user.clone(), String::from(text))))
 }
 
+/// The cookie of the state store of the export at `i` in the list.
+pub fn store_cookie(i: usize) -> u64 {
+    (SERVICE_CONN << 32) | STORE_COOKIE | (i as u64 & 0x7fff_ffff)
+}
+
+/// Opens `provider` as a state store.
+fn open_store(stack: &mut Stack, provider: &str) -> Result<Store, String> {
+    let c = stack
+        .open(provider, Access::READ_WRITE)
+        .map_err(|e| format!("aptpl {provider}: {e}"))?;
+    let spec = &stack.provider(stack.consumer_provider(c)).spec;
+    let (size, sector) = (spec.media_size, spec.sector_size);
+    if size < state::STORE_BYTES
+        || sector == 0
+        || !state::SLOT_BYTES.is_multiple_of(u64::from(sector))
+    {
+        let _ = stack.close(c);
+        return Err(format!(
+            "aptpl {provider}: a state store needs {} KiB or more in sectors of 64 KiB or less              ({provider} has {size} bytes in {sector}-byte sectors)",
+            state::STORE_BYTES >> 10
+        ));
+    }
+    Ok(Store::new(provider, c, sector))
+}
+
 /// Every export, and each protocol's view of them.
 #[derive(Default)]
 pub struct Exports {
@@ -123,6 +155,12 @@ impl Exports {
     /// The export a session of protocol `p` calls `index`.
     pub fn get(&self, p: usize, index: usize) -> Option<&Export> {
         self.views[p].1.get(index).map(|&i| &self.list[i])
+    }
+
+    /// Where the export a session of protocol `p` calls `index` is in the
+    /// list.
+    pub fn list_index(&self, p: usize, index: usize) -> Option<usize> {
+        self.views[p].1.get(index).copied()
     }
 
     /// The same, to count its requests.
@@ -163,6 +201,9 @@ impl Exports {
                 ));
             }
         }
+        if let Some(why) = self.state_conflict(provider, o.state.as_deref()) {
+            return Err(format!("cannot export '{name}': {why}"));
+        }
         let mode = if o.read_only {
             Access::READ
         } else {
@@ -194,7 +235,21 @@ impl Exports {
             preferred_block: preferred.max(spec.sector_size),
             max_block: MAX_PAYLOAD,
             access,
+            keeps_state: o.state.is_some(),
         };
+        let store = match &o.state {
+            None => None,
+            Some(sp) => match open_store(stack, sp) {
+                Ok(s) => Some(s),
+                Err(why) => {
+                    let _ = stack.close(consumer);
+                    return Err(format!("cannot export '{name}': {why}"));
+                }
+            },
+        };
+        if let Some(s) = &store {
+            s.load(stack, store_cookie(self.list.len()));
+        }
         self.views[p].0.push(info.clone());
         self.views[p].1.push(self.list.len());
         self.list.push(Export {
@@ -204,8 +259,78 @@ impl Exports {
             info,
             options: o,
             stats: ExportStats::default(),
+            store,
         });
         Ok(())
+    }
+
+    /// Why a new export of `provider` keeping its state on `store` cannot
+    /// be: a provider may not both serve and keep state.
+    fn state_conflict(&self, provider: &str, store: Option<&str>) -> Option<String> {
+        if store == Some(provider) {
+            return Some(format!("{provider} cannot keep its own state"));
+        }
+        for e in &self.list {
+            let kept = e.store.as_ref().map(|s| s.provider.as_str());
+            if kept == Some(provider) {
+                return Some(format!(
+                    "{provider} keeps the state of export '{}'",
+                    e.info.name
+                ));
+            }
+            if store.is_some() && (kept == store || Some(e.provider.as_str()) == store) {
+                return Some(format!(
+                    "{} is used by export '{}' already",
+                    store.unwrap_or_default(),
+                    e.info.name
+                ));
+            }
+        }
+        None
+    }
+
+    /// The store of the export at `i` in the list.
+    pub fn store_mut(&mut self, i: usize) -> Option<&mut Store> {
+        self.list.get_mut(i)?.store.as_mut()
+    }
+
+    /// A store still loading (`Ok(false)`), every one loaded (`Ok(true)`),
+    /// or the first that failed, with why.
+    pub fn stores_loaded(&self) -> Result<bool, String> {
+        let mut all = true;
+        for e in &self.list {
+            match e.store.as_ref().map(|s| &s.phase) {
+                Some(state::Phase::Loading) => all = false,
+                Some(state::Phase::Failed(why)) => {
+                    return Err(format!("cannot export '{}': {why}", e.info.name))
+                }
+                _ => {}
+            }
+        }
+        Ok(all)
+    }
+
+    /// Takes back the last export made (its store failed to load).
+    pub fn pop_failed(&mut self, stack: &mut Stack) {
+        let failed = self.list.last().is_some_and(|e| {
+            matches!(
+                e.store.as_ref().map(|s| &s.phase),
+                Some(state::Phase::Failed(_))
+            )
+        });
+        if !failed {
+            return;
+        }
+        let Some(e) = self.list.pop() else {
+            return;
+        };
+        let (infos, at) = &mut self.views[e.protocol];
+        infos.pop();
+        at.pop();
+        let _ = stack.close(e.consumer);
+        if let Some(s) = e.store {
+            let _ = stack.close(s.consumer);
+        }
     }
 
     /// True when the provider under `e` has gone away.

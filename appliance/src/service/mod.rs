@@ -30,6 +30,7 @@ pub mod exports;
 pub mod link;
 mod metrics;
 pub mod protocols;
+pub mod state;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -176,7 +177,7 @@ pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
 /// Cookie space: the upper 32 bits of a bio's cookie name the connection;
 /// 0 is the service itself (shutdown flushes).
-const SERVICE_CONN: u64 = 0;
+pub(crate) const SERVICE_CONN: u64 = 0;
 
 /// A connection, as the service numbers them.
 pub type ConnId = u32;
@@ -273,10 +274,25 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
 fn claim_config(stack: &mut Stack, config: &Config) {
     for l in &config.lines {
         match &l.stmt {
-            Statement::Export(e) => stack.claim(
-                &e.provider,
-                &alloc::format!("exported as '{}' by config line {}", e.name, l.line),
-            ),
+            Statement::Export(e) => {
+                stack.claim(
+                    &e.provider,
+                    &alloc::format!("exported as '{}' by config line {}", e.name, l.line),
+                );
+                if let Some(p) = protocols::check_export(l.line, e)
+                    .ok()
+                    .and_then(|(_, o)| o.state)
+                {
+                    stack.claim(
+                        &p,
+                        &alloc::format!(
+                            "keeps the state of '{}' by config line {}",
+                            e.name,
+                            l.line
+                        ),
+                    );
+                }
+            }
             Statement::Geom(g) => {
                 for p in g.command.consumes() {
                     stack.claim(
@@ -642,6 +658,29 @@ impl Service {
                     }
                 }
             }
+            Work::Save {
+                export,
+                state,
+                cookie,
+            } => {
+                let p = self.sessions.get(&id).map_or(0, |s| s.protocol);
+                let at = self.exports.list_index(p, export);
+                let store = at.and_then(|i| self.exports.store_mut(i).map(|s| (i, s)));
+                let r = match store {
+                    Some((i, s)) => s.save(
+                        &mut self.stack,
+                        state,
+                        (id, cookie),
+                        exports::store_cookie(i),
+                    ),
+                    None => Err(geom::bio::BioError::Invalid),
+                };
+                if let Err(e) = r {
+                    if let Some(s) = self.session_mut(id) {
+                        s.saved(cookie, Err(e));
+                    }
+                }
+            }
             Work::Control(req) => {
                 if let Some(resp) = self.handle_control(id, req) {
                     if let Some(s) = self.session_mut(id) {
@@ -654,6 +693,9 @@ impl Service {
 
     fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) {
         let conn = cookie >> 32;
+        if conn == SERVICE_CONN && cookie & exports::STORE_COOKIE != 0 {
+            return self.store_done(cookie, bio, result);
+        }
         if conn == SERVICE_CONN {
             if let Some(s) = self.shutdown.as_mut() {
                 s.flushes_left = s.flushes_left.saturating_sub(1);
@@ -670,6 +712,47 @@ impl Service {
         }
         if let Some(s) = self.session_mut(conn as ConnId) {
             s.complete(cookie & 0xffff_ffff, bio, result);
+        }
+    }
+
+    /// A state store's bio is back: its load (the state goes to the
+    /// export's protocol) or a save (its sessions are answered).
+    fn store_done(&mut self, cookie: u64, bio: Bio, result: BioResult) {
+        let i = (cookie & 0x7fff_ffff) as usize;
+        let Some(store) = self.exports.store_mut(i) else {
+            return;
+        };
+        let loading = store.phase == state::Phase::Loading;
+        let answers = store.done(&mut self.stack, exports::store_cookie(i), bio, result);
+        if loading {
+            self.restore(i);
+        }
+        for ((conn, c), r) in answers {
+            if let Some(s) = self.session_mut(conn) {
+                s.saved(c, r);
+            }
+        }
+    }
+
+    /// Hands the state a store loaded to the export's protocol.
+    fn restore(&mut self, i: usize) {
+        let Some(e) = self.exports.all().get(i) else {
+            return;
+        };
+        let (name, protocol) = (e.info.name.clone(), e.protocol);
+        let restore = PROTOCOLS[protocol].restore_state;
+        let Some(store) = self.exports.store_mut(i) else {
+            return;
+        };
+        let (Some(bytes), state::Phase::Ready) = (store.loaded.take(), &store.phase) else {
+            return;
+        };
+        if !restore.is_some_and(|f| f(&name, &bytes)) {
+            store.phase = state::Phase::Failed(alloc::format!(
+                "{} keeps a state that is not {}'s",
+                store.provider,
+                PROTOCOLS[protocol].name
+            ));
         }
     }
 

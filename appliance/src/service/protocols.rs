@@ -23,6 +23,9 @@ pub struct ExportOptions {
     pub name: Option<String>,
     /// Who may use it; open unless the protocol has access control.
     pub access: AccessOptions,
+    /// The provider that keeps the export's persistent state through
+    /// restarts (iSCSI `aptpl PROVIDER`), if any.
+    pub state: Option<String>,
 }
 
 /// Who may use an export, as the config says it: the secrets may still
@@ -87,6 +90,10 @@ pub struct Protocol {
     pub export_conflict: Option<ExportConflict>,
     /// The address a client uses for an export, from `host:port`.
     pub uri: fn(host_port: &str, export: &str) -> alloc::string::String,
+    /// Takes the persistent state an export kept ([`net::session::Work::Save`])
+    /// before its sessions start, by export name; false when the bytes are
+    /// not the protocol's. `None` for a protocol that keeps none.
+    pub restore_state: Option<fn(&str, &[u8]) -> bool>,
 }
 
 /// NBD (the NBD project's doc/proto.md).
@@ -107,6 +114,7 @@ pub const NBD: Protocol = Protocol {
     export_options: Some(nbd_options),
     export_conflict: None,
     uri: |hp, name| format!("nbd://{hp}/{name}"),
+    restore_state: None,
 };
 
 /// iSCSI (RFC 7143): one target per IQN, one LUN per `export` line.
@@ -127,6 +135,7 @@ pub const ISCSI: Protocol = Protocol {
     export_options: Some(iscsi_options),
     export_conflict: Some(iscsi_conflict),
     uri: |hp, name| format!("iscsi://{hp}/{name}"),
+    restore_state: Some(iscsi::restore_unit),
 };
 
 /// The management endpoint (HTTP/1.1).
@@ -139,6 +148,7 @@ pub const HTTP: Protocol = Protocol {
     export_options: None,
     export_conflict: None,
     uri: |hp, _| format!("http://{hp}/"),
+    restore_state: None,
 };
 
 /// Every protocol, in the order `/status` lists them.
@@ -284,7 +294,7 @@ fn iscsi_options(line: usize, e: &ExportStatement) -> Result<ExportOptions, Conf
             format!("'{}' is not an iSCSI target name: {why}", e.name),
         ));
     }
-    const KEYWORDS: &[&str] = &["lun", "ro", "rw", "chap", "mutual", "initiator"];
+    const KEYWORDS: &[&str] = &["lun", "ro", "rw", "chap", "mutual", "initiator", "aptpl"];
     let words = e.options.as_slice();
     let mut o = ExportOptions::default();
     let mut lun: Option<u16> = None;
@@ -320,6 +330,18 @@ fn iscsi_options(line: usize, e: &ExportStatement) -> Result<ExportOptions, Conf
                     ));
                 };
                 lun = Some(v);
+                i += 2;
+            }
+            "aptpl" => {
+                once(o.state.is_some(), w)?;
+                let p = arg(i, "aptpl", "the provider that keeps the reservations")?;
+                if !geom::config::is_name(&p.text) || KEYWORDS.contains(&p.text.as_str()) {
+                    return Err(err(
+                        p.column,
+                        format!("'aptpl' needs a provider name, not '{}'", p.text),
+                    ));
+                }
+                o.state = Some(p.text.clone());
                 i += 2;
             }
             "ro" | "rw" => {
@@ -396,7 +418,9 @@ fn iscsi_options(line: usize, e: &ExportStatement) -> Result<ExportOptions, Conf
             t => {
                 return Err(err(
                     w.column,
-                    format!("unexpected '{t}' (expected lun, ro, rw, chap, mutual or initiator)"),
+                    format!(
+                        "unexpected '{t}' (expected lun, ro, rw, chap, mutual, initiator or aptpl)"
+                    ),
                 ))
             }
         }
@@ -429,6 +453,11 @@ fn iscsi_conflict(new: &ExportOptions, old: &ExportOptions) -> Option<String> {
     let (Some(n), Some(o)) = (&new.name, &old.name) else {
         return None;
     };
+    if let (Some(a), Some(b)) = (&new.state, &old.state) {
+        if a == b {
+            return Some(format!("{a} keeps the state of {o} already (aptpl)"));
+        }
+    }
     let target = iscsi_target(n);
     if target != iscsi_target(o) {
         return None;

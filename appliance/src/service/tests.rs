@@ -1103,3 +1103,56 @@ fn a_raid5_config_boots_again_rebuilds_a_replaced_disk_and_reports_its_cache() {
     let st: serde_json::Value = serde_json::from_str(&svc.status_json()).unwrap();
     assert_eq!(st["raid5"][0]["state"], "complete", "{st}");
 }
+
+#[test]
+fn iscsi_aptpl_needs_a_state_provider_of_its_own() {
+    let e = |opts: &str| iscsi_err(&format!("export iscsi {IQN} md0 {opts}"));
+    assert_eq!(
+        e("aptpl"),
+        (
+            51,
+            "'aptpl' needs the provider that keeps the reservations".into()
+        )
+    );
+    assert_eq!(e("aptpl ro").0, 52);
+    assert_eq!(e("aptpl st aptpl st2"), (55, "'aptpl' given twice".into()));
+    let e = parse_config(&format!(
+        "export iscsi {IQN} md0 aptpl st\nexport iscsi {IQN}2 md1 aptpl st\n"
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("st keeps the state of"), "{}", e.message);
+    let boot = |text: String| {
+        let mut svc = Service::boot(&parse_config(&text).unwrap(), Vec::new(), 0).unwrap();
+        while matches!(svc.phase(), Phase::Booting) {
+            svc.poll();
+        }
+        svc
+    };
+    let md = "md create -s 1m md0\nmd create -s 128k st\nmd create -s 64k small\n";
+    let svc = boot(format!("{md}export iscsi {IQN} md0 aptpl st\n"));
+    assert!(matches!(svc.phase(), Phase::Serving), "{:?}", svc.phase());
+    let (i, _) = protocols::find("iscsi").unwrap();
+    assert!(svc.exports.view(i)[0].keeps_state);
+    assert_eq!(
+        svc.exports()[0].store.as_ref().map(|s| &s.phase),
+        Some(&state::Phase::Ready)
+    );
+    let failed = |text: String| match boot(text).phase() {
+        Phase::Failed(e) => e.message.clone(),
+        p => panic!("{p:?}"),
+    };
+    assert!(failed(format!("{md}export iscsi {IQN} md0 aptpl small\n")).contains("128 KiB"));
+    assert!(failed(format!("{md}export iscsi {IQN} md0 aptpl md0\n"))
+        .contains("cannot keep its own state"));
+    assert!(failed(format!(
+        "{md}export nbd st st\nexport iscsi {IQN} md0 aptpl st\n"
+    ))
+    .contains("used by export 'st'"));
+    assert!(failed(format!(
+        "{md}export iscsi {IQN} md0 aptpl st\nexport nbd st st\n"
+    ))
+    .contains("keeps the state of export"));
+    // Without aptpl, no state is kept.
+    let svc = boot(format!("{md}export iscsi {IQN} md0\n"));
+    assert!(!svc.exports.view(i)[0].keeps_state);
+}

@@ -55,8 +55,8 @@ pub const EXPORT_BYTES: u64 = 4 << 20;
 /// The target the captured transcripts log in to.
 pub const TARGET: &str = "iqn.2026-12.org.strata:fuzz";
 
-/// The exports: `TARGET/0` (read-write) and `TARGET/1` (read-only), md
-/// disks of [`EXPORT_BYTES`].
+/// The exports: `TARGET/0` (read-write, its persistent state kept) and
+/// `TARGET/1` (read-only), md disks of [`EXPORT_BYTES`].
 pub fn exports() -> Vec<ExportInfo> {
     (0..2)
         .map(|lun| ExportInfo {
@@ -71,6 +71,7 @@ pub fn exports() -> Vec<ExportInfo> {
             preferred_block: 4096,
             max_block: 1 << 20,
             access: Default::default(),
+            keeps_state: lun == 0,
         })
         .collect()
 }
@@ -295,14 +296,32 @@ impl Rig {
     /// a few failed. With `all`, every held completion is delivered.
     fn pump(&mut self, conn: &mut Connection, all: bool) {
         let mut reqs = Vec::new();
+        let mut saves = Vec::new();
         while let Some(w) = conn.next_work() {
-            let Work::Io {
-                export,
-                bio,
-                cookie,
-            } = w
-            else {
-                panic!("the iSCSI engine asked for management work");
+            let (export, bio, cookie) = match w {
+                Work::Io {
+                    export,
+                    bio,
+                    cookie,
+                } => (export, bio, cookie),
+                Work::Save {
+                    export,
+                    state,
+                    cookie,
+                } => {
+                    assert!(
+                        exports()[export].keeps_state,
+                        "a save for export {export}, which keeps no state"
+                    );
+                    assert!(
+                        crate::iscsi::scsi::UnitState::from_bytes(&state).is_some(),
+                        "a saved state that does not parse back"
+                    );
+                    assert!(self.out.insert(cookie), "cookie {cookie:#x} out twice");
+                    saves.push(cookie);
+                    continue;
+                }
+                Work::Control(_) => panic!("the iSCSI engine asked for management work"),
             };
             self.check_bio(export, &bio, cookie);
             self.out.insert(cookie);
@@ -322,6 +341,16 @@ impl Rig {
         self.stack.run();
         while let Some(c) = self.stack.take_completed() {
             self.held.push(c);
+        }
+        for cookie in saves {
+            self.out.remove(&cookie);
+            let res = if self.rng.one_in(16) {
+                self.stats.failed += 1;
+                Err(BioError::Io)
+            } else {
+                Ok(())
+            };
+            conn.saved(cookie, res);
         }
         let keep = if all || self.rng.one_in(4) {
             0
@@ -558,8 +587,10 @@ fn say(
     v.resize(v.len() + pdu::pad(data.len()), 0);
     let _ = crate::session::copy_in(conn, exports, &v);
     while let Some(w) = conn.next_work() {
-        if let Work::Io { bio, cookie, .. } = w {
-            conn.complete(cookie, bio, Err(BioError::Io));
+        match w {
+            Work::Io { bio, cookie, .. } => conn.complete(cookie, bio, Err(BioError::Io)),
+            Work::Save { cookie, .. } => conn.saved(cookie, Err(BioError::Io)),
+            Work::Control(_) => {}
         }
     }
     let mut out = Vec::new();

@@ -17,4 +17,4 @@ pub mod pdu;
 pub mod scsi;
 pub mod text;
 
-pub use engine::{Config, Connection, LOGIN_TIMEOUT_MS};
+pub use engine::{restore_unit, Config, Connection, LOGIN_TIMEOUT_MS};

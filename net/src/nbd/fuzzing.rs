@@ -41,6 +41,7 @@ pub fn exports() -> Vec<ExportInfo> {
             preferred_block: 4096,
             max_block: 1 << 20,
             access: Default::default(),
+            keeps_state: false,
         })
         .collect()
 }

@@ -29,6 +29,7 @@ fn export(name: &str) -> ExportInfo {
         preferred_block: 4096,
         max_block: 1 << 20,
         access: Default::default(),
+        keeps_state: false,
     }
 }
 

@@ -29,6 +29,7 @@ use crypt::rng::Csprng;
 use geom::bio::{Bio, BioResult};
 use geom::page::DataCounters;
 use login::LoginState;
+pub use task::restore_unit;
 use task::Tasks;
 use tx::TxQueue;
 
@@ -520,6 +521,10 @@ impl Session for Connection {
 
     fn complete(&mut self, cookie: u64, bio: Bio, result: BioResult) {
         self.bio_done(cookie, bio, result);
+    }
+
+    fn saved(&mut self, cookie: u64, result: BioResult) {
+        self.save_done(cookie, result);
     }
 
     fn tick(&mut self, now_ms: u64) {

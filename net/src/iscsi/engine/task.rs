@@ -27,6 +27,24 @@ use geom::page::DataCounters;
 /// mode pages, unit attentions), by export name.
 static UNITS: spin::Mutex<BTreeMap<String, UnitState>> = spin::Mutex::new(BTreeMap::new());
 
+/// Takes the persistent state kept for the logical unit of export `name`
+/// (what a [`Work::Save`] saved, [`UnitState::to_bytes`]) before any
+/// session uses it; false when the bytes are not such a state. State
+/// saved without APTPL restores nothing (SPC-4 5.13.5: the registrations
+/// and the reservation are lost on power loss).
+pub fn restore_unit(name: &str, bytes: &[u8]) -> bool {
+    let Some(state) = UnitState::from_bytes(bytes) else {
+        return false;
+    };
+    let state = if state.persists() {
+        state
+    } else {
+        UnitState::default()
+    };
+    UNITS.lock().insert(String::from(name), state);
+    true
+}
+
 /// Nexus ids handed out.
 static NEXT_NEXUS: AtomicU64 = AtomicU64::new(1);
 
@@ -37,6 +55,10 @@ const TASK_SET_FULL: u8 = 0x28;
 /// cookie holds the slot in its high 16 bits and the layer's tag in the
 /// low 16.
 const TAG_BITS: u32 = 16;
+
+/// The tag in the cookie of a task's [`Work::Save`] (its answer comes
+/// through [`crate::session::Session::saved`], apart from the bios').
+const SAVE_TAG: u64 = 0xffff;
 
 /// One outstanding R2T.
 #[derive(Clone, Copy, Debug)]
@@ -803,6 +825,19 @@ impl Connection {
                 return;
             }
             let (lun, export) = (decode(&e.lun_field), e.export);
+            if let Some(state) = e.task.as_mut().and_then(|t| t.take_save()) {
+                e.bios_out += 1;
+                let cookie = (u64::from(slot) << TAG_BITS) | SAVE_TAG;
+                match export {
+                    Some(export) => self.work.push_back(Work::Save {
+                        export,
+                        state,
+                        cookie,
+                    }),
+                    None => self.save_done(cookie, Err(BioError::Orphaned)),
+                }
+                continue;
+            }
             let mut t = e.task.take();
             let next = t
                 .as_mut()
@@ -829,20 +864,30 @@ impl Connection {
         }
     }
 
-    /// A bio came back.
-    pub(super) fn bio_done(&mut self, cookie: u64, bio: Bio, result: BioResult) {
+    /// Something a task sent out came back: its slot, if the task still
+    /// wants the answer (an aborted task is freed once all is back).
+    fn came_back(&mut self, cookie: u64) -> Option<u32> {
         let slot = (cookie >> TAG_BITS) as u32;
-        let tag = (cookie & 0xffff) as u32;
-        let Some(e) = self.tasks.entry_mut(slot) else {
-            return;
-        };
+        let e = self.tasks.entry_mut(slot)?;
         e.bios_out = e.bios_out.saturating_sub(1);
         if e.aborted {
             if e.bios_out == 0 {
                 self.tasks.remove(slot);
             }
-            return;
+            return None;
         }
+        Some(slot)
+    }
+
+    /// A bio came back.
+    pub(super) fn bio_done(&mut self, cookie: u64, bio: Bio, result: BioResult) {
+        let Some(slot) = self.came_back(cookie) else {
+            return;
+        };
+        let tag = (cookie & 0xffff) as u32;
+        let Some(e) = self.tasks.entry_mut(slot) else {
+            return;
+        };
         let (lun, export) = (decode(&e.lun_field), e.export);
         let mut t = e.task.take();
         if let Some(t) = t.as_mut() {
@@ -851,6 +896,17 @@ impl Connection {
         }
         if let Some(e) = self.tasks.entry_mut(slot) {
             e.task = t;
+        }
+        self.pump(slot);
+    }
+
+    /// A [`Work::Save`] came back.
+    pub(super) fn save_done(&mut self, cookie: u64, result: BioResult) {
+        let Some(slot) = self.came_back(cookie) else {
+            return;
+        };
+        if let Some(t) = self.tasks.entry_mut(slot).and_then(|e| e.task.as_mut()) {
+            t.saved(result);
         }
         self.pump(slot);
     }

@@ -26,6 +26,7 @@ fn export(name: &str) -> ExportInfo {
         preferred_block: 4096,
         max_block: 1 << 20,
         access: Default::default(),
+        keeps_state: false,
     }
 }
 
@@ -46,6 +47,8 @@ struct Rig {
     rx: Vec<u8>,
     hd: bool,
     dd: bool,
+    /// Cookies of the saves asked for, not yet answered.
+    saves: Vec<u64>,
 }
 
 impl Rig {
@@ -63,6 +66,7 @@ impl Rig {
             rx: Vec::new(),
             hd: false,
             dd: false,
+            saves: Vec::new(),
         }
     }
 
@@ -89,11 +93,17 @@ impl Rig {
     /// Runs the bios the connection asks for on the flat disk.
     fn run(&mut self) {
         while let Some(w) = self.c.next_work() {
-            let Work::Io { bio, cookie, .. } = w else {
-                panic!("no control work")
-            };
-            let bio = self.exec(bio);
-            self.c.complete(cookie, bio, Ok(()));
+            match w {
+                Work::Io { bio, cookie, .. } => {
+                    let bio = self.exec(bio);
+                    self.c.complete(cookie, bio, Ok(()));
+                }
+                Work::Save { export, cookie, .. } => {
+                    assert!(self.exports[export].keeps_state);
+                    self.saves.push(cookie);
+                }
+                Work::Control(_) => panic!("no control work"),
+            }
         }
     }
 
@@ -740,4 +750,48 @@ fn the_reserved_task_tag_is_rejected() {
     assert_eq!(p[0].bhs.opcode(), op::REJECT);
     assert_eq!(p[0].bhs.0[2], pdu::reject::INVALID_FIELD);
     assert_eq!(r.c.requests_open(), 0);
+}
+
+#[test]
+fn persistent_reserve_out_answers_once_its_state_is_saved() {
+    let mut r = Rig::new();
+    let target = "iqn.2026-12.org.strata:saves";
+    r.exports[0].name = alloc::format!("{target}/0");
+    r.exports[0].keeps_state = true;
+    r.login(target, &[]);
+    let register = |key: u8, aptpl: bool| {
+        let mut p = alloc::vec![0u8; 24];
+        p[15] = key;
+        p[20] = u8::from(aptpl);
+        p
+    };
+    let prout = [0x5f, 6, 0, 0, 0, 0, 0, 0, 24, 0];
+    r.command(&prout, 0, 24, &register(1, true), true);
+    assert!(
+        r.recv().iter().all(|p| p.bhs.opcode() != op::SCSI_RSP),
+        "no status before the state is kept"
+    );
+    assert_eq!(r.saves.len(), 1, "one save asked for");
+    assert_eq!(r.c.in_flight(), 1, "the save counts as in flight");
+    let cookie = r.saves.remove(0);
+    r.c.saved(cookie, Ok(()));
+    let p = r.recv();
+    let rsp = p
+        .iter()
+        .find(|p| p.bhs.opcode() == op::SCSI_RSP)
+        .expect("a response");
+    assert_eq!(rsp.bhs.0[3], 0, "GOOD");
+    // A save that fails: CHECK CONDITION, HARDWARE ERROR.
+    r.command(&prout, 0, 24, &register(2, true), true);
+    let cookie = r.saves.remove(0);
+    r.c.saved(cookie, Err(geom::bio::BioError::Io));
+    let p = r.recv();
+    let rsp = p
+        .iter()
+        .find(|p| p.bhs.opcode() == op::SCSI_RSP)
+        .expect("a response");
+    assert_eq!(rsp.bhs.0[3], 2, "CHECK CONDITION");
+    let sense = &rsp.data[2..];
+    assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (4, 0x44, 0));
+    assert_eq!(r.c.in_flight(), 0);
 }

@@ -26,6 +26,11 @@
 //!   is seen from its first command until [`UnitState::nexus_gone`]).
 //! - WRITE AND VERIFY writes with FUA, then reads the range back and
 //!   compares it with the Data-Out (MISCOMPARE on a difference).
+//! - On a unit whose export [`ExportInfo::keeps_state`], PERSISTENT
+//!   RESERVE OUT answers only once the engine has had the unit's
+//!   persistent state kept ([`Task::take_save`], [`Task::saved`]), and
+//!   REPORT CAPABILITIES sets PTPL_C; elsewhere APTPL is refused with
+//!   INVALID FIELD IN PARAMETER LIST.
 //! - PREEMPT AND ABORT acts as PREEMPT: aborting the preempted nexuses'
 //!   tasks is the engine's part.
 //! - COMPARE AND WRITE reads, compares and writes with no lock against
@@ -204,6 +209,12 @@ impl UnitState {
     /// registrations and the reservation.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.pr.to_bytes()
+    }
+
+    /// True when the state asks to persist through power loss (the last
+    /// registration set APTPL).
+    pub fn persists(&self) -> bool {
+        self.pr.aptpl()
     }
 
     /// A state holding the persistent part saved by
@@ -487,6 +498,11 @@ pub struct Task {
     next_tag: u32,
     /// The first failure, reported once every bio is back.
     fail: Option<Fail>,
+    /// The unit's persistent state to keep before answering (a PERSISTENT
+    /// RESERVE OUT on a unit that keeps it), until taken.
+    save: Option<Vec<u8>>,
+    /// Waiting for [`Task::saved`].
+    saving: bool,
     /// The answer, once done.
     resp: Option<Response>,
 }
@@ -518,6 +534,8 @@ impl Task {
             inflight: 0,
             next_tag: 0,
             fail: None,
+            save: None,
+            saving: false,
             resp: None,
         };
         unit.state.see(nexus);
@@ -608,8 +626,14 @@ impl Task {
             }
             Kind::PrOut { sa, scope_type } => {
                 let p = self.out_bytes();
-                p.and_then(|p| pr::out(unit, nexus, sa, scope_type, &p))
-                    .map(|()| DataIn::None)
+                let r = p.and_then(|p| pr::out(unit, nexus, sa, scope_type, &p));
+                if r.is_ok() && unit.export.is_some_and(|e| e.keeps_state) {
+                    // GOOD only once the new state is kept.
+                    self.save = Some(unit.state.to_bytes());
+                    self.saving = true;
+                    return;
+                }
+                r.map(|()| DataIn::None)
             }
             _ => {
                 self.try_start(unit);
@@ -661,6 +685,26 @@ impl Task {
         }
     }
 
+    /// The unit's persistent state the engine must have kept (by the
+    /// service) before the task can answer; then [`Task::saved`].
+    pub fn take_save(&mut self) -> Option<Vec<u8>> {
+        self.save.take()
+    }
+
+    /// The state from [`Task::take_save`] is kept, or could not be: GOOD,
+    /// or HARDWARE ERROR, INTERNAL TARGET FAILURE (the change stands in
+    /// memory but would not survive a restart).
+    pub fn saved(&mut self, result: BioResult) {
+        if self.resp.is_some() || !self.saving {
+            return;
+        }
+        self.saving = false;
+        match result {
+            Ok(()) => self.finish_data(DataIn::None),
+            Err(_) => self.finish_fail(sense::INTERNAL_FAILURE.into()),
+        }
+    }
+
     /// True once the response is ready.
     pub fn is_done(&self) -> bool {
         self.resp.is_some()
@@ -678,7 +722,7 @@ impl Task {
 
     /// Queues the first bios once the pages and the Data-Out are in.
     fn try_start(&mut self, unit: &mut Unit<'_>) {
-        if self.started || self.resp.is_some() || !self.allocated || !self.data_in {
+        if self.started || self.saving || self.resp.is_some() || !self.allocated || !self.data_in {
             return;
         }
         self.started = true;
@@ -872,7 +916,10 @@ fn dispatch(
             Ok(None)
         }
         opcodes::MAINTENANCE_IN => opcodes::report(cdb, unit.export).map(Some),
-        opcodes::PERSISTENT_RESERVE_IN => pr::read(cdb, unit.state, nexus).map(Some),
+        opcodes::PERSISTENT_RESERVE_IN => {
+            let keeps = unit.export.is_some_and(|e| e.keeps_state);
+            pr::read(cdb, unit.state, nexus, keeps).map(Some)
+        }
         opcodes::PERSISTENT_RESERVE_OUT => {
             let sa = byte(cdb, 1) & 0x1f;
             let len = be(cdb, 5, 4);

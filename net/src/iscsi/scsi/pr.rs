@@ -127,6 +127,11 @@ pub struct PrState {
 const MAX_REGS: usize = 256;
 
 impl PrState {
+    /// The last registration set APTPL.
+    pub fn aptpl(&self) -> bool {
+        self.aptpl
+    }
+
     fn key_of(&self, n: &Nexus<'_>) -> Option<u64> {
         self.regs.iter().find(|r| r.port.is_nexus(n)).map(|r| r.key)
     }
@@ -315,8 +320,9 @@ pub fn release6(cdb: &[u8], s: &mut UnitState, n: &Nexus<'_>) -> Res<DataIn> {
     Ok(DataIn::None)
 }
 
-/// PERSISTENT RESERVE IN.
-pub fn read(cdb: &[u8], s: &UnitState, n: &Nexus<'_>) -> Res<DataIn> {
+/// PERSISTENT RESERVE IN; `keeps` when the unit's state is kept through
+/// restarts (PTPL_C).
+pub fn read(cdb: &[u8], s: &UnitState, n: &Nexus<'_>, keeps: bool) -> Res<DataIn> {
     let _ = n;
     let alloc = be(cdb, 7, 2);
     let pr = &s.pr;
@@ -344,8 +350,9 @@ pub fn read(cdb: &[u8], s: &UnitState, n: &Nexus<'_>) -> Res<DataIn> {
         2 => {
             v.clear();
             v.extend_from_slice(&8u16.to_be_bytes());
-            // PTPL_C: APTPL is accepted and kept in the persistent state.
-            v.push(0x01);
+            // PTPL_C: APTPL is accepted when the service keeps the state
+            // through restarts.
+            v.push(u8::from(keeps));
             // TMV, PTPL_A.
             v.push(0x80 | u8::from(pr.aptpl));
             // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
@@ -411,6 +418,11 @@ pub fn out(unit: &mut Unit<'_>, n: &Nexus<'_>, sa: u8, scope_type: u8, p: &[u8])
         return Err(sense::INVALID_FIELD_IN_PARAM.into());
     }
     let aptpl = flags & 0x01 != 0;
+    // SPC-4 6.16.3: APTPL set where persistence through power loss is
+    // not offered (PTPL_C zero) is an invalid field.
+    if aptpl && !unit.export.is_some_and(|e| e.keeps_state) {
+        return Err(sense::INVALID_FIELD_IN_PARAM.into());
+    }
     let kind = scope_type & 0x0f;
     let s = &mut *unit.state;
     let mine = s.pr.key_of(n);

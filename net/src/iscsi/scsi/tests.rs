@@ -29,6 +29,7 @@ fn export() -> ExportInfo {
         preferred_block: 4096,
         max_block: 0,
         access: Default::default(),
+        keeps_state: true,
     }
 }
 
@@ -90,11 +91,14 @@ impl Disk {
     }
 }
 
-/// One logical unit with its disk.
+/// One logical unit with its disk, and the states it had kept.
 struct Lu {
     export: Option<ExportInfo>,
     state: UnitState,
     disk: Disk,
+    saved: Vec<Vec<u8>>,
+    /// What keeping a state answers.
+    save_result: BioResult,
 }
 
 struct Out {
@@ -141,6 +145,8 @@ impl Lu {
             export: Some(e),
             state: UnitState::default(),
             disk: Disk::new(len),
+            saved: Vec::new(),
+            save_result: Ok(()),
         }
     }
 
@@ -187,6 +193,12 @@ impl Lu {
         }
         let mut count = 0;
         while !t.is_done() {
+            if let Some(state) = t.take_save() {
+                assert!(t.next_bio(&mut unit).is_none(), "bios beside a save");
+                self.saved.push(state);
+                t.saved(self.save_result);
+                continue;
+            }
             let mut bios = Vec::new();
             while let Some(b) = t.next_bio(&mut unit) {
                 bios.push(b);
@@ -1454,6 +1466,49 @@ fn pr_register_and_read_keys() {
 }
 
 #[test]
+fn pr_out_answers_once_the_state_is_kept() {
+    let mut u = lu();
+    prout(&mut u, 0, 6, 0, 0, 0x10, 1).good();
+    assert_eq!(u.saved.len(), 1, "one save per PERSISTENT RESERVE OUT");
+    let kept = UnitState::from_bytes(&u.saved[0]).expect("a state");
+    assert!(kept.persists());
+    assert_eq!(kept.pr, u.state.pr);
+    // A conflict changes nothing and saves nothing.
+    assert_eq!(
+        prout(&mut u, 1, 0, 0, 0x99, 0x11, 0).status,
+        RESERVATION_CONFLICT
+    );
+    assert_eq!(u.saved.len(), 1);
+    // A store that fails: HARDWARE ERROR, INTERNAL TARGET FAILURE.
+    u.save_result = Err(BioError::Io);
+    assert_eq!(
+        prout(&mut u, 0, 1, pr::WE, 0x10, 0, 0).key(),
+        (HARDWARE_ERROR, 0x44, 0)
+    );
+    // Registering again without APTPL: the state kept no longer persists.
+    u.save_result = Ok(());
+    prout(&mut u, 0, 6, 0, 0, 0x12, 0).good();
+    let kept = UnitState::from_bytes(u.saved.last().unwrap()).unwrap();
+    assert!(!kept.persists());
+}
+
+#[test]
+fn aptpl_is_refused_where_no_state_is_kept() {
+    let mut u = Lu::new(ExportInfo {
+        keeps_state: false,
+        ..export()
+    });
+    assert_eq!(prin(&mut u, 0, 2)[2] & 1, 0, "PTPL_C clear");
+    assert_eq!(
+        prout(&mut u, 0, 6, 0, 0, 5, 0x01).key(),
+        (ILLEGAL_REQUEST, 0x26, 0)
+    );
+    assert_eq!(prin(&mut u, 0, 0)[4..8], [0; 4], "nothing registered");
+    prout(&mut u, 0, 6, 0, 0, 5, 0).good();
+    assert!(u.saved.is_empty(), "no save where no state is kept");
+}
+
+#[test]
 fn pr_report_capabilities() {
     let mut u = lu();
     let c = prin(&mut u, 0, 2);
@@ -1462,6 +1517,7 @@ fn pr_report_capabilities() {
     assert_eq!((c[3] >> 4) & 7, 0);
     assert_eq!(c[3] & 0x80, 0x80);
     assert_eq!((c[4], c[5]), (0xea, 0x01));
+    assert_eq!(c[2] & 1, 1, "PTPL_C where the state is kept");
     prout(&mut u, 0, 6, 0, 0, 5, 0x01).good();
     assert_eq!(prin(&mut u, 0, 2)[3] & 1, 1, "PTPL_A after APTPL");
 }

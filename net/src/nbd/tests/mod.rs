@@ -34,6 +34,7 @@ pub(super) fn export(name: &str, read_only: bool) -> ExportInfo {
         preferred_block: 4096,
         max_block: 1 << 16,
         access: Default::default(),
+        keeps_state: false,
     }
 }
 
