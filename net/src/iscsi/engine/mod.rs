@@ -14,6 +14,7 @@
 //!   and the SCSI Response with its residuals, task management;
 //! - `tx.rs`: the output queue of PDUs and the pieces of a vectored send.
 
+mod atomic;
 mod login;
 mod task;
 mod tx;
@@ -550,6 +551,8 @@ impl Session for Connection {
             self.close(Close::Hard);
         }
         self.tasks.retry(now_ms, &mut self.work);
+        // A range another connection held may be free now.
+        self.unblock();
     }
 
     fn input_closed(&mut self) {

@@ -12,7 +12,7 @@
 //! ```
 
 use super::tx::TxQueue;
-use super::{Close, Connection, Sink};
+use super::{atomic, Close, Connection, Sink};
 use crate::iscsi::pdu::{self, op, Bhs, Sn, BHS_LEN, NO_TAG};
 use crate::iscsi::scsi::{self, Command, DataIn, Nexus, Response, Unit, UnitState};
 use crate::session::{ExportInfo, PageSlice, RxPieces, Work};
@@ -113,6 +113,12 @@ struct Entry {
     answered: bool,
     /// Bytes a write asked for beyond what the initiator sends.
     overflow: u32,
+    /// It holds its COMPARE AND WRITE range ([`atomic`]).
+    locked: bool,
+    /// It waits for another task's range: tried again later.
+    blocked: bool,
+    /// A write bio it made that waits for another task's range.
+    held_bio: Option<(u32, Bio)>,
 }
 
 /// The session's commands, its sequence numbers and the LUNs it sees.
@@ -354,6 +360,21 @@ impl Tasks {
         true
     }
 
+    /// The name of the export a LUN maps to (the unit's key).
+    fn lu_name(&self, export: Option<usize>) -> Option<&str> {
+        Some(self.infos.get(export?)?.name.as_str())
+    }
+
+    /// Slots of tasks waiting for another task's range.
+    fn blocked(&self) -> Vec<u32> {
+        if !self.slots.iter().flatten().any(|e| e.blocked) {
+            return Vec::new();
+        }
+        (0..self.slots.len() as u32)
+            .filter(|&s| self.entry(s).is_some_and(|e| e.blocked))
+            .collect()
+    }
+
     fn entry(&self, slot: u32) -> Option<&Entry> {
         self.slots.get(slot as usize)?.as_ref()
     }
@@ -380,6 +401,11 @@ impl Tasks {
 
     fn remove(&mut self, slot: u32) {
         if let Some(e) = self.slots.get_mut(slot as usize).and_then(Option::take) {
+            if e.locked {
+                if let Some(lu) = self.lu_name(e.export) {
+                    atomic::unlock(lu, (self.nexus, slot));
+                }
+            }
             if self.by_itt.get(&e.itt) == Some(&slot) {
                 self.by_itt.remove(&e.itt);
             }
@@ -488,6 +514,12 @@ impl Tasks {
     }
 }
 
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        atomic::forget(self.nexus);
+    }
+}
+
 impl Connection {
     /// A SCSI Command's header is in: checks it, makes its task, and says
     /// where its immediate data goes.
@@ -568,6 +600,9 @@ impl Connection {
             aborted: false,
             answered: false,
             overflow,
+            locked: false,
+            blocked: false,
+            held_bio: None,
         };
         let slot = self.tasks.insert(e);
         if self.stopping {
@@ -815,15 +850,20 @@ impl Connection {
         self.pump(slot);
     }
 
-    /// Hands the task's bios to the service; answers it once done.
+    /// Hands the task's bios to the service; answers it once done. A
+    /// COMPARE AND WRITE takes its range first, and a write waits for a
+    /// range another task holds ([`atomic`]): the task is blocked, and
+    /// tried again later.
     fn pump(&mut self, slot: u32) {
+        let owner = (self.tasks.nexus, slot);
         loop {
             let Some(e) = self.tasks.entry_mut(slot) else {
                 return;
             };
-            if e.phase != Phase::Running || e.answered {
+            if e.phase != Phase::Running || e.answered || e.aborted {
                 return;
             }
+            e.blocked = false;
             let (lun, export) = (decode(&e.lun_field), e.export);
             if let Some(state) = e.task.as_mut().and_then(|t| t.take_save()) {
                 e.bios_out += 1;
@@ -838,28 +878,68 @@ impl Connection {
                 }
                 continue;
             }
-            let mut t = e.task.take();
-            let next = t
-                .as_mut()
-                .and_then(|t| self.tasks.with_unit(lun, export, |u, _| t.next_bio(u)));
-            let done = t.as_ref().is_none_or(|t| t.is_done());
-            let e = self.tasks.entry_mut(slot).unwrap_or_else(|| unreachable!());
-            e.task = t;
-            match next {
-                Some((tag, bio)) => {
-                    e.bios_out += 1;
-                    let cookie = (u64::from(slot) << TAG_BITS) | u64::from(tag & 0xffff);
-                    match export {
-                        Some(export) => self.work.push_back(Work::Io {
-                            export,
-                            bio,
-                            cookie,
-                        }),
-                        None => self.bio_done(cookie, bio, Err(BioError::Orphaned)),
-                    }
+            let range = e.task.as_ref().and_then(|t| t.atomic_range());
+            if let (false, Some((off, len))) = (e.locked, range) {
+                let got = self
+                    .tasks
+                    .lu_name(export)
+                    .is_none_or(|lu| atomic::lock(lu, owner, off, len));
+                let Some(e) = self.tasks.entry_mut(slot) else {
+                    return;
+                };
+                e.blocked = !got;
+                e.locked = got;
+                if !got {
+                    return;
                 }
-                None if done && e.bios_out == 0 => return self.finish(slot),
-                None => return,
+            }
+            let Some(e) = self.tasks.entry_mut(slot) else {
+                return;
+            };
+            let next = match e.held_bio.take() {
+                Some(b) => Some(b),
+                None => {
+                    let mut t = e.task.take();
+                    let next = t
+                        .as_mut()
+                        .and_then(|t| self.tasks.with_unit(lun, export, |u, _| t.next_bio(u)));
+                    if let Some(e) = self.tasks.entry_mut(slot) {
+                        e.task = t;
+                    }
+                    next
+                }
+            };
+            let Some((tag, bio)) = next else {
+                let Some(e) = self.tasks.entry(slot) else {
+                    return;
+                };
+                let done = e.task.as_ref().is_none_or(|t| t.is_done());
+                if done && e.bios_out == 0 {
+                    self.finish(slot);
+                }
+                return;
+            };
+            let cookie = (u64::from(slot) << TAG_BITS) | u64::from(tag & 0xffff);
+            let go = !changes_medium(bio.cmd)
+                || self.tasks.lu_name(export).is_none_or(|lu| {
+                    atomic::start_write(lu, owner, cookie, bio.offset, bio.length)
+                });
+            let Some(e) = self.tasks.entry_mut(slot) else {
+                return;
+            };
+            if !go {
+                e.held_bio = Some((tag, bio));
+                e.blocked = true;
+                return;
+            }
+            e.bios_out += 1;
+            match export {
+                Some(export) => self.work.push_back(Work::Io {
+                    export,
+                    bio,
+                    cookie,
+                }),
+                None => self.bio_done(cookie, bio, Err(BioError::Orphaned)),
             }
         }
     }
@@ -868,6 +948,10 @@ impl Connection {
     /// wants the answer (an aborted task is freed once all is back).
     fn came_back(&mut self, cookie: u64) -> Option<u32> {
         let slot = (cookie >> TAG_BITS) as u32;
+        let export = self.tasks.entry(slot)?.export;
+        if let Some(lu) = self.tasks.lu_name(export) {
+            atomic::write_done(lu, self.tasks.nexus, cookie);
+        }
         let e = self.tasks.entry_mut(slot)?;
         e.bios_out = e.bios_out.saturating_sub(1);
         if e.aborted {
@@ -877,6 +961,13 @@ impl Connection {
             return None;
         }
         Some(slot)
+    }
+
+    /// Tries again the tasks that wait for another task's range.
+    pub(super) fn unblock(&mut self) {
+        for slot in self.tasks.blocked() {
+            self.pump(slot);
+        }
     }
 
     /// A bio came back.
@@ -898,6 +989,7 @@ impl Connection {
             e.task = t;
         }
         self.pump(slot);
+        self.unblock();
     }
 
     /// A [`Work::Save`] came back.
@@ -1144,6 +1236,13 @@ impl Connection {
         }
         self.tasks.bound = false;
     }
+}
+
+/// Bios that change the medium, which a COMPARE AND WRITE's range holds
+/// off.
+fn changes_medium(cmd: geom::bio::BioCmd) -> bool {
+    use geom::bio::BioCmd;
+    matches!(cmd, BioCmd::Write | BioCmd::Discard | BioCmd::WriteZeroes)
 }
 
 /// A write CDB whose transfer length in blocks of `bs` is more than the

@@ -49,6 +49,9 @@ struct Rig {
     dd: bool,
     /// Cookies of the saves asked for, not yet answered.
     saves: Vec<u64>,
+    /// Bios are kept in `held` instead of run at once.
+    hold: bool,
+    held: Vec<(Bio, u64)>,
 }
 
 impl Rig {
@@ -67,7 +70,19 @@ impl Rig {
             hd: false,
             dd: false,
             saves: Vec::new(),
+            hold: false,
+            held: Vec::new(),
         }
+    }
+
+    /// Runs the bios kept back, and what they lead to.
+    fn release(&mut self) {
+        let held = core::mem::take(&mut self.held);
+        for (bio, cookie) in held {
+            let bio = self.exec(bio);
+            self.c.complete(cookie, bio, Ok(()));
+        }
+        self.run();
     }
 
     /// Sends one PDU (digests as negotiated).
@@ -94,6 +109,7 @@ impl Rig {
     fn run(&mut self) {
         while let Some(w) = self.c.next_work() {
             match w {
+                Work::Io { bio, cookie, .. } if self.hold => self.held.push((bio, cookie)),
                 Work::Io { bio, cookie, .. } => {
                     let bio = self.exec(bio);
                     self.c.complete(cookie, bio, Ok(()));
@@ -794,4 +810,88 @@ fn persistent_reserve_out_answers_once_its_state_is_saved() {
     let sense = &rsp.data[2..];
     assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (4, 0x44, 0));
     assert_eq!(r.c.in_flight(), 0);
+}
+
+/// Two connections to one LU (their own disks: only the bios' order
+/// matters), logged in to a target of its own.
+fn two_rigs(target: &str) -> (Rig, Rig) {
+    let rig = || {
+        let mut r = Rig::new();
+        r.exports[0].name = alloc::format!("{target}/0");
+        r.login(target, &[]);
+        r.hold = true;
+        r
+    };
+    (rig(), rig())
+}
+
+fn caw(lba: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = 0x89;
+    c[2..10].copy_from_slice(&u64::from(lba).to_be_bytes());
+    c[13] = 1;
+    c
+}
+
+fn status_of(p: &[Pdu]) -> Option<u8> {
+    p.iter()
+        .find(|p| {
+            p.bhs.opcode() == op::SCSI_RSP
+                || (p.bhs.opcode() == op::DATA_IN && p.bhs.flags() & 1 != 0)
+        })
+        .map(|p| p.bhs.0[3])
+}
+
+#[test]
+fn no_write_lands_inside_a_compare_and_write() {
+    let (mut a, mut b) = two_rigs("iqn.2026-12.org.strata:atomic1");
+    // A's COMPARE AND WRITE reads block 0 (held back).
+    let mut data = alloc::vec![0u8; 1024];
+    data[512..].fill(0x5a);
+    a.command(&caw(0), 0, 1024, &data, true);
+    assert_eq!(a.held.len(), 1, "the compare's read is out");
+    // B's write to block 0 waits; its write elsewhere goes.
+    b.command(&write10(0, 1), 0, 512, &[7; 512], true);
+    assert!(b.held.is_empty(), "a write inside the range waits");
+    b.command(&write10(100, 1), 0, 512, &[7; 512], true);
+    assert_eq!(b.held.len(), 1, "a write beside it goes");
+    b.release();
+    // The read comes back: A's write goes, then A answers GOOD.
+    a.release();
+    a.release();
+    assert_eq!(status_of(&a.recv()), Some(0), "GOOD");
+    assert_eq!(a.disk[..512], [0x5a; 512]);
+    // B's waiting write is sent once the range is free.
+    b.c.tick(1);
+    b.run();
+    assert_eq!(b.held.len(), 1, "the waiting write goes");
+    assert_eq!(b.held[0].0.offset, 0);
+    b.release();
+}
+
+#[test]
+fn a_compare_and_write_waits_for_writes_in_flight() {
+    let (mut a, mut b) = two_rigs("iqn.2026-12.org.strata:atomic2");
+    b.command(&write10(8, 1), 0, 512, &[7; 512], true);
+    assert_eq!(b.held.len(), 1);
+    let mut data = alloc::vec![0u8; 1024];
+    data[512..].fill(0x33);
+    a.command(&caw(8), 0, 1024, &data, true);
+    assert!(
+        a.held.is_empty(),
+        "the compare waits for the write in flight"
+    );
+    b.release();
+    a.c.tick(1);
+    a.run();
+    assert_eq!(a.held.len(), 1, "then it reads");
+    a.release();
+    a.release();
+    assert_eq!(status_of(&a.recv()), Some(0));
+    // A connection that goes away gives back what it held.
+    a.command(&caw(9), 0, 1024, &data, true);
+    assert_eq!(a.held.len(), 1);
+    drop(a);
+    b.command(&write10(9, 1), 0, 512, &[1; 512], true);
+    assert_eq!(b.held.len(), 1, "nothing held by a closed connection");
 }

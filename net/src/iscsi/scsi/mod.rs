@@ -33,9 +33,8 @@
 //!   INVALID FIELD IN PARAMETER LIST.
 //! - PREEMPT AND ABORT acts as PREEMPT: aborting the preempted nexuses'
 //!   tasks is the engine's part.
-//! - COMPARE AND WRITE reads, compares and writes with no lock against
-//!   other commands to the same blocks: the engine serializes them if it
-//!   needs atomicity across sessions.
+//! - COMPARE AND WRITE reads, compares and writes; [`Task::atomic_range`]
+//!   names the bytes the engine holds against other writes meanwhile.
 //! - SWP (software write protect) in the Control mode page is unit state:
 //!   once a MODE SELECT sets it, every command that would change the
 //!   medium (WRITE, WRITE AND VERIFY, WRITE SAME, UNMAP, COMPARE AND
@@ -702,6 +701,15 @@ impl Task {
         match result {
             Ok(()) => self.finish_data(DataIn::None),
             Err(_) => self.finish_fail(sense::INTERNAL_FAILURE.into()),
+        }
+    }
+
+    /// The byte range a COMPARE AND WRITE must hold against every other
+    /// write while it runs (`None` for other commands, or once answered).
+    pub fn atomic_range(&self) -> Option<(u64, u64)> {
+        match self.kind {
+            Kind::Caw { off, len, .. } if self.resp.is_none() => Some((off, len)),
+            _ => None,
         }
     }
 
