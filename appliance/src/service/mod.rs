@@ -176,7 +176,8 @@ struct ConnCounters {
 pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
 /// Cookie space: the upper 32 bits of a bio's cookie name the connection;
-/// 0 is the service itself (shutdown flushes).
+/// 0 is the service itself (shutdown flushes, and with
+/// [`exports::STORE_COOKIE`] set, the state stores' bios).
 pub(crate) const SERVICE_CONN: u64 = 0;
 
 /// A connection, as the service numbers them.
