@@ -117,6 +117,29 @@ pub struct ExportInfo {
     pub keeps_state: bool,
 }
 
+impl ExportInfo {
+    /// A memory disk as tests, fuzzers and tools see one: `size_bytes`,
+    /// writable, flushing, trimming and writing zeroes, 512-byte blocks
+    /// (4 KiB preferred), payloads up to 1 MiB, open to anyone, keeping
+    /// no state. Other exports change fields of it.
+    pub fn md(name: &str, size_bytes: u64) -> ExportInfo {
+        ExportInfo {
+            name: String::from(name),
+            description: String::from("md"),
+            size_bytes,
+            read_only: false,
+            can_flush: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            min_block: 512,
+            preferred_block: 4096,
+            max_block: 1 << 20,
+            access: ExportAccess::default(),
+            keeps_state: false,
+        }
+    }
+}
+
 /// Who may use an export (iSCSI: RFC 7143 §12.1.3 CHAP, and the
 /// initiator names allowed). The default lets anyone in unauthenticated.
 ///

@@ -41,7 +41,6 @@ use super::{text, Config, Connection};
 use crate::fuzz_support::{seed, Rng};
 use crate::session::{ExportInfo, RxPieces, Session, TxPiece, TxPieces, Work};
 use alloc::collections::BTreeSet;
-use alloc::string::String;
 use alloc::vec::Vec;
 use crypt::crc32c::crc32c;
 use geom::bio::{Bio, BioCmd, BioError, BioResult, ConsumerId};
@@ -60,18 +59,9 @@ pub const TARGET: &str = "iqn.2026-12.org.strata:fuzz";
 pub fn exports() -> Vec<ExportInfo> {
     (0..2)
         .map(|lun| ExportInfo {
-            name: alloc::format!("{TARGET}/{lun}"),
-            description: String::from("md"),
-            size_bytes: EXPORT_BYTES,
             read_only: lun == 1,
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            min_block: 512,
-            preferred_block: 4096,
-            max_block: 1 << 20,
-            access: Default::default(),
             keeps_state: lun == 0,
+            ..ExportInfo::md(&alloc::format!("{TARGET}/{lun}"), EXPORT_BYTES)
         })
         .collect()
 }

@@ -15,7 +15,6 @@
 use super::{Connection, ExportInfo, ServerConfig};
 use crate::fuzz_support::{seed, Rng};
 use crate::session::TxPieces;
-use alloc::string::String;
 use alloc::vec::Vec;
 use geom::bio::{Bio, BioResult, ConsumerId};
 use geom::class::md::MdGeom;
@@ -30,18 +29,9 @@ pub fn exports() -> Vec<ExportInfo> {
     ["disk", "ro"]
         .iter()
         .map(|&name| ExportInfo {
-            name: String::from(name),
             description: alloc::format!("{name} (md)"),
-            size_bytes: EXPORT_BYTES,
             read_only: name == "ro",
-            can_flush: true,
-            can_trim: true,
-            can_write_zeroes: true,
-            min_block: 512,
-            preferred_block: 4096,
-            max_block: 1 << 20,
-            access: Default::default(),
-            keeps_state: false,
+            ..ExportInfo::md(name, EXPORT_BYTES)
         })
         .collect()
 }

@@ -17,20 +17,7 @@ const T: Duration = Duration::from_secs(10);
 type Log = Arc<Mutex<Vec<(BioCmd, u64, u64, bool)>>>;
 
 fn export(name: &str) -> ExportInfo {
-    ExportInfo {
-        name: name.to_string(),
-        description: "md".into(),
-        size_bytes: DISK as u64,
-        read_only: false,
-        can_flush: true,
-        can_trim: true,
-        can_write_zeroes: true,
-        min_block: 512,
-        preferred_block: 4096,
-        max_block: 1 << 20,
-        access: Default::default(),
-        keeps_state: false,
-    }
+    ExportInfo::md(name, DISK as u64)
 }
 
 /// A target on 127.0.0.1: one engine per connection, the disk shared.

@@ -14,20 +14,7 @@ const IQN: &str = "iqn.2026-12.org.strata:t1";
 const DISK: usize = 1 << 20;
 
 fn export(name: &str) -> ExportInfo {
-    ExportInfo {
-        name: String::from(name),
-        description: String::from("md"),
-        size_bytes: DISK as u64,
-        read_only: false,
-        can_flush: true,
-        can_trim: true,
-        can_write_zeroes: true,
-        min_block: 512,
-        preferred_block: 4096,
-        max_block: 1 << 20,
-        access: Default::default(),
-        keeps_state: false,
-    }
+    ExportInfo::md(name, DISK as u64)
 }
 
 /// A received PDU.

@@ -18,18 +18,10 @@ const TARGET: &str = "iqn.2024-01.org.strata:disk";
 
 fn export() -> ExportInfo {
     ExportInfo {
-        name: "d".into(),
         description: String::new(),
-        size_bytes: BLOCKS * BS as u64,
-        read_only: false,
-        can_flush: true,
-        can_trim: true,
-        can_write_zeroes: true,
-        min_block: 512,
-        preferred_block: 4096,
         max_block: 0,
-        access: Default::default(),
         keeps_state: true,
+        ..ExportInfo::md("d", BLOCKS * BS as u64)
     }
 }
 

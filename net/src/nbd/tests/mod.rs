@@ -23,18 +23,10 @@ pub(super) const DISK: u64 = 1 << 20;
 /// An export description as the platform would build it for an md disk.
 pub(super) fn export(name: &str, read_only: bool) -> ExportInfo {
     ExportInfo {
-        name: String::from(name),
         description: alloc::format!("{name} (md)"),
-        size_bytes: DISK,
         read_only,
-        can_flush: true,
-        can_trim: true,
-        can_write_zeroes: true,
-        min_block: 512,
-        preferred_block: 4096,
         max_block: 1 << 16,
-        access: Default::default(),
-        keeps_state: false,
+        ..ExportInfo::md(name, DISK)
     }
 }
 
